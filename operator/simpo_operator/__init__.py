@@ -1,0 +1,1 @@
+"""The control side: SimpoInterleaveJob CRD, JobSet rendering, the kopf operator and the local runner."""

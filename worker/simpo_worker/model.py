@@ -1,0 +1,212 @@
+"""Llama in equinox: one forward for training (full sequences) and decoding (a KV cache indexed by position).
+
+Layout choices, for speed and sharding:
+- Weights are plain arrays in `x @ W` orientation ([in, out]); HF stores [out, in], the loaders transpose.
+- The decoder layers are stacked on a leading axis and run with `lax.scan`: one layer is traced and compiled
+  once, whatever the depth (30 layers for SmolLM2), which keeps compile time flat.
+- Rotary embeddings use HF's rotate-half convention (GGUF's interleaved q/k layout is undone when loading).
+- Positions are explicit per token. The KV cache slot of a token is its position, so a batch of prompts of
+  different lengths is right-padded, and the causal rule `key position <= query position` alone hides padding
+  (a padded slot is overwritten by the next real token before any query can see it).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+from simpo_worker.config import ArchitectureConfig
+
+
+class DecoderLayers(eqx.Module):
+    """All decoder layers' weights, stacked on a leading layer axis L."""
+
+    attn_norm: Float[Array, "L d"]
+    wq: Float[Array, "L d qd"]
+    wk: Float[Array, "L d kvd"]
+    wv: Float[Array, "L d kvd"]
+    wo: Float[Array, "L qd d"]
+    mlp_norm: Float[Array, "L d"]
+    w_gate: Float[Array, "L d f"]
+    w_up: Float[Array, "L d f"]
+    w_down: Float[Array, "L f d"]
+
+
+class KVCache(eqx.Module):
+    """Per-layer keys and values; slot s of row b holds the token at position s of sequence b."""
+
+    k: Float[Array, "L B S kv hd"]
+    v: Float[Array, "L B S kv hd"]
+
+    @staticmethod
+    def zeros(config: ArchitectureConfig, batch: int, length: int, dtype=jnp.float32) -> "KVCache":
+        shape = (config.num_layers, batch, length, config.num_kv_heads, config.resolved_head_dim)
+        return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+
+    @property
+    def length(self) -> int:
+        return self.k.shape[2]
+
+
+class Llama(eqx.Module):
+    config: ArchitectureConfig = eqx.field(static=True)
+    embed: Float[Array, "V d"]
+    layers: DecoderLayers
+    final_norm: Float[Array, "d"]
+    # None when the output head is tied to the embedding.
+    lm_head: Optional[Float[Array, "d V"]]
+
+    def __call__(
+        self,
+        tokens: Int[Array, "B T"],
+        positions: Int[Array, "B T"],
+        cache: Optional[KVCache] = None,
+        compute_dtype=jnp.float32,
+    ) -> tuple[Float[Array, "B T V"], Optional[KVCache]]:
+        """Logits (float32) for every token, and the cache with these tokens' keys/values written in."""
+        hidden, cache = self.hidden_states(tokens, positions, cache, compute_dtype)
+        return self.logits(hidden), cache
+
+    def hidden_states(self, tokens, positions, cache=None, compute_dtype=jnp.float32):
+        """Final-normed hidden states [B, T, d] in compute_dtype, and the updated cache."""
+        c = self.config
+        cos, sin = rotary_tables(c, positions)
+        x = self.embed.astype(compute_dtype)[tokens]
+        layers = jax.tree.map(lambda w: w.astype(compute_dtype), self.layers)
+
+        def layer(x, scanned):
+            weights, layer_cache = scanned
+            x, layer_cache = decoder_layer(c, weights, x, positions, cos, sin, layer_cache)
+            return x, layer_cache
+
+        if cache is None:
+            x, _ = jax.lax.scan(lambda x, w: layer(x, (w, None)), x, layers)
+        else:
+            x, (k, v) = jax.lax.scan(layer, x, (layers, (cache.k, cache.v)))
+            cache = KVCache(k=k, v=v)
+        return rms_norm(x, self.final_norm, c.rms_norm_eps), cache
+
+    def logits(self, hidden: Float[Array, "B T d"]) -> Float[Array, "B T V"]:
+        head = self.embed.T if self.lm_head is None else self.lm_head
+        return jnp.einsum("btd,dv->btv", hidden, head.astype(hidden.dtype)).astype(jnp.float32)
+
+
+def decoder_layer(c: ArchitectureConfig, w: DecoderLayers, x, positions, cos, sin, layer_cache):
+    """One pre-norm Llama block. `w` holds a single layer's weights (no L axis)."""
+    batch, length, _ = x.shape
+    hd, heads, kv_heads = c.resolved_head_dim, c.num_heads, c.num_kv_heads
+
+    h = rms_norm(x, w.attn_norm, c.rms_norm_eps)
+    q = (h @ w.wq).reshape(batch, length, heads, hd)
+    k = (h @ w.wk).reshape(batch, length, kv_heads, hd)
+    v = (h @ w.wv).reshape(batch, length, kv_heads, hd)
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+    if layer_cache is None:
+        keys, values, key_positions = k, v, positions
+    else:
+        cache_k, cache_v = layer_cache
+        rows = jnp.arange(batch)[:, None]
+        cache_k = cache_k.at[rows, positions].set(k.astype(cache_k.dtype))
+        cache_v = cache_v.at[rows, positions].set(v.astype(cache_v.dtype))
+        layer_cache = (cache_k, cache_v)
+        keys, values = cache_k.astype(x.dtype), cache_v.astype(x.dtype)
+        key_positions = jnp.broadcast_to(jnp.arange(cache_k.shape[1]), (batch, cache_k.shape[1]))
+
+    mask = key_positions[:, None, :] <= positions[:, :, None]  # [B, T, S]
+    attn = grouped_query_attention(q, keys, values, mask)
+    x = x + attn.reshape(batch, length, heads * hd) @ w.wo
+
+    h = rms_norm(x, w.mlp_norm, c.rms_norm_eps)
+    x = x + (jax.nn.silu(h @ w.w_gate) * (h @ w.w_up)) @ w.w_down
+    return x, layer_cache
+
+
+def grouped_query_attention(q, k, v, mask):
+    """q [B,T,H,hd], k/v [B,S,KV,hd], mask [B,T,S] -> [B,T,H,hd]. Softmax in float32."""
+    batch, length, heads, hd = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(batch, length, kv_heads, heads // kv_heads, hd)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) / math.sqrt(hd)
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(batch, length, heads, hd)
+
+
+def rms_norm(x, weight, eps):
+    """As HF: normalise in float32, cast back, then scale."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight.astype(x.dtype) * normed.astype(x.dtype)
+
+
+def rope_inverse_frequencies(c: ArchitectureConfig) -> jax.Array:
+    dim = c.resolved_head_dim
+    inv_freq = 1.0 / (c.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+    s = c.rope_scaling
+    if s is None:
+        return inv_freq
+    # Llama-3.1 scaling: long wavelengths divided by `factor`, short ones kept, a smooth blend between.
+    low_freq_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_freq_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = jnp.where(wavelen > low_freq_wavelen, inv_freq / s.factor, inv_freq)
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return jnp.where(is_medium, smoothed, scaled)
+
+
+def rotary_tables(c: ArchitectureConfig, positions):
+    """cos/sin [B, T, hd] in float32 for the given positions (rotate-half layout: frequencies repeated)."""
+    freqs = positions.astype(jnp.float32)[..., None] * rope_inverse_frequencies(c)
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rotary(x, cos, sin):
+    """x [B, T, heads, hd]; rotate-half convention as HF Llama."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
+    return x * cos + rotated * sin
+
+
+def init_llama(config: ArchitectureConfig, key: jax.Array, std: float = 0.02) -> Llama:
+    """Random init as HF: normal(0, std) matrices, unit norms."""
+    c = config
+    d, f, hd, L = c.hidden_size, c.intermediate_size, c.resolved_head_dim, c.num_layers
+    keys = iter(jax.random.split(key, 9))
+
+    def normal(*shape):
+        return std * jax.random.normal(next(keys), shape, jnp.float32)
+
+    layers = DecoderLayers(
+        attn_norm=jnp.ones((L, d)),
+        wq=normal(L, d, c.num_heads * hd),
+        wk=normal(L, d, c.num_kv_heads * hd),
+        wv=normal(L, d, c.num_kv_heads * hd),
+        wo=normal(L, c.num_heads * hd, d),
+        mlp_norm=jnp.ones((L, d)),
+        w_gate=normal(L, d, f),
+        w_up=normal(L, d, f),
+        w_down=normal(L, f, d),
+    )
+    return Llama(
+        config=c,
+        embed=normal(c.vocab_size, d),
+        layers=layers,
+        final_norm=jnp.ones((d,)),
+        lm_head=None if c.tie_word_embeddings else normal(d, c.vocab_size),
+    )
+
+
+def count_params(model: Llama) -> int:
+    return sum(x.size for x in jax.tree.leaves(eqx.filter(model, eqx.is_array)))
