@@ -1,0 +1,101 @@
+"""jax.distributed from the pod environment, and cross-host barriers that time out naming the missing hosts.
+
+Environment (the contract of simpo_operator.pod_env, shared by the JobSet pods and the local runner):
+- GKE TPU pods: JAX's own cluster detection (GKE injects TPU_WORKER_ID / TPU_WORKER_HOSTNAMES).
+- Elsewhere: JAX_COORDINATOR_ADDRESS (host:port), JAX_NUM_PROCESSES, and JAX_PROCESS_ID; or, where the id is
+  not given directly, the pod's completion index (JOB_COMPLETION_INDEX) plus SIMPO_SLICE_INDEX *
+  SIMPO_HOSTS_PER_SLICE.
+- No JAX_NUM_PROCESSES (or 1): a single process, no coordinator.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Mapping
+
+import jax
+
+from simpo_worker.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+class BarrierTimeout(RuntimeError):
+    """A host did not reach a barrier in time. Retryable: a restart resumes from the newest checkpoint."""
+
+
+def process_id_from_env(env: Mapping[str, str]) -> int:
+    if "JAX_PROCESS_ID" in env:
+        return _int_env(env, "JAX_PROCESS_ID")
+    if "JOB_COMPLETION_INDEX" in env:
+        index = _int_env(env, "JOB_COMPLETION_INDEX")
+        slice_index = _int_env(env, "SIMPO_SLICE_INDEX", 0)
+        hosts_per_slice = _int_env(env, "SIMPO_HOSTS_PER_SLICE", 0)
+        return slice_index * hosts_per_slice + index
+    raise ConfigError("JAX_NUM_PROCESSES is set but neither JAX_PROCESS_ID nor JOB_COMPLETION_INDEX is")
+
+
+def initialize_from_env(init_timeout_s: int, env: Mapping[str, str] = os.environ) -> None:
+    """Start jax.distributed as the environment says; a no-op for a single process."""
+    # Multi-process CPU (local runner, tests) needs gloo for cross-process collectives; no effect on TPU/GPU.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if "TPU_WORKER_HOSTNAMES" in env and "JAX_COORDINATOR_ADDRESS" not in env:
+        jax.distributed.initialize(initialization_timeout=init_timeout_s)
+        return
+    num_processes = _int_env(env, "JAX_NUM_PROCESSES", 1)
+    if num_processes == 1:
+        return
+    coordinator = env.get("JAX_COORDINATOR_ADDRESS")
+    if not coordinator:
+        raise ConfigError(f"JAX_NUM_PROCESSES={num_processes} but JAX_COORDINATOR_ADDRESS is not set")
+    process_id = process_id_from_env(env)
+    if not 0 <= process_id < num_processes:
+        raise ConfigError(f"process id {process_id} is outside [0, {num_processes}) (JAX_NUM_PROCESSES)")
+    log.info("jax.distributed: process %d of %d, coordinator %s", process_id, num_processes, coordinator)
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                               process_id=process_id, initialization_timeout=init_timeout_s)
+
+
+def is_leader() -> bool:
+    return jax.process_index() == 0
+
+
+def barrier(name: str, timeout_s: float) -> None:
+    """Wait until every process arrives at `name` (unique per use), or raise BarrierTimeout naming the absent."""
+    count = jax.process_count()
+    if count == 1:
+        return
+    client = _client()
+    me = jax.process_index()
+    # Arrival marks let a timed-out host say which hosts never came.
+    client.key_value_set(f"simpo/arrived/{name}/{me}", "1")
+    try:
+        client.wait_at_barrier(f"simpo/{name}", int(timeout_s * 1000))
+    except jax.errors.JaxRuntimeError as error:
+        arrived = {int(key.rsplit("/", 1)[-1]) for key, _ in client.key_value_dir_get(f"simpo/arrived/{name}/")}
+        missing = sorted(set(range(count)) - arrived)
+        raise BarrierTimeout(f"barrier {name!r}: host(s) {missing} did not arrive within {timeout_s:.0f}s "
+                             f"(this is host {me} of {count}): {error}") from error
+
+
+def _client():
+    # The coordination-service client has the only barrier with a timeout; jax exposes no public wrapper.
+    from jax._src import distributed
+
+    client = distributed.global_state.client
+    if client is None:
+        raise RuntimeError("jax.distributed is not initialised but jax.process_count() > 1")
+    return client
+
+
+def _int_env(env: Mapping[str, str], name: str, default: int | None = None) -> int:
+    raw = env.get(name)
+    if raw is None:
+        if default is None:
+            raise ConfigError(f"environment variable {name} is not set")
+        return default
+    try:
+        return int(raw)
+    except ValueError as error:
+        raise ConfigError(f"environment variable {name}: expected an integer, got {raw!r}") from error
