@@ -1,0 +1,144 @@
+"""The interleaved run: train on the global mesh, pause at scheduled steps to sample the live policy on every
+host, then resume training from the in-memory state.
+
+A pause at step s (after optimizer step s):
+  1. checkpoint (the state is durable: a crash during inference restarts here, not from scratch)
+  2. barrier
+  3. each host generates its shard of the prompts from the live params (host_data_parallel: a replica on the
+     host's own devices; global_mesh: the sharded params) and writes its JSONL atomically
+  4. small per-host stats gathered to the leader; the leader checks coverage and writes manifest.json last
+  5. barrier; training continues with the same params, optimizer state, data position and compiled step
+
+On restart the worker resumes from the newest complete checkpoint. An inference step whose manifest exists is
+not redone; one without is redone whole (the per-prompt PRNG keys make the result the same).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from simpo_worker import outputs
+from simpo_worker.config import WorkerConfig
+from simpo_worker.distributed import barrier, is_leader
+from simpo_worker.engine import Engine
+from simpo_worker.metrics import MetricsWriter
+from simpo_worker.progress import Progress, ProgressReporter
+from simpo_worker.prompts import host_shard
+from simpo_worker.trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+
+class InterleavedRun:
+    def __init__(self, config: WorkerConfig, trainer: Trainer, engine: Engine, tokenizer,
+                 prompts: list[list[int]], prompt_texts: list[str], reporter: ProgressReporter,
+                 metrics: MetricsWriter):
+        self.config = config
+        self.trainer = trainer
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.prompts = prompts
+        self.prompt_texts = prompt_texts
+        self.reporter = reporter
+        self.metrics = metrics
+        self.schedule = set(config.inference.schedule(config.trainer.num_train_steps))
+        self.timeout_s = config.distributed.barrier_timeout_s
+
+    def run(self) -> None:
+        config, trainer = self.config, self.trainer
+        total = config.trainer.num_train_steps
+        every = config.trainer.checkpoint.every
+        while True:
+            if trainer.step in self.schedule and not self._inference_complete(trainer.step):
+                self.pause_for_inference(trainer.step)
+            if trainer.step >= total:
+                break
+            record = trainer.train_step()
+            # train_step_compilations stays 1 across pauses: resuming reuses the compiled step.
+            self.metrics.write({"event": "train", **record,
+                                "train_step_compilations": trainer.train_step_compilations})
+            self._report(Progress(stage="train", step=trainer.step, totalSteps=total))
+            durable_pause = config.trainer.checkpoint.at_eval and trainer.step in self.schedule
+            if durable_pause or (every is not None and trainer.step % every == 0) or trainer.step == total:
+                trainer.save_checkpoint()
+
+    def pause_for_inference(self, step: int) -> None:
+        inference, seed = self.config.inference, self._seed()
+        process_index, process_count = jax.process_index(), jax.process_count()
+        started = time.perf_counter()
+        barrier(f"infer-{step}-start", self.timeout_s)
+        shard = host_shard(len(self.prompts), process_index, process_count)
+        if inference.mode == "global_mesh":
+            # Every host runs the whole (sharded) computation; each writes its own contiguous rows.
+            indices = list(range(len(self.prompts)))
+        else:
+            indices = list(shard)
+        total_prompts = len(self.prompts)
+
+        def progress(done: int, tokens: int) -> None:
+            self._report(Progress(stage="infer", step=step, totalSteps=self.config.trainer.num_train_steps,
+                                  promptsDone=done, promptsTotal=total_prompts, tokens=tokens))
+
+        generate_started = time.perf_counter()
+        completions = self.engine.generate(self.trainer.model, [self.prompts[i] for i in indices], indices,
+                                           step=step, seed=seed, progress=progress)
+        generate_s = time.perf_counter() - generate_started
+        mine = [c for c in completions if c.global_prompt_index in shard]
+        rows = [{
+            "step": step,
+            "process_index": process_index,
+            "process_count": process_count,
+            "global_prompt_index": c.global_prompt_index,
+            "prompt": self.prompt_texts[c.global_prompt_index],
+            "completion": self.tokenizer.decode(c.token_ids, skip_special_tokens=True),
+            "completion_tokens": len(c.token_ids),
+            "finish_reason": c.finish_reason,
+        } for c in sorted(mine, key=lambda c: c.global_prompt_index)]
+        write_started = time.perf_counter()
+        outputs.write_host_shard(self.config.output_dir, step, process_index, process_count, rows)
+        write_s = time.perf_counter() - write_started
+
+        tokens = sum(row["completion_tokens"] for row in rows)
+        local = np.array([len(rows), tokens, generate_s, write_s], dtype=np.float64)
+        barrier(f"infer-{step}-written", self.timeout_s)
+        gathered = np.asarray(multihost_utils.process_allgather(local)).reshape(process_count, -1)
+        if is_leader():
+            host_stats = [{"process_index": i, "prompts": int(r[0]), "completion_tokens": int(r[1]),
+                           "generate_seconds": float(r[2]), "write_seconds": float(r[3])}
+                          for i, r in enumerate(gathered)]
+            phase_seconds = {"generate": float(gathered[:, 2].max()), "write": float(gathered[:, 3].max()),
+                             "total": time.perf_counter() - started}
+            manifest = outputs.build_manifest(self.config.output_dir, step, total_prompts, process_count,
+                                              host_stats, phase_seconds)
+            outputs.write_atomic(outputs.manifest_path(self.config.output_dir, step),
+                                 json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+            self.metrics.write({"event": "inference", "step": step, "prompts": total_prompts,
+                                "completion_tokens": manifest["completion_tokens"],
+                                "finish_reasons": manifest["finish_reasons"],
+                                "tokens_per_second": manifest["tokens_per_second"],
+                                "phase_seconds": phase_seconds,
+                                "engine_compilations": self.engine.compilations})
+            log.info("inference at step %d: %d prompts, %d tokens, %.1f tok/s, %.1fs", step, total_prompts,
+                     manifest["completion_tokens"], manifest["tokens_per_second"] or 0.0, phase_seconds["total"])
+        barrier(f"infer-{step}-done", self.timeout_s)
+
+    def _inference_complete(self, step: int) -> bool:
+        # The leader decides for everyone, so all hosts take the same branch even under eventual consistency.
+        done = np.array([outputs.read_manifest(self.config.output_dir, step) is not None if is_leader() else 0],
+                        dtype=np.int32)
+        return bool(multihost_utils.broadcast_one_to_all(done)[0])
+
+    def _seed(self) -> int:
+        seed = self.config.inference.seed
+        return self.config.trainer.seed if seed is None else seed
+
+    def _report(self, progress: Progress) -> None:
+        if is_leader():
+            self.reporter.report(progress)
+
