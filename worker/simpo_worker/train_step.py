@@ -1,0 +1,110 @@
+"""One SimPO optimizer step: microbatched gradients (lax.scan), AdamW with warmup + cosine, global-norm clipping.
+
+The whole step is one jax.jit over the state's arrays with explicit shardings (mesh.py) and the state donated,
+so params and optimizer state are updated in place on their devices and the step compiles once per run.
+Params and optimizer state stay float32; the forward/backward runs in the configured compute dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from simpo_worker.config import OptimizerConfig, SimpoConfig
+from simpo_worker.mesh import batch_sharding, state_shardings
+from simpo_worker.model import Llama
+from simpo_worker.simpo_loss import batch_loss
+
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+BATCH_FIELDS = ("tokens", "loss_mask", "lengths")
+
+
+class TrainState(eqx.Module):
+    model: Llama
+    opt_state: Any
+    # Optimizer steps completed (the learning-rate schedule's position).
+    step: jax.Array
+
+
+def make_optimizer(config: OptimizerConfig, num_train_steps: int):
+    """AdamW (no decay on norm weights), linear warmup from 0 then cosine to lr * min_lr_ratio; clip first."""
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=config.learning_rate, warmup_steps=config.warmup_steps,
+        decay_steps=num_train_steps, end_value=config.learning_rate * config.min_lr_ratio)
+    adamw = optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps,
+                        weight_decay=config.weight_decay, mask=decay_mask)
+    clip = [] if config.max_grad_norm is None else [optax.clip_by_global_norm(config.max_grad_norm)]
+    return optax.chain(*clip, adamw), schedule
+
+
+def decay_mask(params: Llama) -> Llama:
+    mask = jax.tree.map(lambda _: True, params)
+    return eqx.tree_at(lambda m: (m.layers.attn_norm, m.layers.mlp_norm, m.final_norm), mask,
+                       (False, False, False))
+
+
+def init_state(model: Llama, optimizer: optax.GradientTransformation) -> TrainState:
+    return TrainState(model=model, opt_state=optimizer.init(eqx.filter(model, eqx.is_array)),
+                      step=jnp.zeros((), jnp.int32))
+
+
+def simpo_step(state: TrainState, batch: dict[str, jax.Array], optimizer: optax.GradientTransformation,
+               schedule: Callable, simpo: SimpoConfig, compute_dtype) -> tuple[TrainState, dict[str, jax.Array]]:
+    """The pure step. batch arrays have a leading microbatch axis: [M, pairs, ...]."""
+    microbatches = batch["tokens"].shape[0]
+
+    def loss_fn(model, micro):
+        return batch_loss(model, micro["tokens"], micro["loss_mask"], micro["lengths"], simpo, compute_dtype)
+
+    grad_fn = eqx.filter_value_and_grad(loss_fn, has_aux=True)
+
+    def accumulate(carry, micro):
+        grads_sum, metrics_sum = carry
+        (_, metrics), grads = grad_fn(state.model, micro)
+        return (jax.tree.map(jnp.add, grads_sum, grads), jax.tree.map(jnp.add, metrics_sum, metrics)), None
+
+    params = eqx.filter(state.model, eqx.is_array)
+    zero_grads = jax.tree.map(jnp.zeros_like, params)
+    zero_metrics = jax.tree.map(jnp.zeros_like,
+                                jax.eval_shape(lambda: loss_fn(state.model, jax.tree.map(lambda x: x[0], batch))[1]))
+    (grads, metrics), _ = jax.lax.scan(accumulate, (zero_grads, zero_metrics), batch)
+    # Every microbatch holds the same number of pairs, so the mean of microbatch means is the batch mean.
+    grads = jax.tree.map(lambda g: g / microbatches, grads)
+    metrics = {name: value if name == "tokens" else value / microbatches for name, value in metrics.items()}
+    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["learning_rate"] = schedule(state.step)
+
+    updates, opt_state = optimizer.update(grads, state.opt_state, params)
+    model = eqx.apply_updates(state.model, updates)
+    return TrainState(model=model, opt_state=opt_state, step=state.step + 1), metrics
+
+
+class CompiledStep:
+    """simpo_step jitted over (state arrays, batch) with explicit shardings; the state is donated.
+
+    `compilations` counts traces (a trace precedes every compile), for the no-recompilation checks.
+    """
+
+    def __init__(self, state: TrainState, mesh: Mesh, optimizer, schedule, simpo: SimpoConfig, compute_dtype: str):
+        arrays, self.static = eqx.partition(state, eqx.is_array)
+        self.state_shardings = state_shardings(arrays, mesh)
+        self.batch_sharding = batch_sharding(mesh)
+        self.compilations = 0
+        dtype = COMPUTE_DTYPES[compute_dtype]
+
+        def step(arrays, batch):
+            self.compilations += 1
+            new_state, metrics = simpo_step(eqx.combine(arrays, self.static), batch, optimizer, schedule, simpo,
+                                            dtype)
+            return eqx.filter(new_state, eqx.is_array), metrics
+
+        self._jitted = jax.jit(step, in_shardings=(self.state_shardings, self.batch_sharding),
+                               out_shardings=(self.state_shardings, None), donate_argnums=0)
+
+    def __call__(self, arrays, batch: dict[str, jax.Array]):
+        return self._jitted(arrays, batch)
