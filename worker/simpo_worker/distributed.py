@@ -99,3 +99,13 @@ def _int_env(env: Mapping[str, str], name: str, default: int | None = None) -> i
         return int(raw)
     except ValueError as error:
         raise ConfigError(f"environment variable {name}: expected an integer, got {raw!r}") from error
+
+
+def exit_now(code: int) -> None:
+    """Exit at once. A failing host must not run jax.distributed's atexit shutdown: it waits (up to minutes)
+    for every other host at a shutdown barrier, which is exactly what a failure should not do."""
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
