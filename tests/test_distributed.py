@@ -57,6 +57,6 @@ def test_first_failure_stops_the_others(tmp_path):
 
 
 def test_process_id_from_completion_index_and_slice():
-    env = {"JOB_COMPLETION_INDEX": "3", "SIMPO_SLICE_INDEX": "2", "SIMPO_HOSTS_PER_SLICE": "4"}
+    env = {"SIMPO_HOST_INDEX": "3", "SIMPO_SLICE_INDEX": "2", "SIMPO_HOSTS_PER_SLICE": "4"}
     assert process_id_from_env(env) == 11
     assert process_id_from_env({"JAX_PROCESS_ID": "5", **env}) == 5

@@ -2,9 +2,9 @@
 
 Environment (the contract of simpo_operator.pod_env, shared by the JobSet pods and the local runner):
 - GKE TPU pods: JAX's own cluster detection (GKE injects TPU_WORKER_ID / TPU_WORKER_HOSTNAMES).
-- Elsewhere: JAX_COORDINATOR_ADDRESS (host:port), JAX_NUM_PROCESSES, and JAX_PROCESS_ID; or, where the id is
-  not given directly, the pod's completion index (JOB_COMPLETION_INDEX) plus SIMPO_SLICE_INDEX *
-  SIMPO_HOSTS_PER_SLICE.
+- Elsewhere: JAX_COORDINATOR_ADDRESS (host:port), JAX_NUM_PROCESSES, and JAX_PROCESS_ID; where the id is not
+  given directly (multislice pods: the downward API cannot add), SIMPO_SLICE_INDEX * SIMPO_HOSTS_PER_SLICE +
+  SIMPO_HOST_INDEX (the pod's completion index).
 - No JAX_NUM_PROCESSES (or 1): a single process, no coordinator.
 """
 
@@ -28,12 +28,10 @@ class BarrierTimeout(RuntimeError):
 def process_id_from_env(env: Mapping[str, str]) -> int:
     if "JAX_PROCESS_ID" in env:
         return _int_env(env, "JAX_PROCESS_ID")
-    if "JOB_COMPLETION_INDEX" in env:
-        index = _int_env(env, "JOB_COMPLETION_INDEX")
-        slice_index = _int_env(env, "SIMPO_SLICE_INDEX", 0)
-        hosts_per_slice = _int_env(env, "SIMPO_HOSTS_PER_SLICE", 0)
-        return slice_index * hosts_per_slice + index
-    raise ConfigError("JAX_NUM_PROCESSES is set but neither JAX_PROCESS_ID nor JOB_COMPLETION_INDEX is")
+    if "SIMPO_HOST_INDEX" in env:
+        return (_int_env(env, "SIMPO_SLICE_INDEX", 0) * _int_env(env, "SIMPO_HOSTS_PER_SLICE")
+                + _int_env(env, "SIMPO_HOST_INDEX"))
+    raise ConfigError("JAX_NUM_PROCESSES is set but neither JAX_PROCESS_ID nor SIMPO_HOST_INDEX is")
 
 
 def initialize_from_env(init_timeout_s: int, env: Mapping[str, str] = os.environ) -> None:
