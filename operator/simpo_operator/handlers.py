@@ -1,0 +1,168 @@
+"""kopf handlers: SimpoInterleaveJob -> ConfigMap + JobSet, and the JobSet's state -> the job's status.
+
+- create / resume (operator restart) / spec update: validate, create or adopt the children (deterministic names,
+  owner references; an existing child owned by this job is adopted, never duplicated), apply spec.suspend to the
+  JobSet, and set the status. An invalid spec is reported as Failed/InvalidSpec and nothing is created.
+- JobSet events: recompute the phase of the owning job and patch its status subresource (never status.progress,
+  which the worker leader writes), with a Kubernetes event on every transition.
+- ttlSecondsAfterFinished: the finished job is deleted; its children follow through owner references.
+No finalizers: deletion cascades through owner references.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+from datetime import datetime, timezone
+from typing import Any, Optional
+
+import kopf
+
+from simpo_operator import kube, render, status as state
+from simpo_operator.resource import FINISHED_PHASES, GROUP, KIND, PLURAL, VERSION, Job, validate_job
+from simpo_worker.errors import ConfigError
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    # Keep kopf's bookkeeping in annotations: the status belongs to the API (and status.progress to the worker).
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=GROUP, key="last-handled-configuration")
+    # Watch exact namespaces or the whole cluster: no CRD/namespace scanning, so no RBAC for it.
+    settings.scanning.disabled = True
+    # Our own events are posted explicitly; handler log lines below WARNING stay in the log only.
+    settings.posting.level = logging.WARNING
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _post_transition(job: dict[str, Any], phase: state.Phase) -> None:
+    kopf.event(job, type=state.event_type(phase), reason=phase.phase,
+               message=f"{phase.reason}: {phase.message}" if phase.message else phase.reason)
+
+
+def _apply(job: dict[str, Any], current: dict[str, Any], phase: state.Phase, jobset: Optional[dict[str, Any]],
+           extra: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """The status patch for `phase` if anything changed (None otherwise), posting the transition event."""
+    restarts = (jobset or {}).get("status", {}).get("restarts")
+    restarts = restarts if restarts is not None else current.get("restarts", 0)
+    generation = job["metadata"].get("generation")
+    unchanged = (not state.is_transition(current, phase) and current.get("restarts") == restarts
+                 and current.get("observedGeneration") == generation
+                 and all(current.get(key) == value for key, value in extra.items()))
+    if unchanged:
+        return None
+    if state.is_transition(current, phase):
+        _post_transition(job, phase)
+    return state.status_patch(current, phase, now=_now(), generation=generation, restarts=restarts, extra=extra)
+
+
+@kopf.on.resume(GROUP, VERSION, PLURAL)
+@kopf.on.create(GROUP, VERSION, PLURAL)
+@kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
+def reconcile(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger, **_: Any) -> None:
+    resource = copy.deepcopy(dict(body))
+    current = dict(resource.get("status") or {})
+    if state.is_final(current):
+        return  # a finished job is never run again, even if its JobSet is gone
+    try:
+        job = validate_job(resource)
+    except ConfigError as error:
+        logger.warning(f"invalid spec: {error}")
+        phase = state.Phase("Failed", state.INVALID_SPEC, str(error))
+        patch.status.update(_apply(resource, current, phase, None, {}) or {})
+        return
+    configmap, jobset = render.render_configmap(job), render.render_jobset(job)
+    try:
+        existing_configmap, _ = kube.create_or_adopt(configmap, job.uid)
+        jobset, created = kube.create_or_adopt(jobset, job.uid)
+    except kube.ChildConflictError as error:
+        phase = state.Phase("Failed", state.CHILD_CONFLICT, str(error))
+        patch.status.update(_apply(resource, current, phase, None, {}) or {})
+        return
+    if not created:
+        logger.info(f"adopted the existing JobSet {jobset['metadata']['name']}")
+        if existing_configmap.get("data") != configmap["data"]:
+            kopf.warn(resource, reason="ConfigChangeIgnored",
+                      message="spec.config changed after the job was created; the running job keeps its "
+                              "original config (create a new job to change it)")
+    if bool(jobset.get("spec", {}).get("suspend")) != job.spec.suspend:
+        jobset = kube.set_jobset_suspend(job.namespace, jobset["metadata"]["name"], job.spec.suspend)
+    phase = state.phase_of(jobset, job.spec.suspend)
+    patch.status.update(_apply(resource, current, phase, jobset, _children(job)) or {})
+
+
+def _children(job: Job) -> dict[str, Any]:
+    return {"jobSetName": render.jobset_name(job.name), "outputDir": job.spec.config.output_dir,
+            "hosts": job.num_processes}
+
+
+@kopf.on.event(kube.JOBSET_GROUP, kube.JOBSET_VERSION, kube.JOBSET_PLURAL, labels={render.JOB_LABEL: kopf.PRESENT})
+def jobset_changed(body: kopf.Body, type: Optional[str], logger: logging.Logger, **_: Any) -> None:
+    if type == "DELETED":
+        return  # deleted with its job (owner references), or by hand: the job keeps its last status
+    jobset = copy.deepcopy(dict(body))
+    owner = next((ref for ref in jobset["metadata"].get("ownerReferences") or []
+                  if ref.get("kind") == KIND and ref.get("controller")), None)
+    if owner is None:
+        return
+    namespace = jobset["metadata"]["namespace"]
+    job = kube.get_job(namespace, owner["name"])
+    if job is None or job["metadata"].get("uid") != owner["uid"]:
+        return  # its job is gone; garbage collection removes this JobSet
+    current = job.get("status") or {}
+    if state.is_final(current) or current.get("reason") == state.CHILD_CONFLICT:
+        return
+    phase = state.phase_of(jobset, bool(job.get("spec", {}).get("suspend")))
+    patch = _apply(job, current, phase, jobset, {})
+    if patch is not None:
+        logger.info(f"{KIND} {owner['name']}: {current.get('phase')} -> {phase.phase} ({phase.reason})")
+        kube.patch_job_status(namespace, owner["name"], patch)
+
+
+# ttlSecondsAfterFinished: one timer per finished job, armed from its events (the initial listing re-arms them
+# after an operator restart), so no finalizer or polling is needed.
+_expiry_timers: dict[str, asyncio.TimerHandle] = {}
+EXPIRY_RETRY_S = 30
+
+
+def expiry_delay(resource: dict[str, Any], now: datetime) -> Optional[float]:
+    """Seconds until a finished job with ttlSecondsAfterFinished is due for deletion; None if it never is."""
+    ttl = (resource.get("spec") or {}).get("ttlSecondsAfterFinished")
+    status = resource.get("status") or {}
+    if ttl is None or status.get("phase") not in FINISHED_PHASES or not status.get("completionTime"):
+        return None
+    finished = datetime.strptime(status["completionTime"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+    return max(0.0, (finished - now).total_seconds() + ttl)
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL)
+async def expire_finished(body: kopf.Body, type: Optional[str], logger: logging.Logger, **_: Any) -> None:
+    uid = body.metadata.uid
+    if type == "DELETED":
+        timer = _expiry_timers.pop(uid, None)
+        if timer is not None:
+            timer.cancel()
+        return
+    delay = expiry_delay(copy.deepcopy(dict(body)), datetime.now(timezone.utc))
+    if delay is None or uid in _expiry_timers:
+        return
+    namespace, name = body.metadata.namespace, body.metadata.name
+    logger.info(f"finished; deleting in {delay:.0f}s (ttlSecondsAfterFinished)")
+    loop = asyncio.get_running_loop()
+    _expiry_timers[uid] = loop.call_later(delay, lambda: loop.create_task(_expire(namespace, name, uid, logger)))
+
+
+async def _expire(namespace: str, name: str, uid: str, logger: logging.Logger) -> None:
+    while True:
+        try:
+            await asyncio.to_thread(kube.delete_job, namespace, name, uid)
+            return
+        except kube.kubernetes.client.ApiException as error:
+            logger.error(f"ttlSecondsAfterFinished: deleting {namespace}/{name} failed ({error.status} "
+                         f"{error.reason}); retrying in {EXPIRY_RETRY_S}s")
+            await asyncio.sleep(EXPIRY_RETRY_S)

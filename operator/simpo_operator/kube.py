@@ -1,0 +1,119 @@
+"""The few Kubernetes API calls the handlers make (kubernetes client; in-cluster or kubeconfig auth).
+
+Each call here is listed in the operator's ClusterRole (manifests/rbac.yaml); nothing else is used.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Optional
+
+import kubernetes
+
+from simpo_operator.resource import GROUP, PLURAL, VERSION
+
+JOBSET_GROUP, JOBSET_VERSION = "jobset.x-k8s.io", "v1alpha2"
+JOBSET_PLURAL = "jobsets"
+MERGE_PATCH = "application/merge-patch+json"
+
+
+class ChildConflictError(Exception):
+    """A child's name is taken by an object that this resource does not own."""
+
+
+@functools.cache
+def api_client() -> kubernetes.client.ApiClient:
+    """Service-account credentials inside a pod, else the current kubeconfig context (like kubectl)."""
+    configuration = kubernetes.client.Configuration()
+    try:
+        kubernetes.config.load_incluster_config(client_configuration=configuration)
+    except kubernetes.config.ConfigException:
+        kubernetes.config.load_kube_config(client_configuration=configuration)
+    return kubernetes.client.ApiClient(configuration)
+
+
+def _core() -> kubernetes.client.CoreV1Api:
+    return kubernetes.client.CoreV1Api(api_client())
+
+
+def _custom() -> kubernetes.client.CustomObjectsApi:
+    return kubernetes.client.CustomObjectsApi(api_client())
+
+
+def _not_found(error: kubernetes.client.ApiException) -> bool:
+    return error.status == 404
+
+
+def get_jobset(namespace: str, name: str) -> Optional[dict[str, Any]]:
+    try:
+        return _custom().get_namespaced_custom_object(JOBSET_GROUP, JOBSET_VERSION, namespace, JOBSET_PLURAL, name)
+    except kubernetes.client.ApiException as error:
+        if _not_found(error):
+            return None
+        raise
+
+
+def get_configmap(namespace: str, name: str) -> Optional[dict[str, Any]]:
+    try:
+        configmap = _core().read_namespaced_config_map(name, namespace)
+    except kubernetes.client.ApiException as error:
+        if _not_found(error):
+            return None
+        raise
+    return api_client().sanitize_for_serialization(configmap)
+
+
+def create_or_adopt(obj: dict[str, Any], owner_uid: str) -> tuple[dict[str, Any], bool]:
+    """Create a child, or take the existing one of that name if this owner already owns it (after an operator
+    restart, or a retried handler). Returns (object, created)."""
+    namespace, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
+    is_jobset = obj["kind"] == "JobSet"
+    try:
+        if is_jobset:
+            created = _custom().create_namespaced_custom_object(JOBSET_GROUP, JOBSET_VERSION, namespace,
+                                                                JOBSET_PLURAL, obj)
+        else:
+            created = api_client().sanitize_for_serialization(_core().create_namespaced_config_map(namespace, obj))
+        return created, True
+    except kubernetes.client.ApiException as error:
+        if error.status != 409:
+            raise
+    existing = get_jobset(namespace, name) if is_jobset else get_configmap(namespace, name)
+    if existing is None:  # deleted between the create and the read: kopf retries the handler
+        raise RuntimeError(f"{obj['kind']} {namespace}/{name} vanished while adopting it")
+    owners = {ref.get("uid") for ref in existing["metadata"].get("ownerReferences") or []}
+    if owner_uid not in owners:
+        raise ChildConflictError(f"{obj['kind']} {namespace}/{name} exists and is not owned by this job")
+    return existing, False
+
+
+def set_jobset_suspend(namespace: str, name: str, suspend: bool) -> dict[str, Any]:
+    return _custom().patch_namespaced_custom_object(JOBSET_GROUP, JOBSET_VERSION, namespace, JOBSET_PLURAL, name,
+                                                    {"spec": {"suspend": suspend}},
+                                                    _content_type=MERGE_PATCH)
+
+
+def get_job(namespace: str, name: str) -> Optional[dict[str, Any]]:
+    try:
+        return _custom().get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+    except kubernetes.client.ApiException as error:
+        if _not_found(error):
+            return None
+        raise
+
+
+def patch_job_status(namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any]:
+    return _custom().patch_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL, name,
+                                                           {"status": status}, _content_type=MERGE_PATCH)
+
+
+def delete_job(namespace: str, name: str, uid: str) -> None:
+    """Delete the resource (children follow through owner references). Already gone, or replaced by a namesake
+    (the uid precondition fails with 409), is fine: there is nothing of ours left to delete."""
+    body = kubernetes.client.V1DeleteOptions(preconditions=kubernetes.client.V1Preconditions(uid=uid),
+                                             propagation_policy="Background")
+    try:
+        _custom().delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name, body=body)
+    except kubernetes.client.ApiException as error:
+        if not _not_found(error) and error.status != 409:
+            raise

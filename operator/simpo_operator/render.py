@@ -1,0 +1,204 @@
+"""SimpoInterleaveJob -> the ConfigMap (worker config) and JobSet the operator creates. Pure: no cluster needed.
+
+`simpo-interleave render JOB.yaml` prints them. The JobSet has one replicated job `worker` with one Job per slice
+(`replicas = slices`), each Job a slice's hosts (`parallelism = completions = hosts`, Indexed). A Job never retries
+a pod (`backoffLimit: 0`): any failure fails the Job, and the JobSet either fails at once (the worker's
+non-retryable exit codes, through the pod failure policy) or restarts every pod (`failurePolicy.maxRestarts`),
+and the worker resumes from its newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+import yaml
+
+from simpo_operator import pod_env
+from simpo_operator.resource import API_VERSION, KIND, Job, load_job, validate_job
+from simpo_worker.config import dump_worker_config
+from simpo_worker.errors import NON_RETRYABLE_EXIT_CODES
+
+JOBSET_API_VERSION = "jobset.x-k8s.io/v1alpha2"
+REPLICATED_JOB = "worker"
+CONTAINER = "worker"
+JOB_LABEL = "simpo.dev/job"
+TPU_RESOURCE = "google.com/tpu"
+ACCELERATOR_LABEL = "cloud.google.com/gke-tpu-accelerator"
+TOPOLOGY_LABEL = "cloud.google.com/gke-tpu-topology"
+# Multislice: each slice's Job gets a node pool of its own.
+EXCLUSIVE_TOPOLOGY_ANNOTATION = "alpha.jobset.sigs.k8s.io/exclusive-topology"
+NODE_POOL_LABEL = "cloud.google.com/gke-nodepool"
+# JobSet records this reason on a Job that a pod failure policy rule failed.
+POD_FAILURE_POLICY_REASON = "PodFailurePolicy"
+
+
+def configmap_name(job_name: str) -> str:
+    return f"{job_name}-config"
+
+
+def jobset_name(job_name: str) -> str:
+    return job_name
+
+
+def pod_hostname(job_name: str, slice_index: int, host_index: int) -> str:
+    """JobSet's pod hostname; with the JobSet's subdomain it resolves inside the namespace."""
+    return f"{jobset_name(job_name)}-{REPLICATED_JOB}-{slice_index}-{host_index}.{jobset_name(job_name)}"
+
+
+def render_job(resource: dict[str, Any]) -> list[dict[str, Any]]:
+    """Validate a SimpoInterleaveJob and render [ConfigMap, JobSet], both owned by the resource."""
+    job = validate_job(resource)
+    return [render_configmap(job), render_jobset(job)]
+
+
+def owner_reference(job: Job) -> list[dict[str, Any]]:
+    # Without a uid (rendering a file, the local runner) there is no owner yet.
+    if job.uid is None:
+        return []
+    return [{"apiVersion": API_VERSION, "kind": KIND, "name": job.name, "uid": job.uid,
+             "controller": True, "blockOwnerDeletion": True}]
+
+
+def _metadata(job: Job, name: str) -> dict[str, Any]:
+    metadata: dict[str, Any] = {"name": name, "namespace": job.namespace, "labels": _labels(job)}
+    if job.uid is not None:
+        metadata["ownerReferences"] = owner_reference(job)
+    return metadata
+
+
+def _labels(job: Job) -> dict[str, str]:
+    return {JOB_LABEL: job.name, "app.kubernetes.io/name": "simpo-interleave",
+            "app.kubernetes.io/component": "worker", "app.kubernetes.io/managed-by": "simpo-interleave-operator"}
+
+
+def render_configmap(job: Job) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(job, configmap_name(job.name)),
+        "data": {pod_env.CONFIG_FILE: dump_worker_config(job.spec.config)},
+    }
+
+
+def render_jobset(job: Job) -> dict[str, Any]:
+    name = jobset_name(job.name)
+    metadata = _metadata(job, name)
+    if job.shape is not None and job.slices > 1:
+        metadata["annotations"] = {EXCLUSIVE_TOPOLOGY_ANNOTATION: NODE_POOL_LABEL}
+    return {
+        "apiVersion": JOBSET_API_VERSION,
+        "kind": "JobSet",
+        "metadata": metadata,
+        "spec": {
+            "suspend": job.spec.suspend,
+            "network": {"enableDNSHostnames": True, "subdomain": name},
+            "successPolicy": {"operator": "All", "targetReplicatedJobs": [REPLICATED_JOB]},
+            "failurePolicy": {
+                "maxRestarts": job.spec.maxRestarts,
+                "rules": [{
+                    "name": "fail-on-non-retryable-exit-code",
+                    "action": "FailJobSet",
+                    "onJobFailureReasons": [POD_FAILURE_POLICY_REASON],
+                }],
+            },
+            "replicatedJobs": [{
+                "name": REPLICATED_JOB,
+                "replicas": job.slices,
+                "template": {"metadata": {"labels": _labels(job)}, "spec": _job_spec(job)},
+            }],
+        },
+    }
+
+
+def _job_spec(job: Job) -> dict[str, Any]:
+    return {
+        "parallelism": job.hosts_per_slice,
+        "completions": job.hosts_per_slice,
+        "completionMode": "Indexed",
+        "backoffLimit": 0,
+        "podFailurePolicy": {"rules": [{
+            "action": "FailJob",
+            "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": list(NON_RETRYABLE_EXIT_CODES)},
+        }]},
+        "template": {"metadata": {"labels": _labels(job)}, "spec": _pod_spec(job)},
+    }
+
+
+def _pod_spec(job: Job) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        # The JobSet webhook would default this to OnFailure; restarts happen at the JobSet level.
+        "restartPolicy": "Never",
+        "serviceAccountName": job.spec.serviceAccountName,
+        "containers": [_container(job)],
+        "volumes": [{"name": "config", "configMap": {"name": configmap_name(job.name)}}],
+    }
+    if job.shape is not None:
+        spec["nodeSelector"] = {ACCELERATOR_LABEL: job.shape.gke_accelerator, TOPOLOGY_LABEL: job.shape.topology}
+        spec["tolerations"] = [{"key": TPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}]
+    return spec
+
+
+def _container(job: Job) -> dict[str, Any]:
+    first_host = pod_hostname(job.name, 0, 0)
+    env = pod_env.worker_env(
+        job_name=job.name,
+        namespace=job.namespace,
+        config_path=pod_env.CONFIG_PATH,
+        hosts_per_slice=job.hosts_per_slice,
+        slices=job.slices,
+        # TPU pools: JAX's own GKE detection (see pod_env); elsewhere an explicit coordinator.
+        coordinator_address=None if job.shape is not None else f"{first_host}:{pod_env.COORDINATOR_PORT}",
+        megascale_coordinator_host=first_host if job.slices > 1 else None,
+    )
+    return {
+        "name": CONTAINER,
+        "image": job.spec.image,
+        "command": ["simpo-interleave", "worker"],
+        "env": env,
+        "ports": [{"name": "coordinator", "containerPort": pod_env.COORDINATOR_PORT}],
+        "resources": _resources(job),
+        "volumeMounts": [{"name": "config", "mountPath": pod_env.CONFIG_DIR, "readOnly": True}],
+    }
+
+
+def _resources(job: Job) -> dict[str, Any]:
+    resources: dict[str, dict[str, Any]] = {}
+    for kind in ("requests", "limits"):
+        wanted = getattr(job.spec.resources, kind)
+        values = {key: value for key, value in (("cpu", wanted.cpu), ("memory", wanted.memory)) if value is not None}
+        if job.shape is not None:
+            values[TPU_RESOURCE] = job.shape.chips_per_host
+        if values:
+            resources[kind] = values
+    return resources
+
+
+class _Dumper(yaml.SafeDumper):
+    """Multi-line strings (the worker config) as literal blocks, so the ConfigMap reads like the file it is."""
+
+
+def _str(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_Dumper.add_representer(str, _str)
+
+
+def dump_objects(objects: list[dict[str, Any]]) -> str:
+    return yaml.dump_all(objects, Dumper=_Dumper, sort_keys=False)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("job", help="SimpoInterleaveJob YAML file")
+    parser.add_argument("--namespace", help="namespace when the file sets none (default: default)")
+
+
+def run(args: argparse.Namespace) -> int:
+    resource = load_job(args.job)
+    if args.namespace and not resource.get("metadata", {}).get("namespace"):
+        resource = {**resource, "metadata": {**resource.get("metadata", {}), "namespace": args.namespace}}
+    sys.stdout.write(dump_objects(render_job(resource)))
+    return 0

@@ -1,0 +1,104 @@
+"""The status state machine: the JobSet's state -> the SimpoInterleaveJob's phase, conditions and times. Pure.
+
+    Pending     accepted; the JobSet is being created or its pods are not all ready yet (first attempt)
+    Running     every worker pod of every slice is ready
+    Restarting  the JobSet restarted every pod after a retryable failure; the new attempt is not all ready yet
+    Suspended   spec.suspend is true (the JobSet and its pods are suspended)
+    Succeeded   the JobSet completed (every worker exited 0)                                       terminal
+    Failed      the JobSet failed (non-retryable exit code, or maxRestarts used up), or the spec   terminal
+                is invalid (reason InvalidSpec: no JobSet is created), or a child name is taken
+
+Terminal phases are final, except Failed/InvalidSpec, which a corrected spec re-validates. The operator writes
+everything here except `status.progress`, which belongs to the worker leader.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from simpo_operator.resource import FINISHED_PHASES
+
+INVALID_SPEC = "InvalidSpec"
+CHILD_CONFLICT = "ChildConflict"
+
+
+@dataclass(frozen=True)
+class Phase:
+    phase: str
+    reason: str
+    message: str
+
+
+def _condition(jobset: dict[str, Any], kind: str) -> Optional[dict[str, Any]]:
+    for condition in jobset.get("status", {}).get("conditions") or []:
+        if condition.get("type") == kind and condition.get("status") == "True":
+            return condition
+    return None
+
+
+def phase_of(jobset: Optional[dict[str, Any]], suspend: bool) -> Phase:
+    """The phase a JobSet (None: not created yet) stands for."""
+    if jobset is None:
+        return Phase("Pending", "Creating", "creating the JobSet")
+    for kind, phase in (("Completed", "Succeeded"), ("Failed", "Failed")):
+        condition = _condition(jobset, kind)
+        if condition is not None:
+            return Phase(phase, condition.get("reason") or kind, condition.get("message") or "")
+    if suspend or jobset.get("spec", {}).get("suspend") or _condition(jobset, "Suspended"):
+        return Phase("Suspended", "Suspended", "spec.suspend is true: the JobSet and its pods are suspended")
+    status = jobset.get("status", {})
+    replicated = {rj.get("name"): rj for rj in status.get("replicatedJobsStatus") or []}
+    expected = {rj["name"]: rj.get("replicas", 1) for rj in jobset.get("spec", {}).get("replicatedJobs", [])}
+    ready = sum(replicated.get(name, {}).get("ready", 0) for name in expected)
+    total = sum(expected.values())
+    restarts = status.get("restarts") or 0
+    if total and ready >= total:
+        return Phase("Running", "AllHostsReady", f"all {total} slice job(s) have every worker pod ready")
+    if restarts:
+        return Phase("Restarting", "JobSetRestarted",
+                     f"restart {restarts}: waiting for the workers to be ready again ({ready}/{total} slices ready)")
+    return Phase("Pending", "WaitingForPods", f"waiting for worker pods ({ready}/{total} slices ready)")
+
+
+def is_final(status: dict[str, Any]) -> bool:
+    """Finished for good: nothing the operator sees can change it (a fixed spec can revive InvalidSpec)."""
+    return status.get("phase") in FINISHED_PHASES and status.get("reason") != INVALID_SPEC
+
+
+def status_patch(current: dict[str, Any], new: Phase, *, now: str, generation: Optional[int],
+                 restarts: Optional[int] = None, extra: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """The status fields to merge-patch for `new`; `current` is the resource's status now. Never `progress`."""
+    patch: dict[str, Any] = {"phase": new.phase, "reason": new.reason, "message": new.message,
+                             "observedGeneration": generation, **(extra or {})}
+    if restarts is not None:
+        patch["restarts"] = restarts
+    if new.phase == "Running" and not current.get("startTime"):
+        patch["startTime"] = now
+    if new.phase in FINISHED_PHASES and not current.get("completionTime"):
+        patch["completionTime"] = now
+    patch["conditions"] = _conditions(current.get("conditions") or [], new, now, generation)
+    return patch
+
+
+def _conditions(conditions: list[dict[str, Any]], new: Phase, now: str,
+                generation: Optional[int]) -> list[dict[str, Any]]:
+    """One condition per phase ever reached: the current one True, the others False since they were left."""
+    by_type = {condition["type"]: dict(condition) for condition in conditions}
+    for kind, condition in by_type.items():
+        if kind != new.phase and condition["status"] == "True":
+            condition.update(status="False", lastTransitionTime=now, observedGeneration=generation,
+                             reason=new.reason, message=f"left {kind}: now {new.phase}")
+    previous = by_type.get(new.phase)
+    changed_at = previous["lastTransitionTime"] if previous and previous["status"] == "True" else now
+    by_type[new.phase] = {"type": new.phase, "status": "True", "reason": new.reason, "message": new.message,
+                          "lastTransitionTime": changed_at, "observedGeneration": generation}
+    return [by_type[kind] for kind in sorted(by_type)]
+
+
+def is_transition(current: dict[str, Any], new: Phase) -> bool:
+    return current.get("phase") != new.phase or current.get("reason") != new.reason
+
+
+def event_type(phase: Phase) -> str:
+    return "Warning" if phase.phase == "Failed" or phase.phase == "Restarting" else "Normal"
