@@ -1,0 +1,326 @@
+"""HF-format Llama checkpoints: config.json + safetensors (one file, sharded with an index, or several *.safetensors),
+local or any fsspec URL (gs://...). Load into a `Llama`, and save a `Llama` back.
+
+HF stores linear weights [out, in] per layer; the model keeps [in, out] stacked on a leading layer axis, so loading
+transposes and stacks, and saving undoes both (float32 in, float32 out: a save/load round trip is bit-identical).
+
+Tensors are read by a small safetensors reader of our own: the safetensors package's numpy backend has no bfloat16
+(the dtype of most published checkpoints), and byte-range reads of one tensor at a time keep host memory flat and
+work the same over gcsfs as on a local disk. Writing uses the safetensors package.
+
+The HF tensor names are the interchange layout: the GGUF loader maps its names onto them and reuses
+`llama_from_hf_tensors`.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import struct
+from typing import Any, Callable
+
+import fsspec
+import jax.numpy as jnp
+import numpy as np
+import safetensors.numpy
+
+from simpo_worker.config import ArchitectureConfig, RopeScaling
+from simpo_worker.errors import ConfigError, ModelError
+from simpo_worker.model import DecoderLayers, Llama
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+# DecoderLayers field -> HF tensor name inside `model.layers.{i}.`; matrices are transposed, norms are not.
+LAYER_TENSORS = {
+    "attn_norm": "input_layernorm.weight",
+    "wq": "self_attn.q_proj.weight",
+    "wk": "self_attn.k_proj.weight",
+    "wv": "self_attn.v_proj.weight",
+    "wo": "self_attn.o_proj.weight",
+    "mlp_norm": "post_attention_layernorm.weight",
+    "w_gate": "mlp.gate_proj.weight",
+    "w_up": "mlp.up_proj.weight",
+    "w_down": "mlp.down_proj.weight",
+}
+EMBED = "model.embed_tokens.weight"
+FINAL_NORM = "model.norm.weight"
+LM_HEAD = "lm_head.weight"
+
+SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": jnp.bfloat16}
+
+# Reads one tensor in HF orientation as float32, checking it exists and has `shape`; errors name the file.
+TensorReader = Callable[[str, tuple[int, ...]], np.ndarray]
+
+
+def layer_tensor_name(layer: int, field: str) -> str:
+    return f"model.layers.{layer}.{LAYER_TENSORS[field]}"
+
+
+def hf_tensor_shapes(config: ArchitectureConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor a checkpoint of this config holds, with its HF shape ([out, in] for matrices)."""
+    c = config
+    d, f, hd = c.hidden_size, c.intermediate_size, c.resolved_head_dim
+    per_layer = {
+        "attn_norm": (d,), "wq": (c.num_heads * hd, d), "wk": (c.num_kv_heads * hd, d),
+        "wv": (c.num_kv_heads * hd, d), "wo": (d, c.num_heads * hd), "mlp_norm": (d,),
+        "w_gate": (f, d), "w_up": (f, d), "w_down": (d, f),
+    }
+    shapes = {EMBED: (c.vocab_size, d)}
+    for i in range(c.num_layers):
+        for field, shape in per_layer.items():
+            shapes[layer_tensor_name(i, field)] = shape
+    shapes[FINAL_NORM] = (d,)
+    if not c.tie_word_embeddings:
+        shapes[LM_HEAD] = (c.vocab_size, d)
+    return shapes
+
+
+def llama_from_hf_tensors(config: ArchitectureConfig, read: TensorReader) -> Llama:
+    """Assemble a Llama from HF-named tensors: transpose matrices to [in, out] and stack layers."""
+    shapes = hf_tensor_shapes(config)
+    stacked = {}
+    for field in LAYER_TENSORS:
+        first = read(layer_tensor_name(0, field), shapes[layer_tensor_name(0, field)])
+        first = first.T if first.ndim == 2 else first
+        out = np.empty((config.num_layers, *first.shape), np.float32)
+        out[0] = first
+        for i in range(1, config.num_layers):
+            name = layer_tensor_name(i, field)
+            tensor = read(name, shapes[name])
+            out[i] = tensor.T if tensor.ndim == 2 else tensor
+        stacked[field] = jnp.asarray(out)
+    lm_head = None
+    if not config.tie_word_embeddings:
+        lm_head = jnp.asarray(read(LM_HEAD, shapes[LM_HEAD]).T)
+    return Llama(
+        config=config,
+        embed=jnp.asarray(read(EMBED, shapes[EMBED])),
+        layers=DecoderLayers(**stacked),
+        final_norm=jnp.asarray(read(FINAL_NORM, shapes[FINAL_NORM])),
+        lm_head=lm_head,
+    )
+
+
+def llama_to_hf_tensors(model: Llama) -> dict[str, np.ndarray]:
+    """The inverse of llama_from_hf_tensors: HF names and orientation, float32, contiguous."""
+    tensors = {EMBED: np.asarray(model.embed, np.float32)}
+    for field in LAYER_TENSORS:
+        weights = np.asarray(getattr(model.layers, field), np.float32)
+        for i in range(model.config.num_layers):
+            tensor = weights[i].T if weights[i].ndim == 2 else weights[i]
+            tensors[layer_tensor_name(i, field)] = np.ascontiguousarray(tensor)
+    tensors[FINAL_NORM] = np.asarray(model.final_norm, np.float32)
+    if model.lm_head is not None:
+        tensors[LM_HEAD] = np.ascontiguousarray(np.asarray(model.lm_head, np.float32).T)
+    return tensors
+
+
+# ---- config.json <-> ArchitectureConfig ------------------------------------------------------------------------
+
+
+def config_from_hf(data: Any, where: str) -> ArchitectureConfig:
+    """Map an HF LlamaForCausalLM config.json (transformers 4 or 5 layout) to ArchitectureConfig."""
+    if not isinstance(data, dict):
+        raise ModelError(f"{where}: expected a JSON object")
+    model_type = data.get("model_type")
+    if model_type != "llama":
+        raise ModelError(f"{where}: unsupported architecture: model_type {model_type!r} "
+                         f"(architectures {data.get('architectures')}); only Llama (model_type 'llama') is supported")
+    if data.get("hidden_act", "silu") != "silu":
+        raise ModelError(f"{where}: hidden_act {data['hidden_act']!r} is not supported (only 'silu')")
+    for bias in ("attention_bias", "mlp_bias"):
+        if data.get(bias):
+            raise ModelError(f"{where}: {bias}: true is not supported (Llama has no biases)")
+
+    def required(key: str) -> Any:
+        if key not in data:
+            raise ModelError(f"{where}: required key {key!r} is missing")
+        return data[key]
+
+    # transformers 5 writes rope_parameters (with rope_theta inside); older files have rope_theta + rope_scaling.
+    rope = data.get("rope_parameters") or data.get("rope_scaling") or {}
+    rope_theta = rope.get("rope_theta", data.get("rope_theta", 10000.0))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type == "default":
+        rope_scaling = None
+    elif rope_type == "llama3":
+        try:
+            rope_scaling = RopeScaling(factor=float(rope["factor"]),
+                                       low_freq_factor=float(rope["low_freq_factor"]),
+                                       high_freq_factor=float(rope["high_freq_factor"]),
+                                       original_max_position_embeddings=int(rope["original_max_position_embeddings"]))
+        except KeyError as error:
+            raise ModelError(f"{where}: llama3 rope scaling is missing {error}") from error
+    else:
+        raise ModelError(f"{where}: rope type {rope_type!r} is not supported (only default and llama3)")
+
+    eos = data.get("eos_token_id")
+    config = ArchitectureConfig(
+        vocab_size=required("vocab_size"),
+        hidden_size=required("hidden_size"),
+        intermediate_size=required("intermediate_size"),
+        num_layers=required("num_hidden_layers"),
+        num_heads=required("num_attention_heads"),
+        num_kv_heads=data.get("num_key_value_heads") or data["num_attention_heads"],
+        head_dim=data.get("head_dim"),
+        rope_theta=float(rope_theta),
+        rope_scaling=rope_scaling,
+        rms_norm_eps=float(data.get("rms_norm_eps", 1e-6)),
+        tie_word_embeddings=bool(data.get("tie_word_embeddings", False)),
+        max_position_embeddings=data.get("max_position_embeddings", 2048),
+        bos_token_id=data.get("bos_token_id"),
+        eos_token_ids=[] if eos is None else [eos] if isinstance(eos, int) else list(eos),
+    )
+    try:
+        config.validate(where)
+    except ConfigError as error:
+        raise ModelError(str(error)) from error
+    return config
+
+
+def config_to_hf(config: ArchitectureConfig) -> dict[str, Any]:
+    """config.json in the layout every transformers version reads (rope_theta + rope_scaling)."""
+    c = config
+    data: dict[str, Any] = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": c.vocab_size,
+        "hidden_size": c.hidden_size,
+        "intermediate_size": c.intermediate_size,
+        "num_hidden_layers": c.num_layers,
+        "num_attention_heads": c.num_heads,
+        "num_key_value_heads": c.num_kv_heads,
+        "head_dim": c.resolved_head_dim,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "rms_norm_eps": c.rms_norm_eps,
+        "rope_theta": c.rope_theta,
+        "rope_scaling": None,
+        "tie_word_embeddings": c.tie_word_embeddings,
+        "max_position_embeddings": c.max_position_embeddings,
+        "torch_dtype": "float32",
+    }
+    if c.rope_scaling is not None:
+        s = c.rope_scaling
+        data["rope_scaling"] = {"rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor,
+                                "high_freq_factor": s.high_freq_factor,
+                                "original_max_position_embeddings": s.original_max_position_embeddings}
+    if c.bos_token_id is not None:
+        data["bos_token_id"] = c.bos_token_id
+    if c.eos_token_ids:
+        data["eos_token_id"] = c.eos_token_ids[0] if len(c.eos_token_ids) == 1 else list(c.eos_token_ids)
+    return data
+
+
+# ---- safetensors reading ---------------------------------------------------------------------------------------
+
+
+class SafetensorsFile:
+    """One .safetensors file: the header is read (and checked against the file size) up front, tensors on demand."""
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, path: str, label: str):
+        self.fs, self.path, self.label = fs, path, label
+        size = fs.size(path)
+        if size < 8:
+            raise ModelError(f"{label}: truncated safetensors file ({size} bytes, no header)")
+        (header_len,) = struct.unpack("<Q", fs.cat_file(path, start=0, end=8))
+        if 8 + header_len > size:
+            raise ModelError(f"{label}: truncated safetensors file: header needs {8 + header_len} bytes, "
+                             f"the file has {size}")
+        try:
+            header = json.loads(fs.cat_file(path, start=8, end=8 + header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ModelError(f"{label}: not a safetensors file (bad header: {error})") from error
+        header.pop("__metadata__", None)
+        self.data_start = 8 + header_len
+        self.tensors: dict[str, dict[str, Any]] = header
+        for name, info in header.items():
+            end = info["data_offsets"][1]
+            if self.data_start + end > size:
+                raise ModelError(f"{label}: truncated safetensors file: tensor {name} ends at byte "
+                                 f"{self.data_start + end}, the file has {size} bytes")
+
+    def read(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        info = self.tensors[name]
+        if tuple(info["shape"]) != tuple(shape):
+            raise ModelError(f"{self.label}: tensor {name} has shape {list(info['shape'])}, "
+                             f"the config implies {list(shape)}")
+        dtype = SAFETENSORS_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise ModelError(f"{self.label}: tensor {name} has dtype {info['dtype']}, "
+                             f"supported: {', '.join(SAFETENSORS_DTYPES)}")
+        start, end = info["data_offsets"]
+        data = self.fs.cat_file(self.path, start=self.data_start + start, end=self.data_start + end)
+        return np.frombuffer(data, dtype).reshape(shape).astype(np.float32)
+
+
+def _weight_files(fs: fsspec.AbstractFileSystem, root: str, source: str) -> dict[str, SafetensorsFile]:
+    """Tensor name -> the file holding it: from the shard index if there is one, else every *.safetensors."""
+    index_path = posixpath.join(root, INDEX_FILE)
+    if fs.exists(index_path):
+        weight_map = _read_json(fs, index_path, f"{source}/{INDEX_FILE}").get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ModelError(f"{source}/{INDEX_FILE}: no weight_map")
+        file_names = sorted(set(weight_map.values()))
+    else:
+        file_names = sorted(posixpath.basename(p) for p in fs.glob(posixpath.join(root, "*.safetensors")))
+        if not file_names:
+            raise ModelError(f"{source}: missing weight file: no {WEIGHTS_FILE}, {INDEX_FILE} or *.safetensors")
+    files = {}
+    for file_name in file_names:
+        path = posixpath.join(root, file_name)
+        if not fs.exists(path):
+            raise ModelError(f"{source}/{file_name}: missing weight file (listed in {INDEX_FILE})")
+        files[file_name] = SafetensorsFile(fs, path, f"{source}/{file_name}")
+    return {name: file for file in files.values() for name in file.tensors}
+
+
+def _read_json(fs: fsspec.AbstractFileSystem, path: str, label: str) -> Any:
+    try:
+        return json.loads(fs.cat_file(path))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ModelError(f"{label}: not valid JSON: {error}") from error
+
+
+# ---- public entry points ---------------------------------------------------------------------------------------
+
+
+def is_hf_checkpoint(source: str) -> bool:
+    fs, root = fsspec.core.url_to_fs(source)
+    return fs.exists(posixpath.join(root, CONFIG_FILE))
+
+
+def load_hf_config(source: str) -> ArchitectureConfig:
+    fs, root = fsspec.core.url_to_fs(source)
+    path = posixpath.join(root, CONFIG_FILE)
+    if not fs.exists(path):
+        raise ModelError(f"{source}: not an HF checkpoint directory (no {CONFIG_FILE})")
+    return config_from_hf(_read_json(fs, path, f"{source}/{CONFIG_FILE}"), f"{source}/{CONFIG_FILE}")
+
+
+def load_hf_checkpoint(source: str) -> Llama:
+    """A Llama from an HF directory (local path or fsspec URL) with config.json and safetensors weights."""
+    config = load_hf_config(source)
+    fs, root = fsspec.core.url_to_fs(source)
+    files = _weight_files(fs, root, source)
+
+    def read(name: str, shape: tuple[int, ...]) -> np.ndarray:
+        if name not in files:
+            raise ModelError(f"{source}: tensor {name} is missing from the weight files "
+                             f"({', '.join(sorted({f.label for f in files.values()}))})")
+        return files[name].read(name, shape)
+
+    return llama_from_hf_tensors(config, read)
+
+
+def save_hf_checkpoint(model: Llama, destination: str) -> None:
+    """Write config.json + model.safetensors (float32) to a local directory or fsspec URL."""
+    fs, root = fsspec.core.url_to_fs(destination)
+    fs.makedirs(root, exist_ok=True)
+    # "format": "pt" is what transformers expects in the safetensors metadata.
+    blob = safetensors.numpy.save(llama_to_hf_tensors(model), metadata={"format": "pt"})
+    fs.pipe_file(posixpath.join(root, WEIGHTS_FILE), blob)
+    fs.pipe_file(posixpath.join(root, CONFIG_FILE), json.dumps(config_to_hf(model.config), indent=2).encode())
