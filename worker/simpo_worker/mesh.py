@@ -73,3 +73,9 @@ def host_rows(mesh: Mesh, microbatches: int, pairs_per_microbatch: int) -> slice
     if any(a[1] != b[0] for a, b in zip(covered, covered[1:])):
         raise ConfigError(f"trainer.mesh: this process's devices hold non-contiguous batch rows {covered}")
     return slice(start, stop)
+
+
+def place(arrays, shardings):
+    """Put host arrays (identical on every process) onto their global shardings; works across processes."""
+    return jax.tree.map(lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda index: np.asarray(x)[index]),
+                        arrays, shardings)

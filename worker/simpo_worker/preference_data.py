@@ -19,6 +19,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +28,8 @@ import numpy as np
 
 from simpo_worker.config import DataConfig
 from simpo_worker.errors import DataError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -44,8 +47,6 @@ class PreferenceBatch:
     tokens: np.ndarray
     loss_mask: np.ndarray
     lengths: np.ndarray
-    # Sequences whose prompt was cut from the left (overlength: truncate_prompt).
-    truncated: int
 
 
 def expand_patterns(patterns: list[str]) -> list[str]:
@@ -157,17 +158,15 @@ class PreferenceData:
         tokens = np.full((len(selected), 2, length), self._pad_id(), np.int32)
         loss_mask = np.zeros((len(selected), 2, length), np.float32)
         lengths = np.zeros((len(selected), 2), np.int32)
-        truncated = 0
         for i, row in enumerate(selected):
             pair = self.pairs[row]
             for j, answer in enumerate((pair.chosen, pair.rejected)):
-                ids, mask, was_cut = self.encode(pair, answer)
+                ids, mask = self.encode(pair, answer)
                 tokens[i, j, :len(ids)], loss_mask[i, j, :len(ids)], lengths[i, j] = ids, mask, len(ids)
-                truncated += was_cut
-        return PreferenceBatch(tokens=tokens, loss_mask=loss_mask, lengths=lengths, truncated=truncated)
+        return PreferenceBatch(tokens=tokens, loss_mask=loss_mask, lengths=lengths)
 
-    def encode(self, pair: PreferencePair, answer: str) -> tuple[list[int], list[float], bool]:
-        """Token ids of context + answer, the loss mask (1 on answer tokens), and whether the prompt was cut."""
+    def encode(self, pair: PreferencePair, answer: str) -> tuple[list[int], list[float]]:
+        """Token ids of context + answer and the loss mask (1 on answer tokens)."""
         template = self.tokenizer.apply_chat_template
         prompt_text = template(pair.context, add_generation_prompt=True)
         full_text = template(pair.context + [{"role": "assistant", "content": answer}])
@@ -176,7 +175,7 @@ class PreferenceData:
                             f"the answered conversation; cannot separate the response tokens")
         prompt_ids = self.tokenizer.encode(prompt_text, add_special_tokens=False)
         answer_ids = self.tokenizer.encode(full_text[len(prompt_text):], add_special_tokens=False)
-        limit, cut = self.config.max_seq_len, False
+        limit = self.config.max_seq_len
         if len(prompt_ids) + len(answer_ids) > limit:
             where = (f"{pair.source}: {len(prompt_ids)} prompt + {len(answer_ids)} response tokens exceed "
                      f"data.max_seq_len = {limit}")
@@ -185,9 +184,10 @@ class PreferenceData:
             # Keep the whole response and at least one prompt token to condition its first token on.
             if len(answer_ids) >= limit:
                 raise DataError(f"{where}: the response alone does not fit, even with the prompt truncated")
-            prompt_ids, cut = prompt_ids[len(prompt_ids) + len(answer_ids) - limit:], True
+            log.warning("%s (data.overlength: truncate_prompt): prompt cut from the left", where)
+            prompt_ids = prompt_ids[len(prompt_ids) + len(answer_ids) - limit:]
         ids = prompt_ids + answer_ids
-        return ids, [0.0] * len(prompt_ids) + [1.0] * len(answer_ids), cut
+        return ids, [0.0] * len(prompt_ids) + [1.0] * len(answer_ids)
 
     def _pad_id(self) -> int:
         pad = self.tokenizer.pad_token_id
