@@ -73,6 +73,8 @@ def append_line(url: str, record: dict[str, Any]) -> None:
 
 def exists(url: str) -> bool:
     fs, path = fsspec.core.url_to_fs(url)
+    # Other hosts write here too: a cached listing (gcsfs keeps one) would hide their files.
+    fs.invalidate_cache(path)
     return fs.exists(path)
 
 
