@@ -1,0 +1,164 @@
+"""Preference data: formats, rendering with SmolLM2's chat template, response-only loss mask, overlength policy,
+deterministic order and host sharding, bad input; and the project's generated preference set."""
+
+import gzip
+import json
+import re
+
+import fsspec
+import numpy as np
+import pytest
+
+from simpo_worker.config import DataConfig
+from simpo_worker.errors import DataError
+from simpo_worker.make_preference_data import generate, main as make_data
+from simpo_worker.preference_data import PreferenceData, read_pairs
+from simpo_worker.tokenizer import load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer("smollm2")
+
+
+def message_row(question, good, bad):
+    context = [{"role": "user", "content": question}]
+    return {"prompt": question, "chosen": context + [{"role": "assistant", "content": good}],
+            "rejected": context + [{"role": "assistant", "content": bad}]}
+
+
+def write_jsonl(path, rows, compress=False):
+    text = "".join(json.dumps(row) + "\n" for row in rows)
+    if compress:
+        path.write_bytes(gzip.compress(text.encode()))
+    else:
+        path.write_text(text)
+    return str(path)
+
+
+def open_data(tokenizer, patterns, batch_size=2, seed=0, **config):
+    return PreferenceData(DataConfig(train_files=patterns, **config), tokenizer, patterns, batch_size, seed)
+
+
+def test_message_lists_and_plain_strings_render_the_same(tmp_path, tokenizer):
+    write_jsonl(tmp_path / "a.jsonl", [message_row("What is 2 + 2?", "4.", "5.")])
+    write_jsonl(tmp_path / "b.jsonl.gz", [{"prompt": "What is 2 + 2?", "chosen": "4.", "rejected": "5."}],
+                compress=True)
+    data = open_data(tokenizer, [str(tmp_path / "*.jsonl*")])
+    assert len(data.pairs) == 2
+    first, second = (data.encode(pair, pair.chosen) for pair in data.pairs)
+    assert first == second
+
+
+def test_loss_mask_covers_exactly_the_response(tmp_path, tokenizer):
+    write_jsonl(tmp_path / "d.jsonl", [message_row("Convert 3 m to cm.", "3 m is 300 cm.", "3 m is 30 cm.")])
+    data = open_data(tokenizer, [str(tmp_path / "d.jsonl")], batch_size=1)
+    batch = data.batch(0, np.array([0]))
+    for j, answer in enumerate(["3 m is 300 cm.", "3 m is 30 cm."]):
+        length = batch.lengths[0, j]
+        ids, mask = batch.tokens[0, j], batch.loss_mask[0, j]
+        # The response is the answer and the end of the assistant turn (the model learns to stop).
+        assert tokenizer.decode(ids[mask == 1]) == answer + "<|im_end|>\n"
+        assert tokenizer.decode(ids[:length][mask[:length] == 0]).endswith("<|im_start|>assistant\n")
+        assert not mask[length:].any() and (ids[length:] == tokenizer.pad_token_id).all()
+    # The rendered whole is the chat template of the full conversation.
+    conversation = message_row("Convert 3 m to cm.", "3 m is 300 cm.", "")["chosen"]
+    assert tokenizer.decode(batch.tokens[0, 0, :batch.lengths[0, 0]]) == tokenizer.apply_chat_template(conversation)
+
+
+def test_overlength_error_names_file_and_line(tmp_path, tokenizer):
+    file = write_jsonl(tmp_path / "long.jsonl", [message_row("hi", "ok", "no"),
+                                                  message_row("word " * 200, "ok", "no")])
+    data = open_data(tokenizer, [file], batch_size=2, max_seq_len=64)
+    with pytest.raises(DataError, match=re.escape(f"{file}:2") + r": \d+ prompt \+ \d+ response tokens exceed "
+                                        r"data.max_seq_len = 64 \(data.overlength: error\)"):
+        data.batch(0, np.arange(2))
+
+
+def test_truncate_prompt_keeps_the_response(tmp_path, tokenizer):
+    file = write_jsonl(tmp_path / "long.jsonl", [message_row("word " * 200, "the answer is 7.", "it is 8.")])
+    data = open_data(tokenizer, [file], batch_size=1, max_seq_len=64, overlength="truncate_prompt")
+    batch = data.batch(0, np.array([0]))
+    assert batch.lengths[0].tolist() == [64, 64]
+    assert tokenizer.decode(batch.tokens[0, 0][batch.loss_mask[0, 0] == 1]) == "the answer is 7.<|im_end|>\n"
+    assert batch.loss_mask[0, 0, 0] == 0  # a prompt token stays to condition the response on
+
+
+def test_order_is_a_seeded_permutation_per_epoch(tmp_path, tokenizer):
+    rows = [{"prompt": f"q{i}", "chosen": "a", "rejected": "b"} for i in range(10)]
+    file = write_jsonl(tmp_path / "d.jsonl", rows)
+    data = open_data(tokenizer, [file], batch_size=4, seed=7)
+    order = np.concatenate([data.global_rows(k) for k in range(5)])  # 20 rows: two epochs
+    assert sorted(order[:10]) == list(range(10)) and sorted(order[10:]) == list(range(10))
+    assert not (order[:10] == order[10:]).all()  # each epoch its own shuffle
+    again = open_data(tokenizer, [file], batch_size=4, seed=7)
+    assert (again.global_rows(3) == data.global_rows(3)).all()  # position alone decides the batch
+    other = open_data(tokenizer, [file], batch_size=4, seed=8)
+    assert not (np.concatenate([other.global_rows(k) for k in range(3)]) == order[:12]).all()
+
+
+def test_a_host_reads_only_its_rows(tmp_path, tokenizer):
+    rows = [{"prompt": f"question number {i}", "chosen": f"yes {i}", "rejected": "no"} for i in range(8)]
+    file = write_jsonl(tmp_path / "d.jsonl", rows)
+    data = open_data(tokenizer, [file], batch_size=4)
+    full = data.batch(1, np.arange(4))
+    part = data.batch(1, np.array([2, 3]))
+    assert (part.tokens == full.tokens[2:]).all() and (part.loss_mask == full.loss_mask[2:]).all()
+
+
+def test_reads_through_fsspec_urls(tokenizer):
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/prefs/part-0.jsonl.gz", gzip.compress(json.dumps(message_row("a?", "b.", "c.")).encode()))
+    fs.pipe("/prefs/part-1.jsonl.gz", gzip.compress(json.dumps(message_row("d?", "e.", "f.")).encode()))
+    pairs = read_pairs(["memory://prefs/part-*.jsonl.gz"])
+    assert [pair.source for pair in pairs] == ["memory:///prefs/part-0.jsonl.gz:1", "memory:///prefs/part-1.jsonl.gz:1"]
+
+
+@pytest.mark.parametrize("line,problem", [
+    ('{"prompt": "q", "chosen": "a", "rejected": "b"', "not valid JSON"),
+    ('{"prompt": "q", "chosen": "a"}', "missing field `rejected`"),
+    ('{"prompt": "q", "chosen": "  ", "rejected": "b"}', "`chosen`: empty response"),
+    ('{"chosen": "a", "rejected": "b"}', "missing field `prompt`"),
+    ('{"prompt": "q", "chosen": [{"role": "user", "content": "q"}], "rejected": "b"}',
+     "the last message must be the assistant's answer"),
+    ('["q", "a", "b"]', "expected a JSON object"),
+])
+def test_bad_rows_name_file_and_line(tmp_path, line, problem):
+    file = tmp_path / "bad.jsonl"
+    file.write_text('{"prompt": "ok", "chosen": "a", "rejected": "b"}\n\n' + line + "\n")
+    with pytest.raises(DataError, match=re.escape(f"{file}:3: ") + ".*" + re.escape(problem)):
+        read_pairs([str(file)])
+
+
+def test_empty_glob_and_empty_files_are_errors(tmp_path):
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path}/none-*.jsonl: no preference data files match")):
+        read_pairs([f"{tmp_path}/none-*.jsonl"])
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(DataError, match="holds no rows"):
+        read_pairs([str(tmp_path / "empty.jsonl")])
+
+
+REAL_WORLD_FACTORS = {("meters", "centimeters"): 100, ("kilometers", "meters"): 1000, ("kilograms", "grams"): 1000,
+                      ("liters", "milliliters"): 1000, ("hours", "minutes"): 60, ("minutes", "seconds"): 60,
+                      ("days", "hours"): 24, ("feet", "inches"): 12, ("weeks", "days"): 7, ("yards", "feet"): 3}
+
+
+def test_generated_set_is_correct_and_splits_are_disjoint(tmp_path):
+    assert make_data([str(tmp_path), "--train", "200", "--eval", "40", "--seed", "3"]) == 0
+    train, held_out = (read_pairs([str(tmp_path / f"{split}.jsonl")]) for split in ("train", "eval"))
+    assert len(train) == 200 and len(held_out) == 40
+    assert not {p.context[-1]["content"] for p in train} & {p.context[-1]["content"] for p in held_out}
+    rows = [json.loads(line) for line in (tmp_path / "eval.jsonl").read_text().splitlines()]
+    assert {row["task"] for row in rows} == {"addition", "subtraction", "multiplication", "conversion"}
+    for row in rows:
+        question, chosen, rejected = row["prompt"], row["chosen"][-1]["content"], row["rejected"][-1]["content"]
+        if question.startswith("What is"):
+            expression = question[len("What is "):-1].replace("×", "*")
+            assert eval(expression) == row["answer"] == int(chosen.split("= ")[1].rstrip("."))
+            assert int(rejected.split("= ")[1].rstrip(".")) != row["answer"]
+        else:
+            small, n, big = re.fullmatch(r"How many (\w+) are in (\d+) (\w+)\?", question).groups()
+            assert int(n) * REAL_WORLD_FACTORS[big, small] == row["answer"]
+            assert int(chosen.split(" is ")[1].split()[0]) == row["answer"]
+            assert int(rejected.split(" is ")[1].split()[0]) != row["answer"]
+    assert generate(50, 10, 3) == generate(50, 10, 3)
