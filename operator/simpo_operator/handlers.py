@@ -5,6 +5,8 @@
   JobSet, and set the status. An invalid spec is reported as Failed/InvalidSpec and nothing is created.
 - JobSet events: recompute the phase of the owning job and patch its status subresource (never status.progress,
   which the worker leader writes), with a Kubernetes event on every transition.
+The phase fields are written from one place per situation, so two handlers never race on them: `reconcile` only
+for a spec it rejects (nothing is created then), `jobset_changed` from the JobSet's state otherwise.
 - ttlSecondsAfterFinished: the finished job is deleted; its children follow through owner references.
 No finalizers: deletion cascades through owner references.
 """
@@ -20,7 +22,7 @@ from typing import Any, Optional
 import kopf
 
 from simpo_operator import kube, render, status as state
-from simpo_operator.resource import FINISHED_PHASES, GROUP, KIND, PLURAL, VERSION, Job, validate_job
+from simpo_operator.resource import FINISHED_PHASES, GROUP, KIND, PLURAL, VERSION, validate_job
 from simpo_worker.errors import ConfigError
 
 
@@ -45,20 +47,15 @@ def _post_transition(job: dict[str, Any], phase: state.Phase) -> None:
                message=f"{phase.reason}: {phase.message}" if phase.message else phase.reason)
 
 
-def _apply(job: dict[str, Any], current: dict[str, Any], phase: state.Phase, jobset: Optional[dict[str, Any]],
-           extra: dict[str, Any]) -> Optional[dict[str, Any]]:
-    """The status patch for `phase` if anything changed (None otherwise), posting the transition event."""
-    restarts = (jobset or {}).get("status", {}).get("restarts")
-    restarts = restarts if restarts is not None else current.get("restarts", 0)
-    generation = job["metadata"].get("generation")
-    unchanged = (not state.is_transition(current, phase) and current.get("restarts") == restarts
-                 and current.get("observedGeneration") == generation
-                 and all(current.get(key) == value for key, value in extra.items()))
-    if unchanged:
+def _phase_patch(job: dict[str, Any], current: dict[str, Any], phase: state.Phase,
+                 restarts: Optional[int]) -> Optional[dict[str, Any]]:
+    """The status patch for `phase` if it changes anything (None otherwise), posting an event on a transition."""
+    if not state.is_transition(current, phase) and (restarts is None or current.get("restarts") == restarts):
         return None
     if state.is_transition(current, phase):
         _post_transition(job, phase)
-    return state.status_patch(current, phase, now=_now(), generation=generation, restarts=restarts, extra=extra)
+    return state.status_patch(current, phase, now=_now(), generation=job["metadata"].get("generation"),
+                              restarts=restarts)
 
 
 @kopf.on.resume(GROUP, VERSION, PLURAL)
@@ -69,20 +66,19 @@ def reconcile(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger, **_: A
     current = dict(resource.get("status") or {})
     if state.is_final(current):
         return  # a finished job is never run again, even if its JobSet is gone
+    generation = resource["metadata"].get("generation")
     try:
         job = validate_job(resource)
     except ConfigError as error:
         logger.warning(f"invalid spec: {error}")
-        phase = state.Phase("Failed", state.INVALID_SPEC, str(error))
-        patch.status.update(_apply(resource, current, phase, None, {}) or {})
+        _fail(resource, current, patch, state.Phase("Failed", state.INVALID_SPEC, str(error)))
         return
     configmap, jobset = render.render_configmap(job), render.render_jobset(job)
     try:
         existing_configmap, _ = kube.create_or_adopt(configmap, job.uid)
         jobset, created = kube.create_or_adopt(jobset, job.uid)
     except kube.ChildConflictError as error:
-        phase = state.Phase("Failed", state.CHILD_CONFLICT, str(error))
-        patch.status.update(_apply(resource, current, phase, None, {}) or {})
+        _fail(resource, current, patch, state.Phase("Failed", state.CHILD_CONFLICT, str(error)))
         return
     if not created:
         logger.info(f"adopted the existing JobSet {jobset['metadata']['name']}")
@@ -91,14 +87,16 @@ def reconcile(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger, **_: A
                       message="spec.config changed after the job was created; the running job keeps its "
                               "original config (create a new job to change it)")
     if bool(jobset.get("spec", {}).get("suspend")) != job.spec.suspend:
-        jobset = kube.set_jobset_suspend(job.namespace, jobset["metadata"]["name"], job.spec.suspend)
-    phase = state.phase_of(jobset, job.spec.suspend)
-    patch.status.update(_apply(resource, current, phase, jobset, _children(job)) or {})
+        kube.set_jobset_suspend(job.namespace, jobset["metadata"]["name"], job.spec.suspend)
+    # The phase follows from the JobSet's events (jobset_changed); here only what this handler knows.
+    children = {"jobSetName": render.jobset_name(job.name), "outputDir": job.spec.config.output_dir,
+                "hosts": job.num_processes, "observedGeneration": generation}
+    patch.status.update({key: value for key, value in children.items() if current.get(key) != value})
 
 
-def _children(job: Job) -> dict[str, Any]:
-    return {"jobSetName": render.jobset_name(job.name), "outputDir": job.spec.config.output_dir,
-            "hosts": job.num_processes}
+def _fail(resource: dict[str, Any], current: dict[str, Any], patch: kopf.Patch, phase: state.Phase) -> None:
+    patch.status.update(_phase_patch(resource, current, phase, None) or {})
+    patch.status["observedGeneration"] = resource["metadata"].get("generation")
 
 
 @kopf.on.event(kube.JOBSET_GROUP, kube.JOBSET_VERSION, kube.JOBSET_PLURAL, labels={render.JOB_LABEL: kopf.PRESENT})
@@ -115,10 +113,10 @@ def jobset_changed(body: kopf.Body, type: Optional[str], logger: logging.Logger,
     if job is None or job["metadata"].get("uid") != owner["uid"]:
         return  # its job is gone; garbage collection removes this JobSet
     current = job.get("status") or {}
-    if state.is_final(current) or current.get("reason") == state.CHILD_CONFLICT:
+    if state.is_final(current):
         return
     phase = state.phase_of(jobset, bool(job.get("spec", {}).get("suspend")))
-    patch = _apply(job, current, phase, jobset, {})
+    patch = _phase_patch(job, current, phase, jobset.get("status", {}).get("restarts") or 0)
     if patch is not None:
         logger.info(f"{KIND} {owner['name']}: {current.get('phase')} -> {phase.phase} ({phase.reason})")
         kube.patch_job_status(namespace, owner["name"], patch)

@@ -1,6 +1,6 @@
 """The status state machine: the JobSet's state -> the SimpoInterleaveJob's phase, conditions and times. Pure.
 
-    Pending     accepted; the JobSet is being created or its pods are not all ready yet (first attempt)
+    Pending     the JobSet exists; its worker pods are not all ready yet (first attempt, or after a resume)
     Running     every worker pod of every slice is ready
     Restarting  the JobSet restarted every pod after a retryable failure; the new attempt is not all ready yet
     Suspended   spec.suspend is true (the JobSet and its pods are suspended)
@@ -37,10 +37,8 @@ def _condition(jobset: dict[str, Any], kind: str) -> Optional[dict[str, Any]]:
     return None
 
 
-def phase_of(jobset: Optional[dict[str, Any]], suspend: bool) -> Phase:
-    """The phase a JobSet (None: not created yet) stands for."""
-    if jobset is None:
-        return Phase("Pending", "Creating", "creating the JobSet")
+def phase_of(jobset: dict[str, Any], suspend: bool) -> Phase:
+    """The phase a JobSet stands for; `suspend` is the job's spec.suspend (the JobSet may lag behind it)."""
     for kind, phase in (("Completed", "Succeeded"), ("Failed", "Failed")):
         condition = _condition(jobset, kind)
         if condition is not None:
@@ -67,10 +65,9 @@ def is_final(status: dict[str, Any]) -> bool:
 
 
 def status_patch(current: dict[str, Any], new: Phase, *, now: str, generation: Optional[int],
-                 restarts: Optional[int] = None, extra: Optional[dict[str, Any]] = None) -> dict[str, Any]:
-    """The status fields to merge-patch for `new`; `current` is the resource's status now. Never `progress`."""
-    patch: dict[str, Any] = {"phase": new.phase, "reason": new.reason, "message": new.message,
-                             "observedGeneration": generation, **(extra or {})}
+                 restarts: Optional[int] = None) -> dict[str, Any]:
+    """The phase fields to merge-patch for `new`; `current` is the resource's status now. Never `progress`."""
+    patch: dict[str, Any] = {"phase": new.phase, "reason": new.reason, "message": new.message}
     if restarts is not None:
         patch["restarts"] = restarts
     if new.phase == "Running" and not current.get("startTime"):

@@ -1,0 +1,207 @@
+"""The kopf handlers, run by kopf's own KopfRunner against an API server (see conftest.kubeconfig).
+
+The test plays the user (creating and editing jobs) and the JobSet controller (writing JobSet status); the
+operator does the rest through the API, exactly as in a cluster.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import Counter
+
+import pytest
+from kopf.testing import KopfRunner
+
+from conftest import make_job, wait_for
+from simpo_operator import render
+from simpo_operator.resource import PHASES, validate_job
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@contextlib.contextmanager
+def operator(namespace: str):
+    args = ["run", "--standalone", "--namespace", namespace, "-m", "simpo_operator.handlers"]
+    with KopfRunner(args, timeout=30) as runner:
+        yield runner
+    assert runner.exit_code == 0, runner.output
+    assert runner.exception is None
+
+
+def phase_is(kube, name, phase, reason=None):
+    def check():
+        status = (kube.job(name) or {}).get("status") or {}
+        return status if status.get("phase") == phase and (reason is None or status.get("reason") == reason) else None
+    return wait_for(check, f"{name} phase {phase} {reason or ''}")
+
+
+def ready(jobset, slices=1, restarts=0):
+    return {"restarts": restarts, "replicatedJobsStatus": [
+        {"name": render.REPLICATED_JOB, "ready": slices, "active": slices, "succeeded": 0, "failed": 0,
+         "suspended": 0}]}
+
+
+def condition(kind, reason, message=""):
+    return {"type": kind, "status": "True", "reason": reason, "message": message,
+            "lastTransitionTime": "2030-01-01T00:00:00Z"}
+
+
+def test_create_renders_owned_children_and_walks_every_transition_to_succeeded(kube_client):
+    kube = kube_client
+    with operator(kube.namespace):
+        job = kube.create_job(make_job("walk", hosts=3))
+        status = phase_is(kube, "walk", "Pending", "WaitingForPods")
+        jobset = kube.jobset("walk")
+        [configmap] = [cm for cm in kube.configmaps() if cm["metadata"]["name"] == "walk-config"]
+        for child in (jobset, configmap):
+            [owner] = child["metadata"]["ownerReferences"]
+            assert (owner["uid"], owner["kind"], owner["controller"]) == (job["metadata"]["uid"], "SimpoInterleaveJob",
+                                                                           True)
+        # What the operator created is exactly what `render` prints for this resource.
+        expected = render.render_jobset(validate_job(kube.job("walk")))
+        assert jobset["spec"] == expected["spec"]
+        assert status["jobSetName"] == "walk" and status["hosts"] == 3 and status["outputDir"] == "/tmp/out"
+        assert status["observedGeneration"] == 1
+
+        kube.set_jobset_status("walk", ready(jobset))
+        status = phase_is(kube, "walk", "Running", "AllHostsReady")
+        started = status["startTime"]
+        kube.set_jobset_status("walk", {"restarts": 1, "replicatedJobsStatus": [
+            {"name": "worker", "ready": 0, "active": 1, "succeeded": 0, "failed": 0, "suspended": 0}]})
+        status = phase_is(kube, "walk", "Restarting", "JobSetRestarted")
+        assert status["restarts"] == 1
+        kube.set_jobset_status("walk", ready(jobset, restarts=1))
+        status = phase_is(kube, "walk", "Running")
+        assert status["startTime"] == started, "startTime is the first start, not the latest"
+        kube.set_jobset_status("walk", {"conditions": [condition("Completed", "AllJobsCompleted")]})
+        status = phase_is(kube, "walk", "Succeeded", "AllJobsCompleted")
+        assert status["completionTime"]
+        conditions = {c["type"]: c["status"] for c in status["conditions"]}
+        assert conditions == {"Pending": "False", "Running": "False", "Restarting": "False", "Succeeded": "True"}
+        # One event per transition (the API lists them in name order, so compare counts).
+        events = wait_for(lambda: (lambda found: found if len(found) >= 5 else None)(
+            [e for e in kube.events("walk") if e["reason"] in PHASES]), "transition events")
+        assert Counter(e["reason"] for e in events) == {"Pending": 1, "Running": 2, "Restarting": 1, "Succeeded": 1}
+        assert {e["type"] for e in events if e["reason"] == "Restarting"} == {"Warning"}
+        # Terminal: later JobSet changes do not move it.
+        kube.set_jobset_status("walk", {"conditions": [condition("Failed", "FailedJobs")]})
+        time.sleep(1.0)
+        assert kube.job("walk")["status"]["phase"] == "Succeeded"
+
+
+def test_jobset_failure_reports_failed_with_the_jobset_reason(kube_client):
+    kube = kube_client
+    with operator(kube.namespace):
+        kube.create_job(make_job("fails"))
+        phase_is(kube, "fails", "Pending")
+        kube.set_jobset_status("fails", {"restarts": 3, "conditions": [
+            condition("Failed", "ReachedMaxRestarts", "jobset failed: reached max restarts")]})
+        status = phase_is(kube, "fails", "Failed", "ReachedMaxRestarts")
+        assert "max restarts" in status["message"] and status["completionTime"]
+        assert any(e["reason"] == "Failed" and e["type"] == "Warning" for e in kube.events("fails"))
+
+
+def test_suspend_and_resume_reach_the_jobset(kube_client):
+    kube = kube_client
+    with operator(kube.namespace):
+        kube.create_job(make_job("pause", suspend=True))
+        phase_is(kube, "pause", "Suspended")
+        assert kube.jobset("pause")["spec"]["suspend"] is True
+        kube.patch_job_spec("pause", {"suspend": False})
+        wait_for(lambda: kube.jobset("pause")["spec"]["suspend"] is False, "JobSet resumed")
+        phase_is(kube, "pause", "Pending")
+        kube.set_jobset_status("pause", ready(kube.jobset("pause")))
+        phase_is(kube, "pause", "Running")
+        kube.patch_job_spec("pause", {"suspend": True})
+        wait_for(lambda: kube.jobset("pause")["spec"]["suspend"] is True, "JobSet suspended")
+        status = phase_is(kube, "pause", "Suspended")
+        assert status["observedGeneration"] == 3
+
+
+def test_invalid_config_is_failed_without_children_and_a_fixed_spec_revives_it(kube_client):
+    kube = kube_client
+    with operator(kube.namespace):
+        bad = make_job("bad")
+        bad["spec"]["config"]["trainer"]["batch_size"] = 6
+        bad["spec"]["config"]["trainer"]["microbatches"] = 4
+        kube.create_job(bad)
+        status = phase_is(kube, "bad", "Failed", "InvalidSpec")
+        assert status["message"] == "spec.config.trainer.microbatches: must divide batch_size (6), got 4"
+        # A good job next to it is served: the bad one neither crashed nor blocked the operator.
+        kube.create_job(make_job("good"))
+        phase_is(kube, "good", "Pending")
+        assert kube.jobset("bad") is None and "bad-config" not in [c["metadata"]["name"] for c in kube.configmaps()]
+        # No loop: the failed resource stays still.
+        version = kube.job("bad")["metadata"]["resourceVersion"]
+        time.sleep(1.5)
+        assert kube.job("bad")["metadata"]["resourceVersion"] == version
+        kube.patch_job_spec("bad", {"config": {"trainer": {"microbatches": 2}}})
+        phase_is(kube, "bad", "Pending")
+        assert kube.jobset("bad") is not None
+
+
+def test_bad_tpu_shape_names_the_field_and_the_valid_choices(kube_client):
+    kube = kube_client
+    with operator(kube.namespace):
+        job = make_job("shape")
+        del job["spec"]["hosts"]
+        job["spec"]["tpu"] = {"type": "v5p-48"}
+        kube.create_job(job)
+        status = phase_is(kube, "shape", "Failed", "InvalidSpec")
+        assert status["message"].startswith("spec.tpu.type: unknown TPU type 'v5p-48'; valid types: ")
+        assert "v5p-32" in status["message"]
+
+
+def test_adopts_children_after_an_operator_restart_without_duplicates(kube_client):
+    kube = kube_client
+    # The operator died after creating the children but before recording anything: they exist, owned.
+    job = kube.create_job(make_job("adopt"))
+    for child in render.render_job(job):
+        (kube.create_configmap if child["kind"] == "ConfigMap" else kube.create_jobset)(child)
+    kube.set_jobset_status("adopt", ready(kube.jobset("adopt")))
+    uid = kube.jobset("adopt")["metadata"]["uid"]
+    with operator(kube.namespace):
+        phase_is(kube, "adopt", "Running")
+    # A second operator run (a restart) changes nothing.
+    version = kube.job("adopt")["metadata"]["resourceVersion"]
+    with operator(kube.namespace):
+        time.sleep(2.0)
+    assert [js["metadata"]["uid"] for js in kube.jobsets()] == [uid]
+    assert len(kube.configmaps()) == 1
+    assert kube.job("adopt")["status"]["phase"] == "Running"
+    assert kube.job("adopt")["metadata"]["resourceVersion"] == version
+
+
+def test_a_child_name_taken_by_another_object_is_a_conflict(kube_client):
+    kube = kube_client
+    foreign = render.render_jobset(validate_job(make_job("taken", namespace=kube.namespace)))
+    kube.create_jobset(foreign)
+    with operator(kube.namespace):
+        kube.create_job(make_job("taken"))
+        status = phase_is(kube, "taken", "Failed", "ChildConflict")
+        assert "JobSet" in status["message"] and "not owned" in status["message"]
+    assert len(kube.jobsets()) == 1
+
+
+def test_worker_progress_is_never_overwritten(kube_client):
+    kube = kube_client
+    with operator(kube.namespace):
+        kube.create_job(make_job("progress"))
+        phase_is(kube, "progress", "Pending")
+        progress = {"stage": "infer", "step": 2, "totalSteps": 7, "promptsDone": 64, "promptsTotal": 128,
+                    "tokens": 131072}
+        kube.patch_job_status("progress", {"progress": progress})
+        kube.set_jobset_status("progress", ready(kube.jobset("progress")))
+        status = phase_is(kube, "progress", "Running")
+        assert status["progress"] == progress
+
+
+def test_ttl_deletes_a_finished_job_and_its_children(kube_client):
+    kube = kube_client
+    with operator(kube.namespace):
+        kube.create_job(make_job("short", ttlSecondsAfterFinished=0))
+        phase_is(kube, "short", "Pending")
+        kube.set_jobset_status("short", {"conditions": [condition("Completed", "AllJobsCompleted")]})
+        wait_for(lambda: kube.job("short") is None, "the finished job deleted")
+        wait_for(lambda: kube.jobset("short") is None and not kube.configmaps(), "children garbage-collected")
