@@ -1,0 +1,133 @@
+"""Our Llama's logits against HF transformers' LlamaForCausalLM (goldens from tests/goldens/make_model_goldens.py),
+for a random tiny Llama and for SmolLM2-135M-Instruct loaded from the wheel's GGUF; and KV-cache decoding against
+the full forward."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from model_goldens import TINY_LLAMA_DIR, load_model_golden
+from simpo_worker.hf_checkpoint import llama_to_hf_tensors, load_hf_checkpoint
+from simpo_worker.model import KVCache
+from simpo_worker.pretrained import load_pretrained
+
+# Max abs logit difference allowed, relative to the largest |logit| of the reference (f32 on both sides).
+RELATIVE_TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_hf_checkpoint(str(TINY_LLAMA_DIR))
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return load_pretrained("smollm2")
+
+
+def forward_padded(model, tokens: np.ndarray, first_positions: np.ndarray) -> np.ndarray:
+    """One batched forward of right-padded rows; padding takes the positions after each row's real tokens,
+    where the causal mask hides it from them."""
+    positions = first_positions[:, None] + np.arange(tokens.shape[1])[None]
+    logits, _ = jax.jit(model.__call__)(jnp.asarray(tokens), jnp.asarray(positions))
+    return np.asarray(logits)
+
+
+def test_missing_golden_is_a_failure_not_a_skip():
+    with pytest.raises(pytest.fail.Exception, match="missing golden"):
+        load_model_golden("no_such_golden.npz")
+
+
+def test_tiny_llama_logits_match_transformers(tiny):
+    golden = load_model_golden("tiny_llama.npz")
+    lengths = golden["lengths"]
+    assert len(set(lengths)) > 3 and golden["positions"][:, 0].max() > 0, "goldens must vary length and position"
+    ours = forward_padded(tiny, golden["tokens"], golden["positions"][:, 0])
+    scale = max(np.abs(golden["logits"][i, :n]).max() for i, n in enumerate(lengths))
+    for i, n in enumerate(lengths):
+        diff = np.abs(ours[i, :n] - golden["logits"][i, :n]).max()
+        assert diff < RELATIVE_TOLERANCE * scale, f"sequence {i} (length {n}): max |diff| {diff:.3g}, scale {scale:.3g}"
+
+
+def test_smollm2_logits_match_transformers(smollm2):
+    golden = load_model_golden("smollm2.npz")
+    lengths = golden["lengths"]
+    ours = forward_padded(smollm2, golden["tokens"], np.zeros(len(lengths), np.int64)).astype(np.float64)
+    tolerance = RELATIVE_TOLERANCE * np.abs(golden["last_logits"]).max()
+    assert tolerance > 1e-3, "SmolLM2's logits are O(10): the goldens look wrong"
+    for i, n in enumerate(lengths):
+        rows = ours[i, :n]
+        checks = {
+            "full last-token row": np.abs(rows[-1] - golden["last_logits"][i]).max(),
+            "sampled columns": np.abs(rows[:, golden["columns"]] - golden["logits_columns"][i, :n]).max(),
+            "row max": np.abs(rows.max(-1) - golden["max"][i, :n]).max(),
+            "row logsumexp": np.abs(jax.nn.logsumexp(rows, -1) - golden["logsumexp"][i, :n]).max(),
+            # Near-ties may flip the argmax itself; HF's choice must be a top logit of ours within tolerance.
+            "HF argmax vs our max": np.abs(rows.max(-1) - rows[np.arange(n), golden["argmax"][i, :n]]).max(),
+        }
+        for what, diff in checks.items():
+            assert diff < tolerance, f"sequence {i} (length {n}), {what}: max |diff| {diff:.3g} > {tolerance:.3g}"
+
+
+def test_smollm2_gguf_weights_equal_transformers_dequantized_weights(smollm2):
+    golden = load_model_golden("smollm2.npz")
+    ours = llama_to_hf_tensors(smollm2)
+    assert sorted(ours) == sorted(golden["weight_names"])
+    # Raw q/k rows first: a wrong un-permutation shows here as a clear diff, not just a hash mismatch.
+    for layer in (0, 29):
+        for kind in ("q", "k"):
+            expected = golden[f"rows_{kind}_{layer}"]
+            actual = ours[f"model.layers.{layer}.self_attn.{kind}_proj.weight"][:len(expected)]
+            np.testing.assert_array_equal(actual, expected, err_msg=f"layer {layer} {kind}_proj")
+    mismatched = [name for name, digest in zip(golden["weight_names"], golden["weight_sha256"])
+                  if hashlib.sha256(ours[name].tobytes()).hexdigest() != digest]
+    assert not mismatched, f"weights differ from transformers' dequantization: {mismatched[:5]}"
+
+
+def test_smollm2_config_matches_transformers(smollm2):
+    hf = json.loads(str(load_model_golden("smollm2.npz")["hf_config"]))
+    c = smollm2.config
+    assert (c.vocab_size, c.hidden_size, c.intermediate_size, c.num_layers, c.num_heads, c.num_kv_heads) == (
+        hf["vocab_size"], hf["hidden_size"], hf["intermediate_size"], hf["num_hidden_layers"],
+        hf["num_attention_heads"], hf["num_key_value_heads"])
+    assert c.resolved_head_dim == hf["head_dim"]
+    assert c.rope_theta == hf["rope_parameters"]["rope_theta"] and c.rope_scaling is None
+    assert c.rms_norm_eps == hf["rms_norm_eps"] and c.tie_word_embeddings == hf["tie_word_embeddings"]
+    assert (c.bos_token_id, c.eos_token_ids) == (hf["bos_token_id"], [hf["eos_token_id"]])
+
+
+def test_prefill_then_decode_through_the_kv_cache_equals_the_full_forward(tiny):
+    """Two prompts of different lengths, right-padded into one prefill, then decoded one token per step."""
+    rng = np.random.default_rng(0)
+    total, prompt_lengths = 12, (5, 3)
+    sequences = rng.integers(0, tiny.config.vocab_size, (2, total))
+    full, _ = tiny(jnp.asarray(sequences), jnp.broadcast_to(jnp.arange(total), (2, total)))
+
+    prefill_len = max(prompt_lengths)
+    prefill = sequences[:, :prefill_len].copy()
+    prefill[1, prompt_lengths[1]:] = 7  # padding garbage; overwritten in the cache before any query sees it
+    cache = KVCache.zeros(tiny.config, batch=2, length=total)
+    step = jax.jit(tiny.__call__)
+    logits, cache = step(jnp.asarray(prefill), jnp.broadcast_to(jnp.arange(prefill_len), (2, prefill_len)), cache)
+    got = {(b, p): logits[b, p] for b in range(2) for p in range(prompt_lengths[b])}
+
+    next_position = np.array(prompt_lengths)
+    while next_position.min() < total:
+        positions = np.minimum(next_position, total - 1)  # a finished row re-decodes its last token harmlessly
+        tokens = sequences[np.arange(2), positions]
+        logits, cache = step(jnp.asarray(tokens[:, None]), jnp.asarray(positions[:, None]), cache)
+        for b in range(2):
+            got[(b, int(positions[b]))] = logits[b, 0]
+        next_position += 1
+
+    scale = float(jnp.abs(full).max())
+    for (b, p), row in got.items():
+        diff = float(jnp.abs(row - full[b, p]).max())
+        assert diff < 1e-5 * scale, f"row {b} position {p}: max |diff| {diff:.3g} vs full forward"
+    assert len(got) == 2 * total
