@@ -34,6 +34,8 @@ RULES: dict[tuple[str, ...], list[dict[str, str]]] = {
          "message": "set either spec.tpu (a TPU slice) or spec.hosts (a CPU/GPU pool), not both"},
         {"rule": "has(self.tpu) == has(oldSelf.tpu) && has(self.hosts) == has(oldSelf.hosts)",
          "message": "spec.tpu and spec.hosts cannot be added or removed after creation"},
+        {"rule": "has(self.outputDir) || has(self.config.output_dir)",
+         "message": "set spec.outputDir or spec.config.output_dir"},
     ],
     ("spec", "tpu"): [
         {"rule": "has(self.type) != (has(self.accelerator) || has(self.topology))",
@@ -114,6 +116,9 @@ def status_schema() -> dict[str, Any]:
 
 def build_crd() -> dict[str, Any]:
     spec_schema = schema_for(r.JobSpec, ("spec",))
+    # spec.outputDir stands in for the worker config's output_dir (a rule above requires one of them).
+    config_schema = spec_schema["properties"]["config"]
+    config_schema["required"] = [name for name in config_schema["required"] if name != "output_dir"]
     top = {
         "type": "object",
         "required": ["spec"],

@@ -1,0 +1,105 @@
+"""Bad SimpoInterleaveJobs: each rejected field gives a ConfigError naming the field and what is allowed."""
+
+import pytest
+
+from conftest import make_job
+from simpo_operator.resource import load_job, validate_job
+from simpo_worker.errors import ConfigError
+
+
+def tpu_job(**tpu_spec):
+    job = make_job()
+    del job["spec"]["hosts"]
+    job["spec"]["tpu"] = tpu_spec
+    return job
+
+
+def with_config(**changes):
+    job = make_job()
+    for dotted, value in changes.items():
+        section, key = dotted.split("__")
+        job["spec"]["config"][section][key] = value
+    return job
+
+
+CASES = [
+    (tpu_job(type="v5p-30"), r"^spec\.tpu\.type: unknown TPU type 'v5p-30'; valid types: v4-8, .*v5p-32"),
+    (tpu_job(accelerator="tpu-v5p-slice", topology="3x3x3"),
+     r"^spec\.tpu\.topology: '3x3x3' is not a v5p slice topology; valid topologies: 2x2x1, 2x2x2, 2x2x4"),
+    (tpu_job(accelerator="tpu-v9", topology="2x2"), r"^spec\.tpu\.accelerator: unknown TPU accelerator 'tpu-v9'"),
+    (tpu_job(type="v5p-32", topology="2x2x4"), r"^spec\.tpu: set either `type` or `accelerator` \+ `topology`"),
+    (tpu_job(accelerator="tpu-v5p-slice"), r"^spec\.tpu: set `type` \(e\.g\. v5p-32\) or both"),
+    (tpu_job(type="v5p-32", slices=0), r"^spec\.tpu\.slices: must be >= 1, got 0"),
+    (tpu_job(type="v5p-32", chips=4), r"^spec\.tpu\.chips: unknown key \(allowed: accelerator, slices, topology, type\)"),
+    ({**make_job(), "spec": {**make_job()["spec"], "tpu": {"type": "v5p-32"}}},
+     r"^spec: set either `tpu` \(a TPU slice\) or `hosts` \(a CPU/GPU pool\), not both"),
+    (make_job(hosts=0), r"^spec\.hosts: must be >= 1, got 0"),
+    (make_job(hosts="2"), r"^spec\.hosts: expected an integer, got a string '2'"),
+    (make_job(suspend="yes"), r"^spec\.suspend: expected true or false, got a string 'yes'"),
+    (make_job(maxRestarts=-1), r"^spec\.maxRestarts: must be >= 0, got -1"),
+    (make_job(ttlSecondsAfterFinished=-5), r"^spec\.ttlSecondsAfterFinished: must be >= 0, got -5"),
+    (make_job(image=" "), r"^spec\.image: must not be empty"),
+    (make_job(replicas=3), r"^spec\.replicas: unknown key \(allowed: config, hosts, image, maxRestarts, outputDir, "),
+    (make_job(resources={"limits": {"gpu": "1"}}), r"^spec\.resources\.limits\.gpu: unknown key \(allowed: cpu, memory\)"),
+    (with_config(trainer__batch_size=0), r"^spec\.config\.trainer\.batch_size: must be > 0, got 0"),
+    (with_config(inference__mode="everywhere"),
+     r"^spec\.config\.inference\.mode: must be one of host_data_parallel, global_mesh; got 'everywhere'"),
+    (with_config(trainer__learning_rate=1.0), r"^spec\.config\.trainer\.learning_rate: unknown key"),
+    (with_config(inference__eval_at_steps=[9]),
+     r"^spec\.config\.inference\.eval_at_steps: step 9 is beyond the run \(trainer\.num_train_steps = 3\)"),
+]
+
+
+@pytest.mark.parametrize("job, message", CASES, ids=[m.split(":")[0].strip("^\\").replace("\\", "") + f"-{i}"
+                                                     for i, (_, m) in enumerate(CASES)])
+def test_rejected_with_the_field_and_the_allowed_values(job, message):
+    with pytest.raises(ConfigError, match=message):
+        validate_job(job)
+
+
+def test_missing_pieces_are_named():
+    job = make_job()
+    del job["spec"]["config"]
+    with pytest.raises(ConfigError, match=r"^spec\.config: required key is missing"):
+        validate_job(job)
+    job = make_job()
+    del job["spec"]["image"]
+    with pytest.raises(ConfigError, match=r"^spec\.image: required key is missing"):
+        validate_job(job)
+    with pytest.raises(ConfigError, match=r"^spec: expected a mapping"):
+        validate_job({**make_job(), "spec": None})
+    with pytest.raises(ConfigError, match=r"^apiVersion/kind: expected simpo\.dev/v1alpha1 SimpoInterleaveJob"):
+        validate_job({**make_job(), "kind": "Job"})
+
+
+def test_output_dir_may_come_from_the_spec_alone():
+    job = make_job(outputDir="gs://bucket/x")
+    del job["spec"]["config"]["output_dir"]
+    assert validate_job(job).spec.config.output_dir == "gs://bucket/x"
+    del job["spec"]["outputDir"]
+    with pytest.raises(ConfigError, match=r"^spec\.config\.output_dir: required key is missing"):
+        validate_job(job)
+
+
+def test_names_too_long_for_pod_hostnames_are_rejected():
+    with pytest.raises(ConfigError, match=r"^metadata\.name: at most 40 characters"):
+        validate_job(make_job("x" * 41))
+    assert validate_job(make_job("x" * 40)).name == "x" * 40
+
+
+def test_defaults():
+    job = validate_job(make_job())
+    assert (job.namespace, job.hosts_per_slice, job.slices, job.shape) == ("jobs", 2, 1, None)
+    assert (job.spec.maxRestarts, job.spec.serviceAccountName, job.spec.suspend) == (3, "simpo-worker", False)
+    bare = make_job()
+    del bare["spec"]["hosts"], bare["metadata"]["namespace"]
+    assert (validate_job(bare).hosts_per_slice, validate_job(bare).namespace) == (1, "default")
+
+
+def test_load_job_names_the_file(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("spec: [unclosed")
+    with pytest.raises(ConfigError, match=f"^{path}: not valid YAML"):
+        load_job(str(path))
+    with pytest.raises(ConfigError, match="cannot read job"):
+        load_job(str(tmp_path / "missing.yaml"))
