@@ -127,7 +127,9 @@ def open_gguf(path: str, label: str) -> GGUFReader:
         return GGUFReader(path)
     # The reader fails with ValueError (bad magic, or a tensor's data cut short) or IndexError (metadata cut short).
     except (ValueError, IndexError) as error:
-        raise ModelError(f"{label}: not a readable GGUF file (truncated or corrupt): {error}") from error
+        size = Path(path).stat().st_size
+        raise ModelError(f"{label}: not a readable GGUF file (truncated or corrupt; {size} bytes): the gguf reader "
+                         f"failed with: {error}") from error
 
 
 def llama_from_gguf_reader(reader: GGUFReader, where: str) -> Llama:
@@ -144,7 +146,7 @@ def llama_from_gguf_reader(reader: GGUFReader, where: str) -> Llama:
         tensor = tensors[name]
         gguf_shape = tuple(int(n) for n in reversed(tensor.shape))
         if gguf_shape != shape:
-            raise ModelError(f"{where}: tensor {name} has shape {list(tensor.shape)} (GGUF order), the metadata "
+            raise ModelError(f"{where}: tensor {name} has shape {list(reversed(gguf_shape))} (GGUF order), the metadata "
                              f"implies {list(reversed(shape))}")
         weight = dequantize_tensor(tensor, where).reshape(shape)
         if name in q_names:

@@ -157,14 +157,19 @@ def config_from_hf(data: Any, where: str) -> ArchitectureConfig:
         raise ModelError(f"{where}: rope type {rope_type!r} is not supported (only default and llama3)")
 
     eos = data.get("eos_token_id")
+    heads = required("num_attention_heads")
+    # head_dim None means hidden_size // num_heads, as HF; keeps a save/load round trip equal.
+    head_dim = data.get("head_dim")
+    if head_dim == required("hidden_size") // heads:
+        head_dim = None
     config = ArchitectureConfig(
         vocab_size=required("vocab_size"),
         hidden_size=required("hidden_size"),
         intermediate_size=required("intermediate_size"),
         num_layers=required("num_hidden_layers"),
-        num_heads=required("num_attention_heads"),
-        num_kv_heads=data.get("num_key_value_heads") or data["num_attention_heads"],
-        head_dim=data.get("head_dim"),
+        num_heads=heads,
+        num_kv_heads=data.get("num_key_value_heads") or heads,
+        head_dim=head_dim,
         rope_theta=float(rope_theta),
         rope_scaling=rope_scaling,
         rms_norm_eps=float(data.get("rms_norm_eps", 1e-6)),
