@@ -164,3 +164,14 @@ def test_render_command_reports_bad_input_with_the_config_exit_code(tmp_path, ca
     path.write_text(yaml.safe_dump(bad))
     assert main(["render", str(path)]) == 10
     assert "spec: set either `tpu` (a TPU slice) or `hosts` (a CPU/GPU pool), not both" in capsys.readouterr().err
+
+
+def test_rendering_and_the_env_contract_need_neither_kopf_nor_kubernetes():
+    """The worker image and the local runner import these; kopf and the kubernetes client are operator-only."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import simpo_operator.render, simpo_operator.pod_env, simpo_operator.crd, "
+            "simpo_operator.status; print(sorted(m for m in ('kopf', 'kubernetes', 'jax') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
