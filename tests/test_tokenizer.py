@@ -96,7 +96,11 @@ def test_smollm2_special_tokens(gguf_tok, hf_tok):
         assert tok.add_bos is False
 
 
-@pytest.mark.parametrize("chat", SMOLLM2["chats"], ids=lambda c: f"{len(c['messages'])}msg-gen{c['add_generation_prompt']:d}")
+def chat_id(chat):
+    return f"{len(chat['messages'])}msg-gen{chat['add_generation_prompt']:d}"
+
+
+@pytest.mark.parametrize("chat", SMOLLM2["chats"], ids=chat_id)
 def test_smollm2_chat_template_equals_hf(gguf_tok, hf_tok, chat):
     for tok in (gguf_tok, hf_tok):
         rendered = tok.apply_chat_template(chat["messages"], add_generation_prompt=chat["add_generation_prompt"])
@@ -104,7 +108,7 @@ def test_smollm2_chat_template_equals_hf(gguf_tok, hf_tok, chat):
         assert tok.encode(rendered) == chat["ids"]
 
 
-@pytest.mark.parametrize("chat", SMOLLM2["custom_chats"], ids=lambda c: f"{len(c['messages'])}msg-gen{c['add_generation_prompt']:d}")
+@pytest.mark.parametrize("chat", SMOLLM2["custom_chats"], ids=chat_id)
 def test_custom_template_equals_hf(gguf_tok, chat):
     """A Llama-2 style template: bos_token/eos_token variables, loop controls, tojson, raise_exception."""
     template = ChatTemplate(SMOLLM2["custom_template"], "custom", gguf_tok.chat_template.special_tokens)
@@ -130,9 +134,8 @@ def test_transformers_gguf_path_differs_only_where_recorded(gguf_tok):
 
 # -- live against HF tokenizers on generated text --
 
-ALPHABET = list("abcXYZ  \t\n\r019'.,!?-_/<>|") + ["'s", "'ll", "  ", "\n\n", "123", "é", "e\u0301", "日本", "한", "🎉",
-                                                  "👍🏽", "\u00a0", "\u3000", "²", "١", "<|im_start|>", "<|im_end|>",
-                                                  "<|endoftext|>", "<tool>", "<s>", "Ⅻ", "ﬁ"]
+ALPHABET = [*"abcXYZ  \t\n\r019'.,!?-_/<>|", "'s", "'ll", "  ", "\n\n", "123", "é", "e\u0301", "日本", "한", "🎉", "👍🏽",
+            "\u00a0", "\u3000", "²", "١", "<|im_start|>", "<|im_end|>", "<|endoftext|>", "<tool>", "<s>", "Ⅻ", "ﬁ"]
 
 
 def generated_texts(count: int, seed: int) -> list[str]:
@@ -334,3 +337,72 @@ def test_hf_truncated_json(tmp_path):
     (directory / "tokenizer.json").write_bytes((TINY_HF / "tokenizer.json").read_bytes()[:500])
     with pytest.raises(ModelError, match=r"cut/tokenizer\.json: not valid JSON"):
         Tokenizer.from_hf(directory)
+
+
+def test_gguf_gpt2_pre_tokenizer_equals_transformers(tmp_path):
+    """SmolLM2's vocabulary in a GGUF that says pre-tokenizer "gpt-2": what transformers' GGUF path computes for
+    SmolLM2 itself (it uses GPT-2's split there), recorded in the goldens."""
+    spec = json.loads((SMOLLM2_HF / "tokenizer.json").read_text(encoding="utf-8"))
+    tokens = [None] * SMOLLM2["vocab_size"]
+    for token, token_id in spec["model"]["vocab"].items():
+        tokens[token_id] = token
+    writer = GGUFWriter(str(tmp_path / "gpt2.gguf"), "llama")
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if i in SMOLLM2["special_ids"] else 1 for i in range(len(tokens))])
+    writer.add_token_merges([" ".join(pair) for pair in spec["model"]["merges"]])
+    writer.add_eos_token_id(SMOLLM2["eos_token_id"])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    tok = Tokenizer.from_gguf(tmp_path / "gpt2.gguf")
+    for case in SMOLLM2["texts"]:
+        assert tok.encode(case["text"]) == case["transformers_gguf_ids"], case["text"]
+
+
+def test_gguf_from_fsspec_url(tmp_path):
+    """A remote GGUF (memory:// standing in for gs://) is fetched into fsspec's cache and read like a local one."""
+    write_tokenizer_gguf(tmp_path / "remote.gguf", pre="smollm")
+    fsspec.filesystem("memory").pipe("/models/remote.gguf", (tmp_path / "remote.gguf").read_bytes())
+    tok = load_tokenizer("memory://models/remote.gguf")
+    assert tok.encode("hit<|endoftext|>") == [257, 1 + ord("t"), 0]
+
+
+def handmade_tokenizer_json(path: Path, ignore_merges: bool, unk: str | None) -> Path:
+    """Byte symbols without one for byte 0x04, an "abc" token no merge reaches, optionally an unknown token."""
+    symbols = ["<unk>", *(char for char in BYTE_TO_CHAR if char != BYTE_TO_CHAR[4]), "ab", "abc"]
+    spec = {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+        "post_processor": None,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+        "model": {"type": "BPE", "dropout": None, "unk_token": unk, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+                  "ignore_merges": ignore_merges, "vocab": {s: i for i, s in enumerate(symbols)},
+                  "merges": [["a", "b"]]},
+    }
+    path.mkdir()
+    (path / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
+    (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<unk>"}), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("ignore_merges", [False, True])
+@pytest.mark.parametrize("unk", [None, "<unk>"])
+def test_bpe_options_equal_hf_tokenizers(tmp_path, ignore_merges, unk):
+    directory = handmade_tokenizer_json(tmp_path / "handmade", ignore_merges, unk)
+    ours = Tokenizer.from_hf(directory)
+    peer = tokenizers.Tokenizer.from_file(str(directory / "tokenizer.json"))
+    for text in ["abc", "abcd", "xabc", " abc", "ab", "a\x04b", "\x04\x04", "abc\x04abc"]:
+        assert ours.encode(text) == peer.encode(text).ids, (text, ours.encode(text))
+    assert (ours.encode("abc") == [len(BYTE_TO_CHAR) + 1]) == ignore_merges  # the "abc" token, not "ab" + "c"
+
+
+def test_generation_config_adds_end_of_generation_ids(tmp_path):
+    directory = tmp_path / "with_generation_config"
+    shutil.copytree(TINY_HF, directory)
+    extra = TINY["pad_token_id"]
+    (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": [TINY["eos_token_id"], extra]}))
+    assert Tokenizer.from_hf(directory).eos_token_ids == [TINY["eos_token_id"], extra]

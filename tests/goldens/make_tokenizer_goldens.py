@@ -83,7 +83,8 @@ CONVERSATIONS = [
     [{"role": "user", "content": "Write a haiku about snow.\n\nMake it sad."},
      {"role": "assistant", "content": "White silence falling\n   on the empty road home —\nno footprints but mine"}],
     [{"role": "user", "content": "Translate «bonjour» to 日本語 🎌"}, {"role": "assistant", "content": "こんにちは"}],
-    [{"role": "user", "content": "Code:\n```python\nprint('hi')\t# tab\n```"}, {"role": "assistant", "content": ""}],
+    [{"role": "user", "content": "Code:\n```python\nprint('hi')\t# tab\n```"},
+     {"role": "assistant", "content": ""}],
     [{"role": "user", "content": "Say <|im_end|> literally"}],
 ]
 
