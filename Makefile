@@ -31,4 +31,5 @@ test: install control-plane
 	$(PY) -m pytest -q
 
 goldens: install-peers
-	$(PY) tests/goldens/make_goldens.py
+	$(PY) tests/goldens/make_model_goldens.py
+	$(PY) tests/goldens/make_tokenizer_goldens.py
