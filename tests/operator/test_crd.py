@@ -5,7 +5,7 @@ import copy
 import pytest
 import yaml
 
-from conftest import EXAMPLES, make_job
+from operator_testkit import EXAMPLES, make_job
 from simpo_operator import crd
 from simpo_operator.resource import PHASES
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO
+from operator_testkit import REPO
 
 MANIFESTS = REPO / "manifests"
 CHART = REPO / "charts" / "simpo-interleave"

@@ -13,7 +13,7 @@ from collections import Counter
 import pytest
 from kopf.testing import KopfRunner
 
-from conftest import make_job, wait_for
+from operator_testkit import make_job, wait_for
 from simpo_operator import render
 from simpo_operator.resource import PHASES, validate_job
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from conftest import make_job
+from operator_testkit import make_job
 from simpo_operator.resource import load_job, validate_job
 from simpo_worker.errors import ConfigError
 

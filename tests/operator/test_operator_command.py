@@ -9,7 +9,7 @@ import urllib.request
 
 import pytest
 
-from conftest import make_job, wait_for
+from operator_testkit import make_job, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REFERENCE_JOB, make_job
+from operator_testkit import REFERENCE_JOB, make_job
 from simpo_operator import render, tpu
 from simpo_operator.resource import load_job, validate_job
 from simpo_worker.config import parse_worker_config
