@@ -125,6 +125,7 @@ def jobset_changed(body: kopf.Body, type: Optional[str], logger: logging.Logger,
 # ttlSecondsAfterFinished: one timer per finished job, armed from its events (the initial listing re-arms them
 # after an operator restart), so no finalizer or polling is needed.
 _expiry_timers: dict[str, asyncio.TimerHandle] = {}
+_expiry_tasks: set[asyncio.Task] = set()  # the loop holds tasks weakly: keep them until done
 EXPIRY_RETRY_S = 30
 
 
@@ -152,7 +153,13 @@ async def expire_finished(body: kopf.Body, type: Optional[str], logger: logging.
     namespace, name = body.metadata.namespace, body.metadata.name
     logger.info(f"finished; deleting in {delay:.0f}s (ttlSecondsAfterFinished)")
     loop = asyncio.get_running_loop()
-    _expiry_timers[uid] = loop.call_later(delay, lambda: loop.create_task(_expire(namespace, name, uid, logger)))
+
+    def start_expiry() -> None:
+        task = loop.create_task(_expire(namespace, name, uid, logger))
+        _expiry_tasks.add(task)
+        task.add_done_callback(_expiry_tasks.discard)
+
+    _expiry_timers[uid] = loop.call_later(delay, start_expiry)
 
 
 async def _expire(namespace: str, name: str, uid: str, logger: logging.Logger) -> None:

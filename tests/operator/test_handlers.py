@@ -16,6 +16,7 @@ from kopf.testing import KopfRunner
 from operator_testkit import make_job, wait_for
 from simpo_operator import render
 from simpo_operator.resource import PHASES, validate_job
+from simpo_worker.progress import KubernetesStatusReporter, Progress
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -184,14 +185,19 @@ def test_a_child_name_taken_by_another_object_is_a_conflict(kube_client):
     assert len(kube.jobsets()) == 1
 
 
-def test_worker_progress_is_never_overwritten(kube_client):
+def test_worker_progress_reaches_the_status_and_is_never_overwritten(kube_client):
     kube = kube_client
     with operator(kube.namespace):
         kube.create_job(make_job("progress"))
         phase_is(kube, "progress", "Pending")
+        # The worker leader's own reporter, as it runs in a pod (here with the test's server and token).
+        reporter = KubernetesStatusReporter(kube.client.configuration.host, kube.namespace, "progress",
+                                            token="test-token", ca_file=None)
+        reporter.report(Progress(stage="infer", step=2, totalSteps=7, promptsDone=64, promptsTotal=128,
+                                 tokens=131072))
         progress = {"stage": "infer", "step": 2, "totalSteps": 7, "promptsDone": 64, "promptsTotal": 128,
                     "tokens": 131072}
-        kube.patch_job_status("progress", {"progress": progress})
+        assert kube.job("progress")["status"]["progress"] == progress
         kube.set_jobset_status("progress", ready(kube.jobset("progress")))
         status = phase_is(kube, "progress", "Running")
         assert status["progress"] == progress
