@@ -115,11 +115,11 @@ def config_from_gguf(reader: GGUFReader, where: str) -> ArchitectureConfig:
 
 
 def dequantize_tensor(tensor: ReaderTensor, where: str) -> np.ndarray:
-    """float32, numpy [ne1, ne0] (= HF [out, in])."""
+    """float32, numpy [ne1, ne0] (= HF [out, in]); always a copy, never a view of the memory-mapped file."""
     if tensor.tensor_type not in SUPPORTED_TYPES:
         raise ModelError(f"{where}: tensor {tensor.name} uses GGUF type {tensor.tensor_type.name}, which is not "
                          f"supported (supported: {', '.join(t.name for t in SUPPORTED_TYPES)})")
-    return np.asarray(dequantize(tensor.data, tensor.tensor_type), np.float32)
+    return np.array(dequantize(tensor.data, tensor.tensor_type), np.float32)
 
 
 def open_gguf(path: str, label: str) -> GGUFReader:
