@@ -12,7 +12,7 @@ import fsspec
 import numpy as np
 import pytest
 import tokenizers
-from gguf import GGUFWriter
+from gguf import GGUFReader, GGUFWriter
 
 from simpo_worker.chat_template import ChatTemplate
 from simpo_worker.errors import DataError, ModelError
@@ -252,9 +252,11 @@ def write_tokenizer_gguf(path: Path, pre: str, model: str = "gpt2", template: st
 def test_minimal_gguf_loads(tmp_path):
     path = tmp_path / "bytes.gguf"
     write_tokenizer_gguf(path, pre="smollm")
-    tok = Tokenizer.from_gguf(path)
-    assert tok.encode("hit<|endoftext|>") == [257, 1 + ord("t"), 0]
-    assert tok.pad_token_id == 0 and tok.eos_token_ids == [0]
+    for source in (path, GGUFReader(path)):  # a path, or a reader the weight loader already opened
+        tok = Tokenizer.from_gguf(source)
+        assert tok.encode("hit<|endoftext|>") == [257, 1 + ord("t"), 0]
+        assert tok.pad_token_id == 0 and tok.eos_token_ids == [0]
+        assert tok.source == str(path)
 
 
 def test_missing_gguf(tmp_path):
@@ -263,7 +265,7 @@ def test_missing_gguf(tmp_path):
     assert e.value.exit_code == 12
 
 
-@pytest.mark.parametrize("size", [0, 24, 1000, 4096, 2_500_000])
+@pytest.mark.parametrize("size", [0, 24, 1000, 100_000])
 def test_truncated_gguf(tmp_path, size):
     path = tmp_path / "truncated.gguf"
     with open(smollm2_gguf_path(), "rb") as f:

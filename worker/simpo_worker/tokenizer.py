@@ -257,7 +257,10 @@ class Tokenizer:
 
     @classmethod
     def from_gguf(cls, path) -> Tokenizer:
-        """From a GGUF file's `tokenizer.*` metadata (local, or a URL fsspec can fetch, e.g. gs://)."""
+        """From a GGUF file's `tokenizer.*` metadata (local, or a URL fsspec can fetch, e.g. gs://). Also takes a
+        GGUFReader the weight loader already opened: parsing SmolLM2's metadata takes seconds."""
+        if isinstance(path, GGUFReader):
+            return _from_gguf_fields(path.fields, str(path.data.filename))
         return _from_gguf(str(path))
 
     @classmethod
@@ -307,7 +310,10 @@ def _from_gguf(path: str) -> Tokenizer:
         raise ModelError(f"{path}: GGUF file not found") from e
     except (OSError, ValueError, IndexError) as e:  # what GGUFReader raises on a truncated or foreign file
         raise ModelError(f"{path}: not a readable GGUF file: {e}") from e
+    return _from_gguf_fields(fields, path)
 
+
+def _from_gguf_fields(fields: Mapping, path: str) -> Tokenizer:
     def field(key, default=None, required=False):
         if key not in fields:
             if required:
