@@ -114,7 +114,7 @@ class Progress:
 
 @dataclass(frozen=True)
 class JobStatus:
-    phase: Optional[Literal["Pending", "Running", "Restarting", "Succeeded", "Failed", "Suspended"]] = None
+    phase: Optional[Literal[PHASES]] = None
     reason: Optional[str] = None
     message: Optional[str] = None
     conditions: list[Condition] = field(default_factory=list)

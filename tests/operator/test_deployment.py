@@ -3,7 +3,6 @@
 import importlib.util
 import os
 import subprocess
-from pathlib import Path
 
 import pytest
 import yaml
