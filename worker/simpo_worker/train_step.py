@@ -35,7 +35,9 @@ def make_optimizer(config: OptimizerConfig, num_train_steps: int):
     """AdamW (no decay on norm weights), linear warmup from 0 then cosine to lr * min_lr_ratio; clip first."""
     schedule = optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=config.learning_rate, warmup_steps=config.warmup_steps,
-        decay_steps=num_train_steps, end_value=config.learning_rate * config.min_lr_ratio)
+        # optax needs a non-empty cosine phase even when warmup takes the whole run.
+        decay_steps=max(num_train_steps, config.warmup_steps + 1),
+        end_value=config.learning_rate * config.min_lr_ratio)
     adamw = optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps,
                         weight_decay=config.weight_decay, mask=decay_mask)
     clip = [] if config.max_grad_norm is None else [optax.clip_by_global_norm(config.max_grad_norm)]

@@ -1,0 +1,98 @@
+"""Checkpoints: exact resume across a process restart, half-written checkpoints ignored, keep-N, and the
+non-retryable exit codes for bad data, bad config, a missing model and an unreadable checkpoint."""
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from simpo_operator import cli
+from simpo_worker.checkpoint import complete_steps
+from worker_runs import (checked, checkpoint_arrays, preference_files, run_worker, straight_run, tiny_config,
+                         train_records, write_config)
+
+
+def test_resume_after_a_restart_is_bit_identical(tmp_path):
+    straight = straight_run()
+    resumed = tmp_path / "resumed"
+    config = tiny_config(resumed)
+    checked(run_worker(config, "--stop-at-step", "3"))
+    assert complete_steps(str(resumed / "checkpoints")) == [2, 3]
+    # A crash while writing step 5 leaves a checkpoint without its manifest: it must never be restored.
+    half = resumed / "checkpoints" / "step_00000005"
+    half.mkdir()
+    (half / "process_0000_of_0001.npz").write_bytes(b"truncated")
+    second = checked(run_worker(config))
+    assert "training from step 3 to 7" in second.stderr
+
+    expected, actual = train_records(straight), train_records(resumed)
+    assert [r["step"] for r in actual] == list(range(1, 8))
+    # Losses and every metric bit-identical (JSON floats round-trip exactly).
+    for a, b in zip(expected, actual):
+        assert {k: v for k, v in a.items() if k != "step_time"} == {k: v for k, v in b.items() if k != "step_time"}
+    assert all(r["train_step_compilations"] == 1 for r in actual)  # the resumed process compiled once too
+    # Params, optimizer state and step: every stored array equal bit for bit.
+    want, got = checkpoint_arrays(straight, 7), checkpoint_arrays(resumed, 7)
+    assert want.keys() == got.keys() and len(want) > 10
+    for key in want:
+        assert np.array_equal(want[key], got[key]), key
+    assert complete_steps(str(resumed / "checkpoints")) == [6, 7]  # keep: 2 (step 5 rewritten, then pruned)
+    manifest = json.loads((resumed / "checkpoints" / "step_00000007" / "manifest.json").read_text())
+    assert manifest["step"] == 7 and manifest["data_position"] == 7 and manifest["seed"] == 5
+
+
+def test_unreadable_checkpoint_is_a_clear_non_retryable_error(tmp_path):
+    output_dir = tmp_path / "run"
+    config = tiny_config(output_dir, **{"trainer.num_train_steps": 2, "trainer.checkpoint.every": 1})
+    checked(run_worker(config))
+    shard = output_dir / "checkpoints" / "step_00000002" / "process_0000_of_0001.npz"
+    shard.write_bytes(shard.read_bytes()[:100])
+    result = run_worker(config)
+    assert result.returncode == 13, result.stderr[-2000:]
+    assert f"{shard}: unreadable checkpoint shard file" in result.stderr
+
+
+def write_lines(path: Path, lines: list[str]) -> str:
+    path.write_text("".join(line + "\n" for line in lines))
+    return str(path)
+
+
+@pytest.mark.parametrize("case,code,message", [
+    ("malformed_json", 11, "{file}:2: not valid JSON"),
+    ("missing_field", 11, "{file}:2: missing field `rejected`"),
+    ("empty_response", 11, "{file}:2: `chosen`: empty response"),
+    ("over_the_limit", 11, "{file}:1: .* response tokens exceed data.max_seq_len = 64 \\(data.overlength: error\\)"),
+    ("empty_glob", 11, "{missing}: no preference data files match"),
+    ("bad_config", 10, "trainer.microbatches: must divide batch_size \\(8\\), got 3"),
+    ("missing_model", 12, "{missing}"),
+])
+def test_bad_input_exit_codes(tmp_path, capsys, case, code, message):
+    """Through the CLI's own dispatch (in this process: these fail before anything compiles)."""
+    good = Path(preference_files()).read_text().splitlines()[0]
+    file = tmp_path / "data.jsonl"
+    missing = str(tmp_path / "nothing-*.jsonl")
+    output_dir = tmp_path / "run"
+    lines = {
+        "malformed_json": [good, good[:-5]],
+        "missing_field": [good, json.dumps({k: v for k, v in json.loads(good).items() if k != "rejected"})],
+        "empty_response": [good, json.dumps({"prompt": "q", "chosen": "", "rejected": "b"})],
+        "over_the_limit": [json.dumps({"prompt": "many words " * 100, "chosen": "a", "rejected": "b"})],
+    }.get(case, [good])
+    overrides = {"data.train_files": [write_lines(file, lines)]}
+    if case == "empty_glob":
+        overrides["data.train_files"] = [missing]
+    if case == "bad_config":
+        overrides["trainer.microbatches"] = 3
+    if case == "missing_model":
+        missing = str(tmp_path / "absent.gguf")
+        overrides["model"] = {"source": missing}
+        overrides["tokenizer"] = "smollm2"
+    exit_code = cli.main(["worker", "--config", str(write_config(tiny_config(output_dir, **overrides)))])
+    stderr = capsys.readouterr().err
+    assert exit_code == code, stderr[-2000:]
+    assert re.search(message.format(file=re.escape(str(file)), missing=re.escape(missing)), stderr), stderr[-2000:]
+    # Nothing half-done looks complete: no checkpoint, no metrics.
+    assert complete_steps(str(output_dir / "checkpoints")) == []
+    assert not (output_dir / "metrics.jsonl").exists()

@@ -1,0 +1,88 @@
+"""Helpers for tests that run the real worker entry point (`simpo-interleave worker`) in subprocesses."""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from simpo_worker.make_preference_data import main as make_preference_data
+
+TINY_MODEL = {"vocab_size": 49152, "hidden_size": 32, "intermediate_size": 64, "num_layers": 2, "num_heads": 4,
+              "num_kv_heads": 2}
+
+
+@cache
+def preference_files() -> str:
+    """A small generated preference set (train split), made once per test session."""
+    out = Path(tempfile.mkdtemp(prefix="simpo-prefs-"))
+    make_preference_data([str(out), "--train", "96", "--eval", "8", "--seed", "1"])
+    return str(out / "train.jsonl")
+
+
+def tiny_config(output_dir, **overrides) -> dict:
+    config = {
+        "model": {"architecture": TINY_MODEL, "init_seed": 3},
+        "tokenizer": "smollm2",
+        "data": {"train_files": [preference_files()], "max_seq_len": 64},
+        "trainer": {"num_train_steps": 7, "batch_size": 8, "microbatches": 2, "seed": 5,
+                    "checkpoint": {"every": 2, "keep": 2}},
+        "optimizer": {"learning_rate": 3e-3, "warmup_steps": 2, "weight_decay": 0.1},
+        "output_dir": str(output_dir),
+    }
+    for key, value in overrides.items():
+        *parents, last = key.split(".")
+        node = config
+        for parent in parents:
+            node = node[parent]
+        node[last] = value
+    return config
+
+
+def write_config(config: dict) -> Path:
+    path = Path(config["output_dir"] + ".yaml")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def run_worker(config: dict, *args: str, devices: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
+    path = write_config(config)
+    # The device count is fixed when jax starts, hence a process per mesh size.
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    env.pop("JAX_NUM_PROCESSES", None)
+    return subprocess.run([sys.executable, "-m", "simpo_operator.cli", "worker", "--config", str(path), *args],
+                          env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def checked(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, f"worker exit {result.returncode}\n{result.stderr[-4000:]}"
+    return result
+
+
+def train_records(output_dir) -> list[dict]:
+    lines = (Path(output_dir) / "metrics.jsonl").read_text().splitlines()
+    return [row for row in map(json.loads, lines) if row["event"] == "train"]
+
+
+def checkpoint_arrays(output_dir, step: int) -> dict[str, np.ndarray]:
+    """Every stored shard of a checkpoint, by file and key."""
+    folder = Path(output_dir) / "checkpoints" / f"step_{step:08d}"
+    arrays = {}
+    for file in sorted(folder.glob("*.npz")):
+        with np.load(file) as archive:
+            arrays.update({f"{file.name}/{key}": archive[key] for key in archive.files})
+    return arrays
+
+
+@cache
+def straight_run() -> str:
+    """7 steps in one process (shared by the tests that compare against it)."""
+    output_dir = Path(tempfile.mkdtemp(prefix="simpo-straight-")) / "run"
+    checked(run_worker(tiny_config(output_dir)))
+    return str(output_dir)
