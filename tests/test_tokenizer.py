@@ -409,3 +409,41 @@ def test_generation_config_adds_end_of_generation_ids(tmp_path):
     extra = TINY["pad_token_id"]
     (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": [TINY["eos_token_id"], extra]}))
     assert Tokenizer.from_hf(directory).eos_token_ids == [TINY["eos_token_id"], extra]
+
+
+def write_gguf_from_tokenizer_json(path: Path, tokenizer_json: Path, pre: str) -> None:
+    """The vocabulary and merges of an HF tokenizer.json as GGUF metadata; its special added tokens as control
+    tokens, the other added tokens as user-defined ones."""
+    spec = json.loads(tokenizer_json.read_text(encoding="utf-8"))
+    types = {token["id"]: 3 if token["special"] else 4 for token in spec["added_tokens"]}
+    by_id = {i: token for token, i in spec["model"]["vocab"].items()}
+    by_id.update({token["id"]: token["content"] for token in spec["added_tokens"]})
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list([by_id[i] for i in range(len(by_id))])
+    writer.add_token_types([types.get(i, 1) for i in range(len(by_id))])
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]])
+    writer.add_eos_token_id(0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.mark.parametrize("pre", sorted(TINY["gguf_pre_tokenizer_ids"]))
+def test_gguf_pre_tokenizers_equal_transformers_splits(tmp_path, pre):
+    """Llama 3 and Qwen2 pre-tokenizer names, on the tiny vocabulary: ids from transformers' split for that name."""
+    write_gguf_from_tokenizer_json(tmp_path / f"{pre}.gguf", TINY_HF / "tokenizer.json", pre)
+    tok = Tokenizer.from_gguf(tmp_path / f"{pre}.gguf")
+    for case, expected in zip(TINY["texts"], TINY["gguf_pre_tokenizer_ids"][pre], strict=True):
+        assert tok.encode(case["text"]) == expected, case["text"]
+
+
+@pytest.mark.parametrize("pre, whole", [("llama-bpe", True), ("qwen2", False), ("smollm", False)])
+def test_gguf_llama3_looks_whole_pieces_up(tmp_path, pre, whole):
+    """Llama 3 takes a piece that is itself a token as that token, even if no merge sequence reaches it."""
+    json_dir = handmade_tokenizer_json(tmp_path / "handmade", ignore_merges=False, unk=None)
+    write_gguf_from_tokenizer_json(tmp_path / "handmade.gguf", json_dir / "tokenizer.json", pre)
+    abc = len(BYTE_TO_CHAR) + 1
+    assert (Tokenizer.from_gguf(tmp_path / "handmade.gguf").encode("abc") == [abc]) == whole

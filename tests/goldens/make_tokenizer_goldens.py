@@ -28,6 +28,7 @@ import transformers
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, \
     trainers
 from transformers import AutoTokenizer
+from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
 
 from simpo_worker.smollm2 import smollm2_gguf_path
 
@@ -206,6 +207,19 @@ def tiny_goldens() -> None:
     write_json(out / "tokenizer_config.json", config)
 
     texts = [*TEXTS, "call <tool>search</tool> now", "<s>already has bos</s>"]
+    # The same vocabulary as a GGUF would describe it with other `tokenizer.ggml.pre` names: transformers' split
+    # for that name (its GGUF converter), plus ignore_merges where the model's own tokenizer.json has it (Llama 3).
+    by_pre = {}
+    for pre, ignore_merges in (("llama-bpe", True), ("qwen2", False)):
+        spec = json.loads(tokenizer.to_str())
+        spec["model"]["ignore_merges"] = ignore_merges
+        variant = Tokenizer.from_str(json.dumps(spec))
+        variant.normalizer = None
+        variant.post_processor = None
+        variant.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(GGUF_PRE_TOKENIZER_SPLITS[pre]), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        by_pre[pre] = [variant.encode(t, add_special_tokens=False).ids for t in texts]
     golden = {
         "generator": f"tokenizers (via transformers {transformers.__version__}), {Path(__file__).name}",
         "bos_token_id": bos, "eos_token_id": tokenizer.token_to_id("</s>"),
@@ -214,6 +228,7 @@ def tiny_goldens() -> None:
                    "ids_with_special_tokens": tokenizer.encode(t, add_special_tokens=True).ids,
                    "decoded": tokenizer.decode(tokenizer.encode(t, add_special_tokens=True).ids,
                                                skip_special_tokens=False)} for t in texts],
+        "gguf_pre_tokenizer_ids": by_pre,
     }
     write_json(HERE / "tokenizer_tiny.json", golden)
     print(f"tiny: vocab {golden['vocab_size']}, {len(texts)} texts")

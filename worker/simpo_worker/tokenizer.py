@@ -47,6 +47,12 @@ CHAR_TO_BYTE = {char: byte for byte, char in enumerate(BYTE_TO_CHAR)}
 # GPT-2's split; also what HF's ByteLevel pre-tokenizer does with use_regex=True.
 GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 
+# Splits used by Llama 3 and Qwen2: contractions in any case, a letter run with one leading non-letter, numbers
+# of up to three digits (Qwen2: one), punctuation runs with their trailing newlines, newline runs.
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+
 # `tokenizer.ggml.pre` -> the splits llama.cpp applies in sequence for it.
 GGUF_PRE_TOKENIZERS = {
     "gpt-2": [GPT2_SPLIT],
@@ -55,7 +61,13 @@ GGUF_PRE_TOKENIZERS = {
     "smollm": [r"\p{N}", GPT2_SPLIT],
     "starcoder": [r"\p{N}", GPT2_SPLIT],
     "refact": [r"\p{N}", GPT2_SPLIT],
+    "llama-bpe": [LLAMA3_SPLIT],
+    "llama3": [LLAMA3_SPLIT],
+    "llama-v3": [LLAMA3_SPLIT],
+    "qwen2": [QWEN2_SPLIT],
 }
+# Llama 3 looks a whole piece up in the vocabulary before merging (HF: BPE ignore_merges; llama.cpp does the same).
+GGUF_IGNORE_MERGES = {"llama-bpe", "llama3", "llama-v3"}
 
 # Special tokens that end a turn in common chat formats: generation stops on them as on EOS.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|endoftext|>",
@@ -343,6 +355,7 @@ def _from_gguf_fields(fields: Mapping, path: str) -> Tokenizer:
         added_tokens=added,
         special_ids={i for i, kind in enumerate(token_types) if kind == GGUF_CONTROL},
         pre_tokenizer=[_Split(pattern) for pattern in GGUF_PRE_TOKENIZERS[pre]],
+        ignore_merges=pre in GGUF_IGNORE_MERGES,
         bos_token_id=field("tokenizer.ggml.bos_token_id"),
         eos_token_id=field("tokenizer.ggml.eos_token_id"),
         pad_token_id=field("tokenizer.ggml.padding_token_id"),
