@@ -28,8 +28,11 @@ from simpo_worker.config import WorkerConfig
 from simpo_worker.distributed import barrier, is_leader
 from simpo_worker.engine import Engine
 from simpo_worker.metrics import MetricsWriter
-from simpo_worker.progress import Progress, ProgressReporter
-from simpo_worker.prompts import host_shard
+from simpo_worker.pretrained import load_model
+from simpo_worker.progress import Progress, ProgressReporter, reporter_from_env
+from simpo_worker.prompts import host_shard, load_prompts
+from simpo_worker.tokenizer import load_tokenizer
+from simpo_worker.train_step import COMPUTE_DTYPES
 from simpo_worker.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -142,3 +145,15 @@ class InterleavedRun:
         if is_leader():
             self.reporter.report(progress)
 
+
+
+def build_run(config: WorkerConfig, reporter: ProgressReporter | None = None) -> InterleavedRun:
+    """Everything a host needs, checked before the first train step: output dir, tokenizer, prompts, model."""
+    outputs.check_writable(config.output_dir, jax.process_index())
+    tokenizer = load_tokenizer(config.tokenizer or config.model.source)
+    prompt_texts, prompts = load_prompts(config.inference, tokenizer) if config.inference.enabled else ([], [])
+    trainer = Trainer(config, load_model(config.model), tokenizer)
+    engine = Engine(trainer.model.config, config.inference, tokenizer.eos_token_ids,
+                    compute_dtype=COMPUTE_DTYPES[config.trainer.compute_dtype], mesh=trainer.mesh)
+    return InterleavedRun(config, trainer, engine, tokenizer, prompts, prompt_texts,
+                          reporter or reporter_from_env(), MetricsWriter(config.output_dir))

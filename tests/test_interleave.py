@@ -1,0 +1,258 @@
+"""The whole interleaved run across real local host processes (jax.distributed on CPU with gloo), launched from
+a SimpoInterleaveJob YAML by the local runner: train 2 -> infer on every host -> train 5.
+
+Runs are cached per configuration for the module, since several checks read the same run.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from gcs_emulator import BUCKET, gcs_emulator
+from simpo_operator.local_runner import run_job_file
+from simpo_worker import outputs
+from simpo_worker.make_preference_data import generate, write_jsonl
+
+pytestmark = pytest.mark.multiprocess
+
+NUM_PROMPTS = 10  # not a multiple of 4: uneven host shards
+STEPS = 7
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("interleave")
+    train, held_out = generate(train=64, held_out=NUM_PROMPTS, seed=0)
+    write_jsonl(root / "train.jsonl", train)
+    write_jsonl(root / "prompts.jsonl", [{"messages": row["chosen"][:-1]} for row in held_out])
+    return root
+
+
+def job_config(workdir: Path, output_dir: str, **inference) -> dict:
+    return {
+        "model": {"architecture": {"vocab_size": 49152, "hidden_size": 32, "intermediate_size": 64,
+                                   "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
+                                   "max_position_embeddings": 256}},
+        "tokenizer": "smollm2",
+        "data": {"train_files": [str(workdir / "train.jsonl")], "max_seq_len": 96},
+        "optimizer": {"learning_rate": 1e-3, "warmup_steps": 1},
+        "trainer": {"num_train_steps": STEPS, "batch_size": 8, "seed": 3},
+        "inference": {"eval_at_steps": [2], "mode": "host_data_parallel",
+                      "prompts_file": str(workdir / "prompts.jsonl"), "max_new_tokens": 12, "batch_size": 4,
+                      "temperature": 0.8, "top_p": 0.95, **inference},
+        "distributed": {"barrier_timeout_s": 60, "init_timeout_s": 60},
+        "output_dir": output_dir,
+    }
+
+
+def write_job(workdir: Path, name: str, config: dict, hosts: int) -> Path:
+    job = {"apiVersion": "simpo.dev/v1alpha1", "kind": "SimpoInterleaveJob",
+           "metadata": {"name": name, "namespace": "default"},
+           "spec": {"image": "worker:test", "hosts": hosts, "config": config}}
+    path = workdir / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(job))
+    return path
+
+
+class Runs:
+    """Each distinct run once per module."""
+
+    def __init__(self, workdir: Path):
+        self.workdir = workdir
+        self.done: dict[str, str] = {}
+
+    def get(self, name: str, hosts: int, **inference) -> str:
+        if name not in self.done:
+            out = str(self.workdir / name)
+            code = run_job_file(str(write_job(self.workdir, name, job_config(self.workdir, out, **inference),
+                                              hosts)), timeout_s=900)
+            assert code == 0, f"run {name} failed with exit code {code}"
+            self.done[name] = out
+        return self.done[name]
+
+
+@pytest.fixture(scope="module")
+def runs(workdir) -> Runs:
+    return Runs(workdir)
+
+
+def train_losses(output_dir: str) -> list[float]:
+    records = outputs.read_jsonl(outputs.join(output_dir, "metrics.jsonl"))
+    train = [r for r in records if r["event"] == "train"]
+    assert [r["step"] for r in train] == list(range(1, STEPS + 1))
+    return [r["loss"] for r in train]
+
+
+def final_params(output_dir: str) -> dict[str, np.ndarray]:
+    (step_dir,) = glob.glob(os.path.join(output_dir, "checkpoints", f"step_{STEPS:08d}"))
+    arrays = {}
+    for file in sorted(glob.glob(os.path.join(step_dir, "*.npz"))):
+        with np.load(file) as npz:
+            arrays.update({f"{os.path.basename(file)}/{key}": npz[key] for key in npz.files})
+    assert arrays
+    return arrays
+
+
+def completions(output_dir: str, step: int = 2) -> dict[int, str]:
+    manifest = outputs.read_manifest(output_dir, step)
+    rows = []
+    for host in range(manifest["hosts"]):
+        rows += outputs.read_jsonl(outputs.host_shard_path(output_dir, step, host, manifest["hosts"]))
+    return {row["global_prompt_index"]: row["completion"] for row in rows}
+
+
+@pytest.mark.parametrize("hosts,mode", [(2, "host_data_parallel"), (4, "host_data_parallel"),
+                                        (2, "global_mesh")])
+def test_flow_covers_every_prompt_once(runs, hosts, mode):
+    out = runs.get(f"flow-{hosts}-{mode}", hosts, mode=mode)
+    manifest = outputs.read_manifest(out, 2)
+    assert manifest["prompts"] == NUM_PROMPTS and manifest["hosts"] == hosts
+    rows = []
+    for host in range(hosts):
+        shard = outputs.read_jsonl(outputs.host_shard_path(out, 2, host, hosts))
+        assert all(row["process_index"] == host and row["process_count"] == hosts and row["step"] == 2
+                   for row in shard)
+        rows += shard
+    assert sorted(row["global_prompt_index"] for row in rows) == list(range(NUM_PROMPTS))
+    assert all(row["finish_reason"] in ("stop", "length") and 0 < row["completion_tokens"] <= 12 for row in rows)
+    assert all(row["finish_reason"] == "stop" or row["completion_tokens"] == 12 for row in rows)
+    assert manifest["completion_tokens"] == sum(row["completion_tokens"] for row in rows)
+    assert sum(manifest["finish_reasons"].values()) == NUM_PROMPTS
+    assert sum(host["prompts"] for host in manifest["per_host"]) == NUM_PROMPTS
+    train = [r for r in outputs.read_jsonl(outputs.join(out, "metrics.jsonl")) if r["event"] == "train"]
+    # Resuming reuses the compiled train step: compiled once in the whole run.
+    assert {r["train_step_compilations"] for r in train} == {1}
+
+
+def test_completions_do_not_depend_on_the_host_count(runs):
+    two = completions(runs.get("flow-2-host_data_parallel", 2))
+    four = completions(runs.get("flow-4-host_data_parallel", 4))
+    mesh = completions(runs.get("flow-2-global_mesh", 2, mode="global_mesh"))
+    assert two == four == mesh
+    assert len(set(two.values())) > 1  # sampled, not degenerate
+
+
+def test_resume_is_exact(runs):
+    """Losses of steps 1-7 and the final params are bit-identical with and without the pauses."""
+    plain = runs.get("no-inference", 2, eval_at_steps=[])
+    paused = runs.get("flow-2-host_data_parallel", 2)
+    twice = runs.get("pauses-2-5", 2, eval_at_steps=[2, 5])
+    assert train_losses(plain) == train_losses(paused) == train_losses(twice)
+    reference = final_params(plain)
+    for other in (final_params(paused), final_params(twice)):
+        assert reference.keys() == other.keys()
+        for key in reference:
+            assert np.array_equal(reference[key], other[key]), key
+    assert outputs.read_manifest(twice, 5) is not None
+
+
+def test_killed_host_fails_cleanly_and_restart_matches(runs, workdir):
+    out = str(workdir / "fault")
+    job = write_job(workdir, "fault", job_config(workdir, out, max_new_tokens=200,
+                                                 batch_size=2, ignore_eos=True), 2)
+    killed = threading.Event()
+
+    def kill_host_1_during_inference():
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and not killed.is_set():
+            if outputs.exists(outputs.host_shard_path(out, 2, 0, 2)) or _inference_started(out):
+                pid = _worker_pid(job, host=1)
+                if pid:
+                    os.kill(pid, signal.SIGKILL)
+                    killed.set()
+                    return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_host_1_during_inference, daemon=True)
+    killer.start()
+    started = time.monotonic()
+    code = run_job_file(str(job), timeout_s=900)
+    killer.join(timeout=5)
+    assert killed.is_set(), "host 1 was never seen in inference"
+    assert code != 0
+    assert time.monotonic() - started < 600
+    assert outputs.read_manifest(out, 2) is None, "an interrupted inference step must not look complete"
+
+    assert run_job_file(str(job), timeout_s=900) == 0
+    reference = runs.get("fault-reference", 2, max_new_tokens=200, batch_size=2, ignore_eos=True)
+    assert completions(out) == completions(reference)
+    assert train_losses(out) == train_losses(reference)
+
+
+def _inference_started(output_dir: str) -> bool:
+    return outputs.exists(outputs.join(output_dir, "checkpoints", f"step_{2:08d}", "manifest.json"))
+
+
+def _worker_pid(job: Path, host: int) -> int | None:
+    """The local worker process of `host` for this job (found by its environment)."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as handle:
+                env = dict(item.split(b"=", 1) for item in handle.read().split(b"\0") if b"=" in item)
+        except OSError:
+            continue
+        if env.get(b"SIMPO_JOB_NAME") == job.stem.encode() and env.get(b"JAX_PROCESS_ID") == str(host).encode():
+            return int(entry)
+    return None
+
+
+def test_outputs_to_gcs(workdir):
+    with gcs_emulator() as env:
+        out = f"gs://{BUCKET}/runs/gcs"
+        job = write_job(workdir, "gcs", job_config(workdir, out), 2)
+        os.environ.update(env)
+        try:
+            import fsspec.config
+
+            fsspec.config.set_conf_env(fsspec.config.conf)
+            assert run_job_file(str(job), timeout_s=900, extra_env=env) == 0
+            manifest = outputs.read_manifest(out, 2)
+            assert manifest["prompts"] == NUM_PROMPTS
+            assert len(completions(out)) == NUM_PROMPTS
+            assert len(train_losses(out)) == STEPS
+        finally:
+            for key in env:
+                os.environ.pop(key)
+            fsspec.config.conf.pop("gs", None)
+
+
+@pytest.mark.parametrize("change,code,message", [
+    ({"eval_at_steps": [9]}, 10, "inference.eval_at_steps: step 9 is beyond the run"),
+    ({"eval_at_steps": [-1]}, 10, "inference.eval_at_steps: steps must be positive"),
+    ({"prompts_file": "/nonexistent/prompts.jsonl"}, 11, "/nonexistent/prompts.jsonl"),
+])
+def test_bad_input_fails_before_training(workdir, capfd, change, code, message):
+    out = workdir / f"bad-{abs(hash(str(change)))}"
+    job = write_job(workdir, "bad", job_config(workdir, str(out), **change), 2)
+    assert _run_cli_local(job) == code
+    captured = capfd.readouterr()
+    assert message in captured.out + captured.err
+    assert not os.path.exists(out / "metrics.jsonl")
+
+
+def test_unwritable_output_dir(workdir, capfd):
+    blocker = workdir / "not-a-dir"
+    blocker.write_text("")
+    job = write_job(workdir, "unwritable", job_config(workdir, str(blocker / "run")), 2)
+    assert _run_cli_local(job) == 13
+    captured = capfd.readouterr()
+    assert "cannot write" in captured.out + captured.err
+
+
+def _run_cli_local(job: Path) -> int:
+    from simpo_operator.cli import main
+
+    return main(["local", str(job), "--timeout-s", "300"])
