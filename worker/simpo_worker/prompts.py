@@ -1,0 +1,124 @@
+"""The inference prompt set: from a file or generated, rendered with the chat template, tokenized and checked.
+
+File formats (local path or any fsspec URL such as gs://; `.gz` is decompressed):
+- `.jsonl` / `.json`: one JSON value per line: a message list `[{"role": "user", "content": ...}, ...]`,
+  `{"messages": [...]}`, or `{"prompt": "text" | [messages]}` (UltraFeedback rows work as they are).
+- anything else: plain text, one user prompt per non-empty line.
+Each prompt is rendered with the tokenizer's chat template plus the generation prompt. A prompt longer than
+`inference.max_prompt_len` tokens is an error naming its index and the limit (never truncated silently).
+
+Hosts take contiguous shards of the global prompt list (`host_shard`), so prompt i is always global index i.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from dataclasses import dataclass
+import fsspec
+
+from simpo_worker.config import InferenceConfig
+from simpo_worker.errors import DataError
+from simpo_worker.preference_data import _message
+
+JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
+
+_SYNTHETIC_TASKS = ["Explain", "Write a short poem about", "Give three facts about", "Summarize the idea of",
+                    "Describe a day in the life of", "List the pros and cons of", "Teach a child about"]
+_SYNTHETIC_TOPICS = ["the ocean", "prime numbers", "photosynthesis", "the moon", "bread baking", "gravity",
+                     "honeybees", "volcanoes", "the printing press", "rainbows", "chess", "glaciers", "magnets"]
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    texts: list[str]             # rendered (chat template + generation prompt), as the model sees them
+    token_ids: list[list[int]]   # global prompt i is token_ids[i]
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+
+def load_prompts(inference: InferenceConfig, tokenizer) -> PromptSet:
+    if inference.prompts_file is not None:
+        conversations = read_prompt_file(inference.prompts_file)
+    elif inference.synthetic_prompt_count is not None:
+        conversations = synthetic_prompts(inference.synthetic_prompt_count)
+    else:
+        raise DataError("inference: no prompts (set `prompts_file` or `synthetic_prompt_count`)")
+    return render_prompts(conversations, tokenizer, inference.max_prompt_len)
+
+
+def render_prompts(conversations: list[list[dict[str, str]]], tokenizer, max_prompt_len: int) -> PromptSet:
+    texts, token_ids = [], []
+    for index, messages in enumerate(conversations):
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        if len(ids) > max_prompt_len:
+            raise DataError(f"prompt {index}: {len(ids)} tokens after the chat template exceed "
+                            f"inference.max_prompt_len = {max_prompt_len}")
+        texts.append(text)
+        token_ids.append(ids)
+    return PromptSet(texts=texts, token_ids=token_ids)
+
+
+def read_prompt_file(url: str) -> list[list[dict[str, str]]]:
+    """The conversations of a prompt file, each a message list ending where the assistant should answer."""
+    try:
+        with fsspec.open(url, "rb") as handle:
+            data = handle.read()
+    except FileNotFoundError as error:
+        raise DataError(f"{url}: prompt file not found") from error
+    except OSError as error:
+        raise DataError(f"{url}: cannot read the prompt file: {error}") from error
+    if url.endswith(".gz"):
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError) as error:
+            raise DataError(f"{url}: not a valid gzip file: {error}") from error
+    try:
+        lines = data.decode("utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        raise DataError(f"{url}: not UTF-8 text: {error}") from error
+    jsonl = url.endswith(JSONL_SUFFIXES)
+    conversations = [(_parse_json_line(line, f"{url}:{number}") if jsonl else [{"role": "user", "content": line}])
+                     for number, line in enumerate(lines, start=1) if line.strip()]
+    if not conversations:
+        raise DataError(f"{url}: the prompt file holds no prompts")
+    return conversations
+
+
+def _parse_json_line(line: str, where: str) -> list[dict[str, str]]:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise DataError(f"{where}: not valid JSON: {error}") from error
+    if isinstance(row, dict):
+        if "messages" in row:
+            row = row["messages"]
+        elif "prompt" in row:
+            row = row["prompt"]
+        else:
+            raise DataError(f"{where}: expected `messages` or `prompt`, got keys {sorted(row)}")
+    if isinstance(row, str):
+        if not row.strip():
+            raise DataError(f"{where}: empty prompt")
+        return [{"role": "user", "content": row}]
+    if isinstance(row, list) and row:
+        return [_message(message, f"{where}[{i}]") for i, message in enumerate(row)]
+    raise DataError(f"{where}: a prompt must be a string or a non-empty message list, got {row!r:.80}")
+
+
+def synthetic_prompts(count: int) -> list[list[dict[str, str]]]:
+    """`count` deterministic single-turn chat prompts (the same list on every host and every run)."""
+    return [[{"role": "user", "content": f"{_SYNTHETIC_TASKS[i % len(_SYNTHETIC_TASKS)]} "
+                                         f"{_SYNTHETIC_TOPICS[i % len(_SYNTHETIC_TOPICS)]}. (#{i})"}]
+            for i in range(count)]
+
+
+def host_shard(num_prompts: int, process_index: int, process_count: int) -> range:
+    """The contiguous global prompt indices of one host; sizes differ by at most one, lower hosts larger."""
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process index {process_index} is outside [0, {process_count})")
+    base, extra = divmod(num_prompts, process_count)
+    start = process_index * base + min(process_index, extra)
+    return range(start, start + base + (process_index < extra))
