@@ -119,9 +119,12 @@ class Checkpointer:
                               f"{expected[mismatch] if mismatch < len(expected) else 'none'}); was the config "
                               f"changed for an existing output_dir?")
         store = _ShardStore([join(target, name) for name in files])
-        restored = [jax.make_array_from_callback(leaf.shape, sharding, lambda index, n=n, leaf=leaf:
-                                                 store.read(n, index, leaf.shape, leaf.dtype))
-                    for n, (leaf, sharding) in enumerate(zip(leaves, jax.tree.leaves(shardings)))]
+        try:
+            restored = [jax.make_array_from_callback(leaf.shape, sharding, lambda index, n=n, leaf=leaf:
+                                                     store.read(n, index, leaf.shape, leaf.dtype))
+                        for n, (leaf, sharding) in enumerate(zip(leaves, jax.tree.leaves(shardings)))]
+        finally:
+            store.close()
         return jax.tree.unflatten(treedef, restored), info
 
     def _prune(self) -> None:
@@ -140,11 +143,13 @@ class _ShardStore:
     """The stored shards of one checkpoint, read lazily per array region."""
 
     def __init__(self, urls: list[str]):
-        self.archives = {}
+        self.archives: dict[str, np.lib.npyio.NpzFile] = {}
+        self.handles = []
         self.shards: dict[int, list[tuple[str, tuple[tuple[int, int], ...], str]]] = {}
         for url in urls:
             try:
-                archive = np.load(fsspec.open(url, "rb").open())
+                self.handles.append(fsspec.open(url, "rb").open())
+                archive = np.load(self.handles[-1])
                 keys = archive.files
             except (OSError, ValueError, zipfile.BadZipFile) as error:
                 raise OutputError(f"{url}: unreadable checkpoint shard file: {error!r}") from error
@@ -175,6 +180,12 @@ class _ShardStore:
                               f"of the {out.size} elements of region {region}")
         return out
 
+    def close(self) -> None:
+        for archive in self.archives.values():
+            archive.close()
+        for handle in self.handles:
+            handle.close()
+
 
 def _shard_key(number: int, index: tuple, shape: tuple[int, ...]) -> str:
     return ".".join([str(number)] + [f"{s.indices(n)[0]}-{s.indices(n)[1]}" for s, n in zip(index, shape)])
@@ -192,7 +203,7 @@ def _process_file(index: int, count: int) -> str:
 def _write_bytes(url: str, data: bytes) -> None:
     fs, path = fsspec.core.url_to_fs(url)
     try:
-        fs.makedirs(fs._parent(path), exist_ok=True)
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         fs.pipe_file(path, data)
     except OSError as error:
         raise OutputError(f"{url}: cannot write checkpoint shard: {error}") from error
