@@ -30,7 +30,7 @@ from simpo_worker.engine import Engine
 from simpo_worker.metrics import MetricsWriter
 from simpo_worker.pretrained import load_model
 from simpo_worker.progress import Progress, ProgressReporter, reporter_from_env
-from simpo_worker.prompts import host_shard, load_prompts
+from simpo_worker.prompts import PromptSet, host_shard, load_prompts
 from simpo_worker.tokenizer import load_tokenizer
 from simpo_worker.train_step import COMPUTE_DTYPES
 from simpo_worker.trainer import Trainer
@@ -39,36 +39,38 @@ log = logging.getLogger(__name__)
 
 
 class InterleavedRun:
-    def __init__(self, config: WorkerConfig, trainer: Trainer, engine: Engine, tokenizer,
-                 prompts: list[list[int]], prompt_texts: list[str], reporter: ProgressReporter,
-                 metrics: MetricsWriter):
+    def __init__(self, config: WorkerConfig, trainer: Trainer, engine: Engine, tokenizer, prompts: PromptSet,
+                 reporter: ProgressReporter, metrics: MetricsWriter):
         self.config = config
         self.trainer = trainer
         self.engine = engine
         self.tokenizer = tokenizer
         self.prompts = prompts
-        self.prompt_texts = prompt_texts
         self.reporter = reporter
         self.metrics = metrics
         self.schedule = set(config.inference.schedule(config.trainer.num_train_steps))
         self.timeout_s = config.distributed.barrier_timeout_s
 
-    def run(self) -> None:
+    def run(self, stop_at: int | None = None) -> None:
+        """Train to the last step (or to `stop_at`, checkpointed there: a preemption drill), pausing on schedule."""
         config, trainer = self.config, self.trainer
         total = config.trainer.num_train_steps
+        last = total if stop_at is None else min(stop_at, total)
         every = config.trainer.checkpoint.every
         while True:
             if trainer.step in self.schedule and not self._inference_complete(trainer.step):
                 self.pause_for_inference(trainer.step)
-            if trainer.step >= total:
+            if trainer.step >= last:
                 break
             record = trainer.train_step()
             # train_step_compilations stays 1 across pauses: resuming reuses the compiled step.
             self.metrics.write({"event": "train", **record,
                                 "train_step_compilations": trainer.train_step_compilations})
+            log.info("step %d: loss %.4f, reward accuracy %.2f, %.2fs", trainer.step, record["loss"],
+                     record["rewards/accuracies"], record["step_time"])
             self._report(Progress(stage="train", step=trainer.step, totalSteps=total))
             durable_pause = config.trainer.checkpoint.at_eval and trainer.step in self.schedule
-            if durable_pause or (every is not None and trainer.step % every == 0) or trainer.step == total:
+            if durable_pause or (every is not None and trainer.step % every == 0) or trainer.step == last:
                 trainer.save_checkpoint()
 
     def pause_for_inference(self, step: int) -> None:
@@ -89,8 +91,8 @@ class InterleavedRun:
                                   promptsDone=done, promptsTotal=total_prompts, tokens=tokens))
 
         generate_started = time.perf_counter()
-        completions = self.engine.generate(self.trainer.model, [self.prompts[i] for i in indices], indices,
-                                           step=step, seed=seed, progress=progress)
+        completions = self.engine.generate(self.trainer.model, [self.prompts.token_ids[i] for i in indices],
+                                           indices, step=step, seed=seed, progress=progress)
         generate_s = time.perf_counter() - generate_started
         mine = [c for c in completions if c.global_prompt_index in shard]
         rows = [{
@@ -98,7 +100,7 @@ class InterleavedRun:
             "process_index": process_index,
             "process_count": process_count,
             "global_prompt_index": c.global_prompt_index,
-            "prompt": self.prompt_texts[c.global_prompt_index],
+            "prompt": self.prompts.texts[c.global_prompt_index],
             "completion": self.tokenizer.decode(c.token_ids, skip_special_tokens=True),
             "completion_tokens": len(c.token_ids),
             "finish_reason": c.finish_reason,
@@ -151,9 +153,9 @@ def build_run(config: WorkerConfig, reporter: ProgressReporter | None = None) ->
     """Everything a host needs, checked before the first train step: output dir, tokenizer, prompts, model."""
     outputs.check_writable(config.output_dir, jax.process_index())
     tokenizer = load_tokenizer(config.tokenizer or config.model.source)
-    prompt_texts, prompts = load_prompts(config.inference, tokenizer) if config.inference.enabled else ([], [])
+    prompts = load_prompts(config.inference, tokenizer) if config.inference.enabled else PromptSet([], [])
     trainer = Trainer(config, load_model(config.model), tokenizer)
     engine = Engine(trainer.model.config, config.inference, tokenizer.eos_token_ids,
                     compute_dtype=COMPUTE_DTYPES[config.trainer.compute_dtype], mesh=trainer.mesh)
-    return InterleavedRun(config, trainer, engine, tokenizer, prompts, prompt_texts,
+    return InterleavedRun(config, trainer, engine, tokenizer, prompts,
                           reporter or reporter_from_env(), MetricsWriter(config.output_dir))
