@@ -8,10 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from simpo_operator import cli
 from simpo_worker.checkpoint import complete_steps
 from worker_runs import (checked, checkpoint_arrays, preference_files, run_worker, straight_run, tiny_config,
-                         train_records, write_config)
+                         train_records)
 
 
 def test_resume_after_a_restart_is_bit_identical(tmp_path):
@@ -68,8 +67,7 @@ def write_lines(path: Path, lines: list[str]) -> str:
     ("bad_config", 10, "trainer.microbatches: must divide batch_size \\(8\\), got 3"),
     ("missing_model", 12, "{missing}"),
 ])
-def test_bad_input_exit_codes(tmp_path, capsys, case, code, message):
-    """Through the CLI's own dispatch (in this process: these fail before anything compiles)."""
+def test_bad_input_exit_codes(tmp_path, case, code, message):
     good = Path(preference_files()).read_text().splitlines()[0]
     file = tmp_path / "data.jsonl"
     missing = str(tmp_path / "nothing-*.jsonl")
@@ -89,9 +87,9 @@ def test_bad_input_exit_codes(tmp_path, capsys, case, code, message):
         missing = str(tmp_path / "absent.gguf")
         overrides["model"] = {"source": missing}
         overrides["tokenizer"] = "smollm2"
-    exit_code = cli.main(["worker", "--config", str(write_config(tiny_config(output_dir, **overrides)))])
-    stderr = capsys.readouterr().err
-    assert exit_code == code, stderr[-2000:]
+    result = run_worker(tiny_config(output_dir, **overrides))
+    stderr = result.stderr
+    assert result.returncode == code, stderr[-2000:]
     assert re.search(message.format(file=re.escape(str(file)), missing=re.escape(missing)), stderr), stderr[-2000:]
     # Nothing half-done looks complete: no checkpoint, no metrics.
     assert complete_steps(str(output_dir / "checkpoints")) == []
