@@ -131,12 +131,18 @@ def build(out: Path) -> None:
             kube, "k8s.io/kubernetes", p["kubernetes"], staging_replaces(p["kubernetes"]),
             [f"k8s.io/kubernetes/cmd/{c}" for c in KUBE_COMMANDS]))
 
+    # The proxy refuses to list JobSet's versions, which `go install module@version` needs; a wrapper does not.
+    jobset = WRAPPERS / "jobset"
+    if not wrapper_is_current(jobset, "sigs.k8s.io/jobset", p["jobset"]):
+        timed("jobset wrapper module", lambda: write_wrapper(
+            jobset, "sigs.k8s.io/jobset", p["jobset"], {}, ["sigs.k8s.io/jobset"]))
+
     kube_flags = kube_ldflags(p["kubernetes"])
     steps = {  # name -> (version, how to build it)
         "etcd": (p["etcd"], lambda: build_in_wrapper(etcd, "go.etcd.io/etcd/server/v3", "etcd")),
         **{c: (p["kubernetes"], lambda c=c: build_in_wrapper(kube, f"k8s.io/kubernetes/cmd/{c}", c, kube_flags))
            for c in KUBE_COMMANDS},
-        "jobset": (p["jobset"], lambda: install("sigs.k8s.io/jobset", p["jobset"], "jobset")),
+        "jobset": (p["jobset"], lambda: build_in_wrapper(jobset, "sigs.k8s.io/jobset", "jobset")),
         "kwok": (p["kwok"], lambda: install("sigs.k8s.io/kwok/cmd/kwok", p["kwok"], "kwok")),
         "helm": (p["helm"], lambda: install("helm.sh/helm/v3/cmd/helm", p["helm"], "helm")),
         "fake-gcs-server": (p["fake_gcs_server"], lambda: install(
