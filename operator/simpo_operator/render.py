@@ -98,7 +98,8 @@ def render_jobset(job: Job) -> dict[str, Any]:
             "failurePolicy": {
                 "maxRestarts": job.spec.maxRestarts,
                 "rules": [{
-                    "name": "fail-on-non-retryable-exit-code",
+                    # JobSet's webhook allows letters, digits and `_,:` in rule names (no `-`).
+                    "name": "fail_on_non_retryable_exit_code",
                     "action": "FailJobSet",
                     "onJobFailureReasons": [POD_FAILURE_POLICY_REASON],
                 }],

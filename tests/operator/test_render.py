@@ -95,7 +95,7 @@ def test_failure_policy_fails_fast_on_non_retryable_codes_and_restarts_otherwise
     policy = jobset["spec"]["failurePolicy"]
     assert policy["maxRestarts"] == 5
     # Only jobs failed by the pod failure policy fail the JobSet; any other failure restarts it.
-    assert policy["rules"] == [{"name": "fail-on-non-retryable-exit-code", "action": "FailJobSet",
+    assert policy["rules"] == [{"name": "fail_on_non_retryable_exit_code", "action": "FailJobSet",
                                 "onJobFailureReasons": ["PodFailurePolicy"]}]
     _, job_spec, _ = pod_of(jobset)
     assert job_spec["podFailurePolicy"] == {"rules": [{"action": "FailJob", "onExitCodes": {
