@@ -155,7 +155,7 @@ class PreferenceData:
         """Rows `rows` (indices into the global batch: this host's part) of global batch `position`."""
         selected = self.global_rows(position)[rows]
         length = self.config.max_seq_len
-        tokens = np.full((len(selected), 2, length), self._pad_id(), np.int32)
+        tokens = np.full((len(selected), 2, length), self.tokenizer.pad_token_id, np.int32)
         loss_mask = np.zeros((len(selected), 2, length), np.float32)
         lengths = np.zeros((len(selected), 2), np.int32)
         for i, row in enumerate(selected):
@@ -188,10 +188,6 @@ class PreferenceData:
             prompt_ids = prompt_ids[len(prompt_ids) + len(answer_ids) - limit:]
         ids = prompt_ids + answer_ids
         return ids, [0.0] * len(prompt_ids) + [1.0] * len(answer_ids)
-
-    def _pad_id(self) -> int:
-        pad = self.tokenizer.pad_token_id
-        return pad if pad is not None else self.tokenizer.eos_token_id
 
     def _permutation(self, epoch: int) -> np.ndarray:
         if epoch not in self._permutations:
