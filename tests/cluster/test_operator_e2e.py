@@ -1,0 +1,350 @@
+"""The operator end to end on a real control plane: installed with `helm install` from charts/, run as
+`simpo-interleave operator` with the chart's service-account token, driving the real JobSet controller and webhooks,
+with kwok playing the TPU hosts (the worker image's tag tells it what the fake worker does: kwok_pod_stages.yaml).
+"""
+import copy
+import json
+import signal
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+from operator_process import JOBS_NAMESPACE, RELEASE_NAMESPACE, REPO
+from control_plane import wait_for
+
+REFERENCE_JOB = REPO / "manifests/examples/reference-m11-v5p-32.yaml"
+FAKE_WORKER = "simpo-interleave/fake-worker"
+JOB_LABEL = "simpo.dev/job"
+JOBSET_LABEL = "jobset.sigs.k8s.io/jobset-name"
+
+
+def reference_job(image_tag: str, **spec) -> dict:
+    """The reference job (manifests/examples) under a fresh name, its image a fake worker with `image_tag`."""
+    job = yaml.safe_load(REFERENCE_JOB.read_text())
+    job["metadata"] = {"name": f"e2e-{uuid.uuid4().hex[:8]}", "namespace": JOBS_NAMESPACE}
+    job["spec"]["image"] = f"{FAKE_WORKER}:{image_tag}"
+    job["spec"].pop("ttlSecondsAfterFinished", None)
+    job["spec"].update(spec)
+    return job
+
+
+def get_job(cluster, name: str) -> dict:
+    return cluster.get("sij", name, "-n", JOBS_NAMESPACE)
+
+
+def wait_phase(cluster, operator, name: str, phases: tuple[str, ...], timeout_s: float = 120) -> dict:
+    def reached():
+        job = get_job(cluster, name)
+        return job if job.get("status", {}).get("phase") in phases else None
+    return wait_for(reached, timeout_s, f"{name} to reach {phases}", (*cluster.processes.values(), operator.process))
+
+
+def owned_by(obj: dict, job: dict) -> bool:
+    return any(ref["uid"] == job["metadata"]["uid"] and ref.get("controller")
+               for ref in obj["metadata"].get("ownerReferences", []))
+
+
+def pods_of(cluster, name: str) -> list[dict]:
+    return cluster.get("pods", "-n", JOBS_NAMESPACE, "-l", f"{JOBSET_LABEL}={name}")["items"]
+
+
+def events_for(cluster, name: str) -> list[dict]:
+    return cluster.get("events", "-n", JOBS_NAMESPACE, "--field-selector",
+                       f"involvedObject.kind=SimpoInterleaveJob,involvedObject.name={name}")["items"]
+
+
+def condition_types(job: dict) -> dict[str, str]:
+    return {c["type"]: c["status"] for c in job["status"].get("conditions", [])}
+
+
+def test_reference_job_runs_on_its_tpu_shape_and_succeeds(cluster, operator):
+    job = reference_job("run-2s")
+    cluster.apply(job)
+    name = job["metadata"]["name"]
+    done = wait_phase(cluster, operator, name, ("Succeeded", "Failed"))
+    assert done["status"]["phase"] == "Succeeded", done["status"]
+
+    configmap = cluster.get("configmap", f"{name}-config", "-n", JOBS_NAMESPACE)
+    jobset = cluster.get("jobset", name, "-n", JOBS_NAMESPACE)
+    assert owned_by(configmap, done) and owned_by(jobset, done)
+    # Defaulted by JobSet's mutating webhook, which the operator's rendering leaves unset.
+    assert jobset["spec"]["startupPolicy"]["startupPolicyOrder"] == "AnyOrder"
+    assert any(c["type"] == "Completed" and c["status"] == "True" for c in jobset["status"]["conditions"])
+
+    pods = pods_of(cluster, name)
+    # v5p-32: 4 hosts, on the v5p 2x2x4 pool only (not the v5p 2x2x2 pools of the same accelerator).
+    assert len(pods) == 4
+    assert {p["spec"]["nodeName"] for p in pods} == {f"v5p-32-{i}" for i in range(4)}
+    assert all(p["status"]["phase"] == "Succeeded" for p in pods)
+
+    status = done["status"]
+    assert status["jobSetName"] == name and status["hosts"] == 4 and status["restarts"] == 0
+    assert status["startTime"] <= status["completionTime"]
+    assert condition_types(done)["Succeeded"] == "True"
+    assert condition_types(done).get("Running") == "False"
+    reasons = [e["reason"] for e in events_for(cluster, name)]
+    assert "Succeeded" in reasons and "Running" in reasons
+
+
+def test_retryable_failure_restarts_the_jobset_then_recovers(cluster, operator):
+    job = reference_job("run-2s-exit-42-until-attempt-1", maxRestarts=2)
+    cluster.apply(job)
+    name = job["metadata"]["name"]
+    done = wait_phase(cluster, operator, name, ("Succeeded", "Failed"))
+    assert done["status"]["phase"] == "Succeeded", done["status"]
+    assert done["status"]["restarts"] == 1
+    assert condition_types(done)["Restarting"] == "False"
+    restarting = [e for e in events_for(cluster, name) if e["reason"] == "Restarting"]
+    assert restarting and restarting[0]["type"] == "Warning"
+
+
+def test_restart_budget_exhausted_fails_with_the_reason(cluster, operator):
+    job = reference_job("run-1s-exit-42", maxRestarts=1)
+    cluster.apply(job)
+    done = wait_phase(cluster, operator, job["metadata"]["name"], ("Succeeded", "Failed"))
+    status = done["status"]
+    assert status["phase"] == "Failed" and status["restarts"] == 1
+    assert status["reason"] == "ReachedMaxRestarts", status
+    assert status["completionTime"]
+
+
+def test_non_retryable_exit_code_fails_at_once(cluster, operator):
+    job = reference_job("run-1s-exit-11", maxRestarts=3)  # 11: a non-retryable worker error (errors.py)
+    cluster.apply(job)
+    done = wait_phase(cluster, operator, job["metadata"]["name"], ("Succeeded", "Failed"))
+    status = done["status"]
+    assert status["phase"] == "Failed" and status["restarts"] == 0, status
+    assert "FailJobSet" in status["reason"] or "fail_on_non_retryable_exit_code" in status["message"], status
+
+
+def test_suspend_and_resume(cluster, operator):
+    job = reference_job("run-60s")
+    cluster.apply(job)
+    name = job["metadata"]["name"]
+    wait_phase(cluster, operator, name, ("Running",))
+
+    cluster.kubectl("patch", "sij", name, "-n", JOBS_NAMESPACE, "--type=merge", "-p", '{"spec":{"suspend":true}}')
+    wait_phase(cluster, operator, name, ("Suspended",))
+    assert cluster.get("jobset", name, "-n", JOBS_NAMESPACE)["spec"]["suspend"] is True
+    wait_for(lambda: not pods_of(cluster, name), 60, "the suspended job's pods to go away")
+
+    cluster.kubectl("patch", "sij", name, "-n", JOBS_NAMESPACE, "--type=merge", "-p", '{"spec":{"suspend":false}}')
+    resumed = wait_phase(cluster, operator, name, ("Running",))
+    assert condition_types(resumed)["Suspended"] == "False"
+    assert len(pods_of(cluster, name)) == 4
+    cluster.kubectl("delete", "sij", name, "-n", JOBS_NAMESPACE, "--wait=false")
+
+
+def test_delete_cascades_to_everything_it_created(cluster, operator):
+    job = reference_job("run-60s")
+    cluster.apply(job)
+    name = job["metadata"]["name"]
+    wait_phase(cluster, operator, name, ("Running",))
+    assert cluster.get("jobs", "-n", JOBS_NAMESPACE, "-l", f"{JOBSET_LABEL}={name}")["items"]
+
+    cluster.kubectl("delete", "sij", name, "-n", JOBS_NAMESPACE)
+
+    def all_gone() -> bool:
+        leftovers = [kind for kind, selector in (("jobset", f"{JOB_LABEL}={name}"), ("jobs", f"{JOBSET_LABEL}={name}"),
+                                                 ("pods", f"{JOBSET_LABEL}={name}"),
+                                                 ("configmaps", f"{JOB_LABEL}={name}"))
+                     if cluster.get(kind, "-n", JOBS_NAMESPACE, "-l", selector)["items"]]
+        return not leftovers
+    wait_for(all_gone, 90, f"garbage collection of {name}'s JobSet, Jobs, pods and ConfigMap")
+
+
+def test_operator_killed_mid_reconcile_converges_without_duplicates(cluster, operator):
+    job = reference_job("run-5s")
+    name = job["metadata"]["name"]
+    cluster.apply(job)
+    # Kill it hard as soon as it has created the JobSet, before it has seen the JobSet run.
+    wait_for(lambda: cluster.kubectl("get", "jobset", name, "-n", JOBS_NAMESPACE, check=False).returncode == 0,
+             60, f"the operator to create {name}'s JobSet", (operator.process,), interval_s=0.05)
+    operator.process.popen.send_signal(signal.SIGKILL)
+    operator.process.popen.wait(10)
+    time.sleep(2)
+    operator.start()
+    done = wait_phase(cluster, operator, name, ("Succeeded", "Failed"))
+    assert done["status"]["phase"] == "Succeeded", done["status"]
+    assert len(cluster.get("jobset", "-n", JOBS_NAMESPACE, "-l", f"{JOB_LABEL}={name}")["items"]) == 1
+    assert len(cluster.get("configmaps", "-n", JOBS_NAMESPACE, "-l", f"{JOB_LABEL}={name}")["items"]) == 1
+    assert done["status"]["jobSetName"] == name and done["status"]["restarts"] == 0
+
+
+def _rejected(cluster, manifest: dict) -> str:
+    result = cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(manifest), check=False)
+    assert result.returncode != 0, f"accepted: {manifest['spec']}"
+    return result.stderr
+
+
+def _patch_rejected(cluster, name: str, patch: dict) -> str:
+    result = cluster.kubectl("patch", "sij", name, "-n", JOBS_NAMESPACE, "--type=merge", "-p", json.dumps(patch),
+                             check=False)
+    assert result.returncode != 0, f"accepted: {patch}"
+    return result.stderr
+
+
+def test_every_cel_rule_rejects_what_it_should(cluster, operator):
+    crd = cluster.get("crd", "simpointerleavejobs.simpo.dev")
+    rule_messages = set()
+
+    def collect(schema: dict) -> None:
+        rule_messages.update(r["message"] for r in schema.get("x-kubernetes-validations", []))
+        for child in schema.get("properties", {}).values():
+            collect(child)
+        if "items" in schema:
+            collect(schema["items"])
+    collect(crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"])
+
+    def without(d: dict, *keys) -> dict:
+        return {k: v for k, v in d.items() if k not in keys}
+
+    base = reference_job("run-1s", suspend=True)
+    on_create = {  # a resource the rule must refuse at creation
+        "metadata.name: at most 40 characters": {**base, "metadata": {**base["metadata"], "name": "n" * 41}},
+        "not both": {**base, "spec": {**base["spec"], "hosts": 2}},
+        "set spec.outputDir or spec.config.output_dir": {**base, "spec": without(base["spec"], "outputDir")},
+        "set exactly one of spec.tpu.type": {**base, "spec": {**base["spec"], "tpu": {
+            "type": "v5p-32", "accelerator": "tpu-v5p-slice", "topology": "2x2x4"}}},
+        "go together": {**base, "spec": {**base["spec"], "tpu": {"accelerator": "tpu-v5p-slice"}}},
+    }
+    checked = set()
+    for fragment, manifest in on_create.items():
+        message = _rejected(cluster, manifest)
+        assert fragment in message, message
+        checked.update(m for m in rule_messages if fragment in m)
+
+    cluster.apply(base)
+    name = base["metadata"]["name"]
+    cpu_job = reference_job("run-1s", suspend=True, hosts=2)
+    del cpu_job["spec"]["tpu"]
+    cluster.apply(cpu_job)
+    on_update = {  # (job, patch) the rule must refuse as an update
+        "spec.tpu is immutable": (name, {"spec": {"tpu": {"type": "v5p-16"}}}),
+        "spec.image is immutable": (name, {"spec": {"image": f"{FAKE_WORKER}:other"}}),
+        "spec.outputDir is immutable": (name, {"spec": {"outputDir": "gs://elsewhere/x"}}),
+        "spec.serviceAccountName is immutable": (name, {"spec": {"serviceAccountName": "someone-else"}}),
+        "spec.maxRestarts is immutable": (name, {"spec": {"maxRestarts": 9}}),
+        "spec.hosts is immutable": (cpu_job["metadata"]["name"], {"spec": {"hosts": 3}}),
+        "cannot be added or removed after creation": (cpu_job["metadata"]["name"],
+                                                      {"spec": {"hosts": None, "tpu": {"type": "v5p-32"}}}),
+    }
+    for fragment, (job_name, patch) in on_update.items():
+        message = _patch_rejected(cluster, job_name, patch)
+        assert fragment in message, message
+        checked.update(m for m in rule_messages if fragment in m)
+    assert checked == rule_messages, f"CEL rules without a test here: {rule_messages - checked}"
+    # What stays editable: suspend.
+    cluster.kubectl("patch", "sij", name, "-n", JOBS_NAMESPACE, "--type=merge", "-p", '{"spec":{"suspend":false}}')
+    for job_name in (name, cpu_job["metadata"]["name"]):
+        cluster.kubectl("delete", "sij", job_name, "-n", JOBS_NAMESPACE, "--wait=false")
+
+
+def test_schema_violations_are_rejected_by_the_apiserver(cluster, operator):
+    base = reference_job("run-1s")
+    wrong_type = copy.deepcopy(base)
+    wrong_type["spec"]["maxRestarts"] = "three"
+    assert "spec.maxRestarts" in _rejected(cluster, wrong_type)
+    unknown_field = copy.deepcopy(base)
+    unknown_field["spec"]["replicas"] = 2
+    assert 'unknown field "spec.replicas"' in _rejected(cluster, unknown_field)
+    unknown_config_key = copy.deepcopy(base)
+    unknown_config_key["spec"]["config"]["trainer"]["num_train_stepz"] = 7
+    assert "spec.config.trainer.num_train_stepz" in _rejected(cluster, unknown_config_key)
+    missing_image = copy.deepcopy(base)
+    del missing_image["spec"]["image"]
+    assert "spec.image" in _rejected(cluster, missing_image)
+
+
+def test_invalid_config_is_reported_failed_with_a_clear_message(cluster, operator):
+    job = reference_job("run-1s")
+    job["spec"]["config"]["inference"]["eval_at_steps"] = [9]  # the run has 7 steps
+    cluster.apply(job)
+    name = job["metadata"]["name"]
+    failed = wait_phase(cluster, operator, name, ("Failed", "Running", "Pending", "Succeeded"))
+    status = failed["status"]
+    assert status["phase"] == "Failed" and status["reason"] == "InvalidSpec", status
+    assert "spec.config.inference.eval_at_steps" in status["message"] and "9" in status["message"]
+    assert cluster.kubectl("get", "jobset", name, "-n", JOBS_NAMESPACE, check=False).returncode != 0
+
+    bad_tpu = reference_job("run-1s")
+    bad_tpu["spec"]["tpu"] = {"type": "v5p-33"}
+    cluster.apply(bad_tpu)
+    failed = wait_phase(cluster, operator, bad_tpu["metadata"]["name"], ("Failed", "Running", "Pending"))
+    assert failed["status"]["reason"] == "InvalidSpec" and "spec.tpu.type" in failed["status"]["message"]
+
+
+def test_worker_token_patches_progress_and_nothing_else(cluster, operator):
+    job = reference_job("run-30s")
+    cluster.apply(job)
+    name = job["metadata"]["name"]
+    wait_phase(cluster, operator, name, ("Running",))
+    as_worker = cluster.token_kubeconfig(job["spec"]["serviceAccountName"], JOBS_NAMESPACE, "worker")
+    progress = {"stage": "infer", "step": 2, "totalSteps": 7, "promptsDone": 64, "promptsTotal": 128, "tokens": 1234}
+    cluster.kubectl("patch", "sij", name, "-n", JOBS_NAMESPACE, "--subresource=status", "--type=merge",
+                    "-p", json.dumps({"status": {"progress": progress}}), kubeconfig_path=as_worker)
+    assert get_job(cluster, name)["status"]["progress"] == progress
+
+    forbidden = [
+        ("patch", "sij", name, "-n", JOBS_NAMESPACE, "--type=merge", "-p", '{"spec":{"suspend":true}}'),
+        ("delete", "sij", name, "-n", JOBS_NAMESPACE),
+        ("get", "configmap", f"{name}-config", "-n", JOBS_NAMESPACE),
+        ("get", "pods", "-n", JOBS_NAMESPACE),
+        ("get", "jobset", name, "-n", JOBS_NAMESPACE),
+        ("create", "configmap", "sneaky", "-n", JOBS_NAMESPACE),
+        ("get", "sij", "-n", RELEASE_NAMESPACE),
+        ("get", "secrets", "-n", JOBS_NAMESPACE),
+    ]
+    for args in forbidden:
+        result = cluster.kubectl(*args, kubeconfig_path=as_worker, check=False)
+        assert result.returncode != 0 and "forbidden" in result.stderr.lower(), (args, result.stdout, result.stderr)
+    # The operator's own status writes leave the worker's progress alone.
+    cluster.kubectl("patch", "sij", name, "-n", JOBS_NAMESPACE, "--type=merge", "-p", '{"spec":{"suspend":true}}')
+    suspended = wait_phase(cluster, operator, name, ("Suspended",))
+    assert suspended["status"]["progress"] == progress
+    cluster.kubectl("delete", "sij", name, "-n", JOBS_NAMESPACE, "--wait=false")
+
+
+def _normalised(objects: list[dict]) -> dict[tuple, dict]:
+    return {(o["kind"], o["metadata"].get("namespace"), o["metadata"]["name"]): o for o in objects if o}
+
+
+def test_kubectl_apply_manifests_gives_the_same_objects_as_the_chart(cluster, operator, chart):
+    from_chart = _normalised([*yaml.safe_load_all(chart.rendered()),
+                              *yaml.safe_load_all((REPO / "charts/simpo-interleave/crds/crd.yaml").read_text())])
+    from_manifests = _normalised([o for f in sorted((REPO / "manifests").glob("*.yaml"))
+                                  for o in yaml.safe_load_all(f.read_text())])
+    # `helm install --create-namespace` makes the release namespace; kubectl needs it in manifests/.
+    del from_manifests[("Namespace", None, RELEASE_NAMESPACE)]
+    assert from_manifests.keys() == from_chart.keys()
+    for key, obj in from_manifests.items():
+        assert obj == from_chart[key], key
+    # And the API server agrees: applying manifests/ over the helm release changes nothing.
+    dry_run = cluster.kubectl("apply", "--server-side", "--force-conflicts", "--dry-run=server", "-f",
+                              str(REPO / "manifests"), "-o", "json").stdout
+    applied = json.loads(dry_run)
+    for obj in applied.get("items", [applied]):
+        if (obj["kind"], obj["metadata"]["name"]) == ("Namespace", RELEASE_NAMESPACE):
+            continue
+        live = cluster.get(obj["kind"], obj["metadata"]["name"],
+                           *(["-n", obj["metadata"]["namespace"]] if obj["metadata"].get("namespace") else []))
+        for field in ("spec", "rules", "roleRef", "subjects", "data"):
+            assert obj.get(field) == live.get(field), (obj["kind"], obj["metadata"]["name"], field)
+        assert obj["metadata"].get("labels") == live["metadata"].get("labels"), obj["metadata"]["name"]
+
+
+def test_kubectl_get_sij_shows_the_printer_columns(cluster, operator):
+    job = reference_job("run-1s", maxRestarts=1)
+    cluster.apply(job)
+    name = job["metadata"]["name"]
+    wait_phase(cluster, operator, name, ("Succeeded",))
+    table = cluster.kubectl("get", "sij", name, "-n", JOBS_NAMESPACE).stdout.splitlines()
+    assert table[0].split() == ["NAME", "PHASE", "STAGE", "STEP", "RESTARTS", "AGE"]
+    assert table[1].split()[:2] == [name, "Succeeded"]
+    wide = cluster.kubectl("get", "simpointerleavejobs", name, "-n", JOBS_NAMESPACE, "-o", "wide").stdout.splitlines()
+    assert {"STEPS", "HOSTS", "REASON"} <= set(wide[0].split())
+    assert "4" in wide[1].split()  # hosts
