@@ -19,8 +19,10 @@ _GRACE_S = 10.0
 
 
 def run_host_processes(argv: Sequence[str], host_envs: Sequence[Mapping[str, str]], timeout_s: float,
-                       out: TextIO = sys.stdout, cwd: str | None = None) -> int:
-    """Start one process per env; return 0 if all succeed, else the exit code of the first host that failed."""
+                       out: TextIO | None = None, cwd: str | None = None) -> int:
+    """Start one process per env; return 0 if all succeed, else the exit code of the first host that failed.
+    Host output goes to `out` (default: the sys.stdout of the moment, which may have been redirected)."""
+    out = sys.stdout if out is None else out
     processes = []
     pumps = []
     try:
