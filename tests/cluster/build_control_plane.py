@@ -114,7 +114,7 @@ def build(out: Path) -> None:
     staging.mkdir(parents=True, exist_ok=True)
 
     def build_in_wrapper(wrapper: Path, package: str, name: str, ldflags: str = "-s -w") -> None:
-        go("build", "-ldflags", ldflags, "-o", str(staging / name), package, cwd=wrapper)
+        go("build", "-buildvcs=false", "-ldflags", ldflags, "-o", str(staging / name), package, cwd=wrapper)
         (staging / name).rename(out / name)
 
     def install(module_path: str, version: str, name: str) -> None:
