@@ -23,7 +23,7 @@ demo: install
 	$(VENV)/bin/simpo-interleave demo
 
 # The cluster tier's Go programs (etcd, kube-*, kubectl, JobSet, kwok, helm, fake-gcs-server), built from the Go
-# module proxy and cached by version under ~/.cache/simpo-interleave/bin: about 40 min on a fresh 2-core machine.
+# module proxy and cached by version under ~/.cache/simpo-interleave/bin: about 25 min on a fresh 2-core machine, seconds once cached.
 control-plane: install
 	$(PY) tests/cluster/build_control_plane.py
 

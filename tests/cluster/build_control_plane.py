@@ -2,7 +2,11 @@
 
 Versions live only in pyproject.toml [tool.simpo-interleave.pins]. The binaries land in
 ~/.cache/simpo-interleave/bin/<hash of pins and Go version>/ (SIMPO_CONTROL_PLANE_CACHE overrides the root),
-so a second run finds them and takes seconds. Run: python tests/cluster/build_control_plane.py
+so a second run finds them and takes seconds. Run: python tests/cluster/build_control_plane.py (or make control-plane)
+
+Measured on this project's 2-core machine, shared with other work, empty Go caches: about 25 minutes in all
+(kube-apiserver alone 10.5, kube-controller-manager 2, kwok 4, JobSet 3, fake-gcs-server 2, etcd 1.5, the rest
+under a minute each); with the cache present: under a second.
 """
 import hashlib
 import json

@@ -118,7 +118,8 @@ def test_non_retryable_exit_code_fails_at_once(cluster, operator):
     done = wait_phase(cluster, operator, job["metadata"]["name"], ("Succeeded", "Failed"))
     status = done["status"]
     assert status["phase"] == "Failed" and status["restarts"] == 0, status
-    assert "FailJobSet" in status["reason"] or "fail_on_non_retryable_exit_code" in status["message"], status
+    # JobSet's FailJobSet action, from the operator's rule for the pod failure policy's FailJob.
+    assert status["reason"] == "FailJobSetFailurePolicyAction", status
 
 
 def test_suspend_and_resume(cluster, operator):
