@@ -50,6 +50,16 @@ def missing_artifacts(directory: Path) -> list[str]:
     return [name for name in wanted if not (directory / name).exists()]
 
 
+def built_dir() -> Path:
+    """The directory of built binaries; an error naming the build command if anything is missing (never a skip)."""
+    directory = bin_dir()
+    missing = missing_artifacts(directory)
+    if missing:
+        raise RuntimeError(f"control-plane binaries missing from {directory}: {missing}. Build them first: "
+                           "make control-plane (python tests/cluster/build_control_plane.py)")
+    return directory
+
+
 def go(*args: str, cwd: Path | None = None, env: dict | None = None) -> str:
     result = subprocess.run(["go", *args], cwd=cwd, env={**os.environ, **(env or {})},
                             capture_output=True, text=True)

@@ -15,7 +15,7 @@ def fake_gcs(tmp_path) -> str:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = Process("fake-gcs-server", [
-        str(build_control_plane.bin_dir() / "fake-gcs-server"), "-scheme", "http", "-host", "127.0.0.1",
+        str(build_control_plane.built_dir() / "fake-gcs-server"), "-scheme", "http", "-host", "127.0.0.1",
         "-port", str(port), "-backend", "memory", "-public-host", f"127.0.0.1:{port}", "-external-url", url,
         "-log-level", "warn"], tmp_path).start()
     try:
