@@ -90,6 +90,24 @@ def test_reference_job_runs_on_its_tpu_shape_and_succeeds(cluster, operator):
     assert "Succeeded" in reasons and "Running" in reasons
 
 
+def test_multislice_gets_one_node_pool_per_slice(cluster, operator):
+    job = reference_job("run-2s", tpu={"type": "v5p-16", "slices": 2})
+    cluster.apply(job)
+    name = job["metadata"]["name"]
+    done = wait_phase(cluster, operator, name, ("Succeeded", "Failed"))
+    assert done["status"]["phase"] == "Succeeded", done["status"]
+    assert done["status"]["hosts"] == 4
+    pools_by_slice: dict[str, set[str]] = {}
+    for pod in pods_of(cluster, name):
+        node = cluster.get("node", pod["spec"]["nodeName"])
+        pools_by_slice.setdefault(pod["metadata"]["labels"]["jobset.sigs.k8s.io/job-index"], set()).add(
+            node["metadata"]["labels"]["cloud.google.com/gke-nodepool"])
+    # JobSet's exclusive placement (the operator's annotation): each slice fills its own v5p 2x2x2 pool.
+    assert sorted(pools_by_slice) == ["0", "1"]
+    assert all(len(pools) == 1 for pools in pools_by_slice.values())
+    assert set.union(*pools_by_slice.values()) == {"v5p-16-a", "v5p-16-b"}
+
+
 def test_retryable_failure_restarts_the_jobset_then_recovers(cluster, operator):
     job = reference_job("run-2s-exit-42-until-attempt-1", maxRestarts=2)
     cluster.apply(job)
