@@ -66,7 +66,10 @@ def demo_job(data_dir: Path, output_dir: Path, small: bool, hosts: int) -> dict[
                  "max_seq_len": 128},
         "optimizer": {"learning_rate": 5e-6, "warmup_steps": 1},
         "simpo": {"beta": 2.5, "gamma_beta_ratio": 0.55},
-        "trainer": {"num_train_steps": REFERENCE_STEPS, "batch_size": 8, "seed": 0},
+        # Params and optimizer state sharded over the hosts (FSDP) and two microbatches: 4 hosts of SmolLM2
+        # training fit in this machine's 24 GiB. Inference still gets a full replica per host.
+        "trainer": {"num_train_steps": REFERENCE_STEPS, "batch_size": 8, "microbatches": 2,
+                    "mesh": {"data": 1, "fsdp": -1}, "seed": 0},
         "inference": {
             "eval_at_steps": [REFERENCE_EVAL_STEP],
             "mode": "host_data_parallel",

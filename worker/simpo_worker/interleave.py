@@ -66,8 +66,9 @@ class InterleavedRun:
             # train_step_compilations stays 1 across pauses: resuming reuses the compiled step.
             self.metrics.write({"event": "train", **record,
                                 "train_step_compilations": trainer.train_step_compilations})
-            log.info("step %d: loss %.4f, reward accuracy %.2f, %.2fs", trainer.step, record["loss"],
-                     record["rewards/accuracies"], record["step_time"])
+            if is_leader():
+                log.info("step %d: loss %.4f, reward accuracy %.2f, %.2fs", trainer.step, record["loss"],
+                         record["rewards/accuracies"], record["step_time"])
             self._report(Progress(stage="train", step=trainer.step, totalSteps=total))
             durable_pause = config.trainer.checkpoint.at_eval and trainer.step in self.schedule
             if durable_pause or (every is not None and trainer.step % every == 0) or trainer.step == last:
@@ -85,10 +86,14 @@ class InterleavedRun:
         else:
             indices = list(shard)
         total_prompts = len(self.prompts)
+        total_steps = self.config.trainer.num_train_steps
 
         def progress(done: int, tokens: int) -> None:
-            self._report(Progress(stage="infer", step=step, totalSteps=self.config.trainer.num_train_steps,
-                                  promptsDone=done, promptsTotal=total_prompts, tokens=tokens))
+            # While decoding, hosts do not talk: the leader reports its own shard; the totals come at the end.
+            if not is_leader():
+                log.info("inference at step %d: %d/%d prompts done, %d tokens", step, done, len(indices), tokens)
+            self._report(Progress(stage="infer", step=step, totalSteps=total_steps,
+                                  promptsDone=done, promptsTotal=len(indices), tokens=tokens))
 
         generate_started = time.perf_counter()
         completions = self.engine.generate(self.trainer.model, [self.prompts.token_ids[i] for i in indices],
@@ -131,6 +136,8 @@ class InterleavedRun:
                                 "engine_compilations": self.engine.compilations})
             log.info("inference at step %d: %d prompts, %d tokens, %.1f tok/s, %.1fs", step, total_prompts,
                      manifest["completion_tokens"], manifest["tokens_per_second"] or 0.0, phase_seconds["total"])
+            self._report(Progress(stage="infer", step=step, totalSteps=total_steps, promptsDone=total_prompts,
+                                  promptsTotal=total_prompts, tokens=manifest["completion_tokens"]))
         barrier(f"infer-{step}-done", self.timeout_s)
 
     def _inference_complete(self, step: int) -> bool:
