@@ -53,3 +53,25 @@ def test_unwritable_output_dir(tmp_path):
     blocker.write_text("not a dir")
     with pytest.raises(OutputError, match="cannot write"):
         outputs.check_writable(str(blocker / "run"), 0)
+
+
+def test_gcs_through_the_emulator(monkeypatch):
+    """The same calls against gs:// (fake-gcs-server over HTTP, gcsfs as for real GCS)."""
+    import fsspec.config
+
+    from gcs_emulator import BUCKET, gcs_emulator
+
+    with gcs_emulator() as env:
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        monkeypatch.setattr(fsspec.config, "conf", {})
+        fsspec.config.set_conf_env(fsspec.config.conf)
+        out = f"gs://{BUCKET}/run"
+        outputs.check_writable(out, 0)
+        outputs.write_host_shard(out, 2, 0, 1, [row(2, 0, 1, 0, 4), row(2, 0, 1, 1, 6, "length")])
+        manifest = outputs.build_manifest(out, 2, 2, 1, [{"generate_seconds": 1.0}], {})
+        outputs.write_atomic(outputs.manifest_path(out, 2), json.dumps(manifest))
+        assert outputs.read_manifest(out, 2)["completion_tokens"] == 10
+        outputs.append_line(outputs.join(out, "metrics.jsonl"), {"step": 1})
+        outputs.append_line(outputs.join(out, "metrics.jsonl"), {"step": 2})
+        assert outputs.read_jsonl(outputs.join(out, "metrics.jsonl")) == [{"step": 1}, {"step": 2}]
