@@ -79,6 +79,8 @@ def demo_job(data_dir: Path, output_dir: Path, small: bool, hosts: int) -> dict[
             "temperature": 0.7,
             "top_p": 0.9,
         },
+        # On CPU one host may decode 2048 tokens for a long time while the others wait at the barrier.
+        "distributed": {"barrier_timeout_s": 4 * 3600},
         "output_dir": str(output_dir),
     }
     return {
