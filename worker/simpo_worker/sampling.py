@@ -60,9 +60,17 @@ def filter_logits(logits: jax.Array, params: SamplingParams) -> jax.Array:
     return logits
 
 
+def first_argmax(logits: jax.Array) -> jax.Array:
+    """jnp.argmax over the last axis (the first index of the maximum), as two plain reductions: XLA:CPU's
+    variadic argmax reduce measured ~7x slower on [32, 49152] logits, a visible share of a decode step."""
+    best = logits.max(axis=-1, keepdims=True)
+    vocab = logits.shape[-1]
+    return jnp.min(jnp.where(logits == best, jnp.arange(vocab, dtype=jnp.int32), vocab), axis=-1)
+
+
 def next_tokens(logits: jax.Array, keys: jax.Array, params: SamplingParams) -> jax.Array:
     """[B, V] float32 logits -> [B] int32 tokens; `keys` are this step's per-prompt keys (unused when greedy)."""
     if params.greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return first_argmax(logits)
     filtered = filter_logits(logits, params)
     return jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
