@@ -113,7 +113,7 @@ def completions(output_dir: str, step: int = 2) -> dict[int, str]:
 
 
 @pytest.mark.parametrize("hosts,mode", [(2, "host_data_parallel"), (4, "host_data_parallel"),
-                                        (2, "global_mesh")])
+                                        (2, "global_mesh"), (4, "global_mesh")])
 def test_flow_covers_every_prompt_once(runs, hosts, mode):
     out = runs.get(f"flow-{hosts}-{mode}", hosts, mode=mode)
     manifest = outputs.read_manifest(out, 2)
@@ -138,8 +138,9 @@ def test_flow_covers_every_prompt_once(runs, hosts, mode):
 def test_completions_do_not_depend_on_the_host_count(runs):
     two = completions(runs.get("flow-2-host_data_parallel", 2))
     four = completions(runs.get("flow-4-host_data_parallel", 4))
-    mesh = completions(runs.get("flow-2-global_mesh", 2, mode="global_mesh"))
-    assert two == four == mesh
+    mesh_two = completions(runs.get("flow-2-global_mesh", 2, mode="global_mesh"))
+    mesh_four = completions(runs.get("flow-4-global_mesh", 4, mode="global_mesh"))
+    assert two == four == mesh_two == mesh_four
     assert len(set(two.values())) > 1  # sampled, not degenerate
 
 
