@@ -105,7 +105,7 @@ class Engine:
         self.compilations = 0
         self._prefill = jax.jit(self._prefill_fn, static_argnames=("window",))
         self._decode = jax.jit(self._decode_fn, donate_argnums=(1,))
-        self._grow = jax.jit(self._grow_fn, static_argnums=(1,), donate_argnums=(0,))
+        self._grow = jax.jit(self._grow_fn, static_argnums=(1,))
 
     # ---- public ----------------------------------------------------------------------------------------
 
