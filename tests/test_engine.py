@@ -149,6 +149,23 @@ def test_completions_do_not_depend_on_batch_size_or_slot(tiny):
         assert all(result == results[0] for result in results[1:]), sampling
 
 
+def test_finished_rows_are_compacted_away_without_changing_results(tiny):
+    """Rows that stop early leave the batch mid-wave; every completion is what batch size 1 gives."""
+    eos = list(range(3, 9))  # frequent enough that most rows stop within the first chunks
+    prompts = prompts_of([5, 8, 13, 21, 6, 9, 17, 11], tiny.config.vocab_size)
+    indices = list(range(8))
+    settings = {"max_new_tokens": 300, "temperature": 1.0, "max_prompt_len": 32}
+    wide = engine_for(tiny, eos=eos, batch_size=8, **settings)
+    compacted = wide.generate(tiny, prompts, indices, step=1, seed=5)
+    assert wide.compactions >= 1
+    check_finish(compacted, eos, 300)
+    lengths = sorted(len(c.token_ids) for c in compacted)
+    assert lengths[0] < 64 < lengths[-1]  # some rows ended in the first chunk, one decoded on after compaction
+    one_by_one = engine_for(tiny, eos=eos, batch_size=1, **settings).generate(tiny, prompts, indices, step=1, seed=5)
+    assert [(c.global_prompt_index, c.token_ids, c.finish_reason) for c in compacted] == \
+        [(c.global_prompt_index, c.token_ids, c.finish_reason) for c in one_by_one]
+
+
 def test_sampling_keys_follow_seed_step_and_global_index(tiny):
     engine = engine_for(tiny, max_new_tokens=16, **SAMPLED)
     prompt = prompts_of([9], tiny.config.vocab_size)

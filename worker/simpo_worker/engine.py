@@ -4,7 +4,9 @@ How a call runs:
 - The prompts are cut into waves of at most `inference.batch_size` slots. A wave is right-padded to a length
   bucket and prefilled in one forward; then a `lax.while_loop` decodes up to `CHUNK_STEPS` tokens per call and
   stops early once every sequence has finished. Between chunks the host only reads a few flags (and reports
-  progress). A wave ends when its longest sequence ends; finished slots idle until then (waves, not continuous
+  progress). A wave ends when its longest sequence ends. Once at most half of its rows still decode, the
+  finished rows' results are kept and the batch is compacted to the next smaller bucket (cache rows included),
+  so a long tail costs the compute and memory of its own rows, not of the whole wave (waves, not continuous
   refill: see bench/bench_decode.py and bench/m11_inference.py for the measured slot utilisation).
 - Every shape is bucketed (batch: power of two up to batch_size; prompt length: multiples of PROMPT_BUCKET;
   attention window: multiples of WINDOW_BUCKET), so a second call with similar prompts compiles nothing.
@@ -103,9 +105,11 @@ class Engine:
             self.batch_multiple = len(jax.local_devices())
         self.max_slots = _round_up(inference.batch_size, self.batch_multiple)
         self.compilations = 0
+        self.compactions = 0  # batches shrunk mid-wave (finished rows dropped)
         self._prefill = jax.jit(self._prefill_fn, static_argnames=("window",))
         self._decode = jax.jit(self._decode_fn, donate_argnums=(1,))
         self._grow = jax.jit(self._grow_fn, static_argnums=(1,))
+        self._compact = jax.jit(self._compact_fn)
 
     # ---- public ----------------------------------------------------------------------------------------
 
@@ -177,11 +181,26 @@ class Engine:
         put = self._place
         state = self._prefill(weights, put(tokens), put(lengths), put(global_index), put(active),
                               jnp.int32(step), jnp.int32(seed), window=window)
+        rows = np.arange(slots)  # the wave row (prompt) that each batch row holds
+        results: dict[int, Completion] = {}
         while True:
-            generated, done = _to_host(state.generated), _to_host(state.done)
-            progress(int(done[:n].sum()), int(_to_host(state.counts)[:n].sum()))
+            generated, done, counts = _to_host(state.generated), _to_host(state.done), _to_host(state.counts)
+            real = rows < n
+            held = set(rows[real].tolist())
+            progress(len(set(results) - held) + int((done & real).sum()),
+                     sum(len(c.token_ids) for r, c in results.items() if r not in held) + int(counts[real].sum()))
             if done.all():
                 break
+            live = np.flatnonzero(~done)
+            smaller = self._wave_slots(len(live))
+            if smaller < len(rows):
+                # At most half the rows still decode: keep the finished ones' results and go on with a smaller
+                # batch (finished rows would otherwise cost a full row of compute and cache every step).
+                self._collect(state, rows, done & real, indices, results)
+                keep = np.concatenate([live, np.flatnonzero(done)[:smaller - len(live)]]).astype(np.int32)
+                state = self._compact(state, self._place(keep, P()))
+                self.compactions += 1
+                rows = rows[keep]
             stop_at = min(int(generated) + CHUNK_STEPS, inf.max_new_tokens)
             needed = self._window(longest, stop_at)
             if needed > window:
@@ -189,18 +208,26 @@ class Engine:
                 window = needed
             state = self._decode(weights, state, jnp.int32(stop_at))
 
+        self._collect(state, rows, rows < n, indices, results)
+        return [results[row] for row in range(n)]
+
+    @staticmethod
+    def _collect(state: DecodeState, rows: np.ndarray, mask: np.ndarray, indices, results: dict) -> None:
+        """Completions of the batch rows in `mask`, keyed by their wave row."""
         out, counts, stopped = _to_host(state.out), _to_host(state.counts), _to_host(state.stopped)
-        return [Completion(global_prompt_index=int(indices[row]), token_ids=out[row, :counts[row]].tolist(),
-                           finish_reason="stop" if stopped[row] else "length") for row in range(n)]
+        for b in np.flatnonzero(mask):
+            results[int(rows[b])] = Completion(global_prompt_index=int(indices[rows[b]]),
+                                               token_ids=out[b, :counts[b]].tolist(),
+                                               finish_reason="stop" if stopped[b] else "length")
 
     def _window(self, longest_prompt: int, generated_by: int) -> int:
         """Cache slots needed until `generated_by` tokens exist: the last one fed sits at position
         prompt + generated_by - 2 (the final token is sampled, never fed)."""
         return _round_up(longest_prompt + generated_by - 1, WINDOW_BUCKET)
 
-    def _place(self, array: np.ndarray) -> jax.Array:
+    def _place(self, array: np.ndarray, spec: Optional[P] = None) -> jax.Array:
         """Host data (identical on every host in global_mesh mode) onto the engine's batch sharding."""
-        sharding = NamedSharding(self.mesh, self.batch_spec)
+        sharding = NamedSharding(self.mesh, self.batch_spec if spec is None else spec)
         return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
     def _weights(self, model: Llama) -> DecodeWeights:
@@ -259,6 +286,11 @@ class Engine:
         self.compilations += 1
         grow = lambda c: jnp.pad(c, ((0, 0), (0, 0), (0, window - c.shape[2]), (0, 0)))
         return eqx.tree_at(lambda s: (s.k, s.v), state, (tuple(map(grow, state.k)), tuple(map(grow, state.v))))
+
+    def _compact_fn(self, state: DecodeState, keep) -> DecodeState:
+        self.compilations += 1
+        per_row = lambda s: (s.tokens, s.positions, s.counts, s.done, s.stopped, s.out, s.keys, s.k, s.v)
+        return self._constrain(eqx.tree_at(per_row, state, jax.tree.map(lambda a: a[keep], per_row(state))))
 
     def _is_stop(self, tokens):
         if self.inference.ignore_eos:
