@@ -1,13 +1,13 @@
-"""Llama in equinox: one forward for training (full sequences) and decoding (a KV cache indexed by position).
+"""Llama in equinox: the full-sequence forward that training uses (the inference engine decodes with the same
+building blocks, rms_norm / rotary / attention math, over its own KV-cache layout).
 
 Layout choices, for speed and sharding:
 - Weights are plain arrays in `x @ W` orientation ([in, out]); HF stores [out, in], the loaders transpose.
 - The decoder layers are stacked on a leading axis and run with `lax.scan`: one layer is traced and compiled
   once, whatever the depth (30 layers for SmolLM2), which keeps compile time flat.
 - Rotary embeddings use HF's rotate-half convention (GGUF's interleaved q/k layout is undone when loading).
-- Positions are explicit per token. The KV cache slot of a token is its position, so a batch of prompts of
-  different lengths is right-padded, and the causal rule `key position <= query position` alone hides padding
-  (a padded slot is overwritten by the next real token before any query can see it).
+- Positions are explicit per token; sequences are right-padded, so the causal rule `key position <= query
+  position` alone keeps real tokens from attending to padding.
 """
 
 from __future__ import annotations
@@ -37,22 +37,6 @@ class DecoderLayers(eqx.Module):
     w_down: Float[Array, "L f d"]
 
 
-class KVCache(eqx.Module):
-    """Per-layer keys and values; slot s of row b holds the token at position s of sequence b."""
-
-    k: Float[Array, "L B S kv hd"]
-    v: Float[Array, "L B S kv hd"]
-
-    @staticmethod
-    def zeros(config: ArchitectureConfig, batch: int, length: int, dtype=jnp.float32) -> "KVCache":
-        shape = (config.num_layers, batch, length, config.num_kv_heads, config.resolved_head_dim)
-        return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
-
-    @property
-    def length(self) -> int:
-        return self.k.shape[2]
-
-
 class Llama(eqx.Module):
     config: ArchitectureConfig = eqx.field(static=True)
     embed: Float[Array, "V d"]
@@ -61,70 +45,40 @@ class Llama(eqx.Module):
     # None when the output head is tied to the embedding.
     lm_head: Optional[Float[Array, "d V"]]
 
-    def __call__(
-        self,
-        tokens: Int[Array, "B T"],
-        positions: Int[Array, "B T"],
-        cache: Optional[KVCache] = None,
-        compute_dtype=jnp.float32,
-    ) -> tuple[Float[Array, "B T V"], Optional[KVCache]]:
-        """Logits (float32) for every token, and the cache with these tokens' keys/values written in."""
-        hidden, cache = self.hidden_states(tokens, positions, cache, compute_dtype)
-        return self.logits(hidden), cache
+    def __call__(self, tokens: Int[Array, "B T"], positions: Int[Array, "B T"],
+                 compute_dtype=jnp.float32) -> Float[Array, "B T V"]:
+        """Logits (float32) for every token."""
+        return self.logits(self.hidden_states(tokens, positions, compute_dtype))
 
-    def hidden_states(self, tokens, positions, cache=None, compute_dtype=jnp.float32):
-        """Final-normed hidden states [B, T, d] in compute_dtype, and the updated cache."""
+    def hidden_states(self, tokens, positions, compute_dtype=jnp.float32):
+        """Final-normed hidden states [B, T, d] in compute_dtype."""
         c = self.config
         cos, sin = rotary_tables(c, positions)
         x = self.embed.astype(compute_dtype)[tokens]
         layers = jax.tree.map(lambda w: w.astype(compute_dtype), self.layers)
-
-        def layer(x, scanned):
-            weights, layer_cache = scanned
-            x, layer_cache = decoder_layer(c, weights, x, positions, cos, sin, layer_cache)
-            return x, layer_cache
-
-        if cache is None:
-            x, _ = jax.lax.scan(lambda x, w: layer(x, (w, None)), x, layers)
-        else:
-            x, (k, v) = jax.lax.scan(layer, x, (layers, (cache.k, cache.v)))
-            cache = KVCache(k=k, v=v)
-        return rms_norm(x, self.final_norm, c.rms_norm_eps), cache
+        x, _ = jax.lax.scan(lambda x, w: (decoder_layer(c, w, x, positions, cos, sin), None), x, layers)
+        return rms_norm(x, self.final_norm, c.rms_norm_eps)
 
     def logits(self, hidden: Float[Array, "B T d"]) -> Float[Array, "B T V"]:
         head = self.embed.T if self.lm_head is None else self.lm_head
         return jnp.einsum("btd,dv->btv", hidden, head.astype(hidden.dtype)).astype(jnp.float32)
 
 
-def decoder_layer(c: ArchitectureConfig, w: DecoderLayers, x, positions, cos, sin, layer_cache):
+def decoder_layer(c: ArchitectureConfig, w: DecoderLayers, x, positions, cos, sin):
     """One pre-norm Llama block. `w` holds a single layer's weights (no L axis)."""
     batch, length, _ = x.shape
     hd, heads, kv_heads = c.resolved_head_dim, c.num_heads, c.num_kv_heads
 
     h = rms_norm(x, w.attn_norm, c.rms_norm_eps)
-    q = (h @ w.wq).reshape(batch, length, heads, hd)
-    k = (h @ w.wk).reshape(batch, length, kv_heads, hd)
+    q = apply_rotary((h @ w.wq).reshape(batch, length, heads, hd), cos, sin)
+    k = apply_rotary((h @ w.wk).reshape(batch, length, kv_heads, hd), cos, sin)
     v = (h @ w.wv).reshape(batch, length, kv_heads, hd)
-    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-
-    if layer_cache is None:
-        keys, values, key_positions = k, v, positions
-    else:
-        cache_k, cache_v = layer_cache
-        rows = jnp.arange(batch)[:, None]
-        cache_k = cache_k.at[rows, positions].set(k.astype(cache_k.dtype))
-        cache_v = cache_v.at[rows, positions].set(v.astype(cache_v.dtype))
-        layer_cache = (cache_k, cache_v)
-        keys, values = cache_k.astype(x.dtype), cache_v.astype(x.dtype)
-        key_positions = jnp.broadcast_to(jnp.arange(cache_k.shape[1]), (batch, cache_k.shape[1]))
-
-    mask = key_positions[:, None, :] <= positions[:, :, None]  # [B, T, S]
-    attn = grouped_query_attention(q, keys, values, mask)
+    mask = positions[:, None, :] <= positions[:, :, None]  # [B, T(query), S(key)]
+    attn = grouped_query_attention(q, k, v, mask)
     x = x + attn.reshape(batch, length, heads * hd) @ w.wo
 
     h = rms_norm(x, w.mlp_norm, c.rms_norm_eps)
-    x = x + (jax.nn.silu(h @ w.w_gate) * (h @ w.w_up)) @ w.w_down
-    return x, layer_cache
+    return x + (jax.nn.silu(h @ w.w_gate) * (h @ w.w_up)) @ w.w_down
 
 
 def grouped_query_attention(q, k, v, mask):

@@ -25,7 +25,7 @@ def response_logps(model: Llama, tokens, loss_mask, compute_dtype=jnp.float32):
     tokens, loss_mask: [N, T]; loss_mask[n, t] = 1 where token t is a response token (a prediction target).
     """
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    logits, _ = model(tokens[:, :-1], positions[:, :-1], compute_dtype=compute_dtype)
+    logits = model(tokens[:, :-1], positions[:, :-1], compute_dtype=compute_dtype)
     targets = tokens[:, 1:]
     mask = loss_mask[:, 1:].astype(jnp.float32)
     # log_softmax at the target only: logit[target] - logsumexp(logits), without a [N, T, V] log-prob tensor.
