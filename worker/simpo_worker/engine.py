@@ -17,8 +17,8 @@ How a call runs:
 The decode forward is the engine's own, not `Llama.__call__`: it keeps one cache buffer per layer in
 [batch, kv_heads, slots, head_dim] layout (updated in place inside the loop, keys of a head contiguous for the
 score matmul) and per-layer weight arrays (so no layer slice is copied per step). That measured about 2x faster
-per decode step on CPU than the model's scan over a stacked cache. Its math is the model's (same rms_norm,
-rotary tables, GQA, float32 softmax); parity with HF transformers is tested through golden files.
+per decode step on CPU than the model's scan over a stacked cache. Its math is the model's (its q/k/v and MLP
+blocks, rotary tables, GQA, float32 softmax); parity with HF transformers is tested through golden files.
 
 Placements (inference.mode):
 - host_data_parallel: the params are copied once per call to a replica on this host's local devices (gathered
@@ -43,7 +43,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from simpo_worker.config import ArchitectureConfig, InferenceConfig
 from simpo_worker.errors import ConfigError, DataError
-from simpo_worker.model import DecoderLayers, Llama, rms_norm, rotary_tables, apply_rotary
+from simpo_worker.model import DecoderLayers, Llama, attention_inputs, mlp_residual, rms_norm, rotary_tables
 from simpo_worker.sampling import SamplingParams, next_tokens, prompt_keys, token_keys
 
 # Decode steps per jitted call: the host checks for "all finished" and reports progress this often.
@@ -321,10 +321,7 @@ def _decoder_layer(c: ArchitectureConfig, w: DecoderLayers, x, positions, cos, s
     """The model's decoder layer over a [B, kv, S, hd] cache. x [B, T, d]; positions [B, T]."""
     batch, length, _ = x.shape
     hd, heads, kv_heads = c.resolved_head_dim, c.num_heads, c.num_kv_heads
-    h = rms_norm(x, w.attn_norm, c.rms_norm_eps)
-    q = apply_rotary((h @ w.wq).reshape(batch, length, heads, hd), cos, sin)
-    k = apply_rotary((h @ w.wk).reshape(batch, length, kv_heads, hd), cos, sin)
-    v = (h @ w.wv).reshape(batch, length, kv_heads, hd)
+    q, k, v = attention_inputs(c, w, x, cos, sin)
     rows = jnp.arange(batch)[:, None]
     cache_k = cache_k.at[rows, :, positions].set(k)
     cache_v = cache_v.at[rows, :, positions].set(v)
@@ -340,9 +337,7 @@ def _decoder_layer(c: ArchitectureConfig, w: DecoderLayers, x, positions, cos, s
     probs = jax.nn.softmax(scores, axis=-1).astype(cache_v.dtype)
     attn = jnp.einsum("bkqs,bksd->bkqd", probs, cache_v)
     attn = attn.reshape(batch, kv_heads, group, length, hd).transpose(0, 3, 1, 2, 4).reshape(batch, length, -1)
-    x = x + attn @ w.wo
-    h = rms_norm(x, w.mlp_norm, c.rms_norm_eps)
-    x = x + (jax.nn.silu(h @ w.w_gate) * (h @ w.w_up)) @ w.w_down
+    x = mlp_residual(c, w, x + attn @ w.wo)
     return x, cache_k, cache_v
 
 

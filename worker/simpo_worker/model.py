@@ -67,16 +67,26 @@ class Llama(eqx.Module):
 def decoder_layer(c: ArchitectureConfig, w: DecoderLayers, x, positions, cos, sin):
     """One pre-norm Llama block. `w` holds a single layer's weights (no L axis)."""
     batch, length, _ = x.shape
-    hd, heads, kv_heads = c.resolved_head_dim, c.num_heads, c.num_kv_heads
-
-    h = rms_norm(x, w.attn_norm, c.rms_norm_eps)
-    q = apply_rotary((h @ w.wq).reshape(batch, length, heads, hd), cos, sin)
-    k = apply_rotary((h @ w.wk).reshape(batch, length, kv_heads, hd), cos, sin)
-    v = (h @ w.wv).reshape(batch, length, kv_heads, hd)
+    q, k, v = attention_inputs(c, w, x, cos, sin)
     mask = positions[:, None, :] <= positions[:, :, None]  # [B, T(query), S(key)]
     attn = grouped_query_attention(q, k, v, mask)
-    x = x + attn.reshape(batch, length, heads * hd) @ w.wo
+    x = x + attn.reshape(batch, length, -1) @ w.wo
+    return mlp_residual(c, w, x)
 
+
+def attention_inputs(c: ArchitectureConfig, w: DecoderLayers, x, cos, sin):
+    """Pre-norm, then rotated queries [B, T, heads, hd], rotated keys and values [B, T, kv_heads, hd]."""
+    batch, length, _ = x.shape
+    hd = c.resolved_head_dim
+    h = rms_norm(x, w.attn_norm, c.rms_norm_eps)
+    q = apply_rotary((h @ w.wq).reshape(batch, length, c.num_heads, hd), cos, sin)
+    k = apply_rotary((h @ w.wk).reshape(batch, length, c.num_kv_heads, hd), cos, sin)
+    v = (h @ w.wv).reshape(batch, length, c.num_kv_heads, hd)
+    return q, k, v
+
+
+def mlp_residual(c: ArchitectureConfig, w: DecoderLayers, x):
+    """x plus the pre-norm SwiGLU MLP of x."""
     h = rms_norm(x, w.mlp_norm, c.rms_norm_eps)
     return x + (jax.nn.silu(h @ w.w_gate) * (h @ w.w_up)) @ w.w_down
 
