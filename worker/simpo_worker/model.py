@@ -66,12 +66,18 @@ class Llama(eqx.Module):
 
 def decoder_layer(c: ArchitectureConfig, w: DecoderLayers, x, positions, cos, sin):
     """One pre-norm Llama block. `w` holds a single layer's weights (no L axis)."""
+    return decoder_layer_with_kv(c, w, x, positions, cos, sin)[0]
+
+
+def decoder_layer_with_kv(c: ArchitectureConfig, w: DecoderLayers, x, positions, cos, sin):
+    """The block's output and the rotated keys and values it attended to (the inference engine's prefill
+    stores them in its KV cache)."""
     batch, length, _ = x.shape
     q, k, v = attention_inputs(c, w, x, cos, sin)
     mask = positions[:, None, :] <= positions[:, :, None]  # [B, T(query), S(key)]
     attn = grouped_query_attention(q, k, v, mask)
     x = x + attn.reshape(batch, length, -1) @ w.wo
-    return mlp_residual(c, w, x)
+    return mlp_residual(c, w, x), k, v
 
 
 def attention_inputs(c: ArchitectureConfig, w: DecoderLayers, x, cos, sin):
