@@ -57,7 +57,9 @@ from simpo_worker.sampling import SamplingParams, next_tokens, prompt_keys, toke
 # Decode steps per jitted call: the host checks for "all finished" and reports progress this often.
 CHUNK_STEPS = 64
 PROMPT_BUCKET = 64
-WINDOW_BUCKET = 256
+# Each window size compiles the decode loop again (about 1 s for SmolLM2); a step reads the whole window, so
+# at 256 a 128 + 256 token request spent half its steps reading a third more cache than it held.
+WINDOW_BUCKET = 128
 
 
 @dataclass
