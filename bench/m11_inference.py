@@ -4,8 +4,9 @@
 
 Two runs of SmolLM2-135M-Instruct (f32) on the synthetic chat prompts, host_data_parallel on this host's devices:
 1. ignore_eos: exactly 2048 tokens per prompt (128 x 2048 = 262,144 tokens): wall-clock and tokens/s.
-2. EOS honoured: the tokens actually generated, wall-clock, and the slot utilisation of the waves (generated
-   tokens / (slots x decode steps run)): what continuous refill of finished slots could win back at most.
+2. EOS honoured: the tokens actually generated, wall-clock, and the slot utilisation (generated tokens / batch
+   rows x sampling steps the engine ran, after compaction): what continuous refill of finished slots could win
+   back at most.
 On a slow machine, `--measure-prompts N` runs only the first N prompts (whole waves) and extrapolates to all of
 them linearly; the output says so. Wall-clock includes compilation (the compile count is printed).
 """
@@ -48,12 +49,11 @@ def run(model, tokenizer, prompts, args, ignore_eos: bool) -> None:
               f"{wall * scale:.1f} s wall-clock")
     if not ignore_eos:
         reasons = [c.finish_reason for c in completions]
-        waves = [completions[i:i + args.batch_size] for i in range(0, len(completions), args.batch_size)]
-        slot_steps = sum(args.batch_size * max(len(c.token_ids) for c in wave) for wave in waves)
         lengths = sorted(len(c.token_ids) for c in completions)
         print(f"finish: {reasons.count('stop')} stop, {reasons.count('length')} length; completion tokens "
               f"min {lengths[0]} median {lengths[len(lengths) // 2]} max {lengths[-1]}; slot utilisation "
-              f"{tokens / slot_steps:.0%} ({tokens} of {slot_steps} slot-steps)")
+              f"{tokens / engine.row_steps:.0%} ({tokens} of {engine.row_steps} row-steps; {engine.compactions} "
+              "compactions)")
 
 
 def main() -> None:

@@ -100,6 +100,8 @@ def test_ignore_eos_generates_exactly_max_new_tokens(tiny):
     completions = engine.generate(tiny, prompts, list(range(len(prompts))), step=0, seed=0)
     assert [c.finish_reason for c in completions] == ["length"] * len(prompts)
     assert all(len(c.token_ids) == golden["max_new_tokens"] for c in completions)
+    slots = 1 << (len(prompts) - 1).bit_length()  # the batch bucket: empty slots are run too
+    assert engine.row_steps == slots * golden["max_new_tokens"]
     stopped = golden["completions"][0]
     # The prompt that stopped early runs on through its EOS token, and agrees with HF up to there.
     assert completions[0].token_ids[:len(stopped)] == stopped and len(stopped) < golden["max_new_tokens"]
@@ -161,6 +163,8 @@ def test_finished_rows_are_compacted_away_without_changing_results(tiny):
     check_finish(compacted, eos, 300)
     lengths = sorted(len(c.token_ids) for c in compacted)
     assert lengths[0] < 64 < lengths[-1]  # some rows ended in the first chunk, one decoded on after compaction
+    # Compaction is what keeps the work below a full batch for the whole wave.
+    assert sum(lengths) <= wide.row_steps < 8 * lengths[-1]
     one_by_one = engine_for(tiny, eos=eos, batch_size=1, **settings).generate(tiny, prompts, indices, step=1, seed=5)
     assert [(c.global_prompt_index, c.token_ids, c.finish_reason) for c in compacted] == \
         [(c.global_prompt_index, c.token_ids, c.finish_reason) for c in one_by_one]

@@ -116,6 +116,9 @@ class Engine:
         self.max_slots = _round_up(inference.batch_size, self.batch_multiple)
         self.compilations = 0
         self.compactions = 0  # batches shrunk mid-wave (finished rows dropped)
+        # Batch rows x sampling steps run, empty and finished rows included: generated tokens / row_steps is the
+        # share of the work that produced kept tokens (what continuous refill of finished slots could raise).
+        self.row_steps = 0
         self._prefill = jax.jit(self._prefill_fn, static_argnames=("window",))
         self._decode = jax.jit(self._decode_fn, donate_argnums=(1,))
         self._grow = jax.jit(self._grow_fn, static_argnums=(1,))
@@ -193,8 +196,10 @@ class Engine:
                               jnp.int32(step), jnp.int32(seed), window=window)
         rows = np.arange(slots)  # the wave row (prompt) that each batch row holds
         results: dict[int, Completion] = {}
+        stepped_rows, stepped_from = slots, 0  # the prefill sampled one token in every slot
         while True:
             generated, done, counts = _to_host(state.generated), _to_host(state.done), _to_host(state.counts)
+            self.row_steps += stepped_rows * (int(generated) - stepped_from)
             real = rows < n
             held = set(rows[real].tolist())
             progress(len(set(results) - held) + int((done & real).sum()),
@@ -216,6 +221,7 @@ class Engine:
             if needed > window:
                 state = self._grow(state, needed)
                 window = needed
+            stepped_rows, stepped_from = len(rows), int(generated)
             state = self._decode(weights, state, jnp.int32(stop_at))
 
         self._collect(state, rows, rows < n, indices, results)
