@@ -92,6 +92,31 @@ def test_greedy_batch_equals_hf_generate(case, tiny):
     assert engine.compilations == 2  # one prefill and one decode program; the window bucket covers 72 tokens
 
 
+
+def test_bfloat16_decode_agrees_with_the_models_own_forward():
+    """In bfloat16 (trainer.compute_dtype on TPU) there is no HF golden; the anchor is the model's full-sequence
+    forward in bfloat16, teacher-forced on the engine's own output: each greedy token must be that forward's
+    argmax, or within bfloat16 rounding of it (0.125 is one bfloat16 step at SmolLM2's logit scale, 16-32)."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    model = load_pretrained("smollm2")
+    golden = generate_golden("smollm2")
+    prompts, max_new = golden["prompts"], 48
+    engine = Engine(model.config, InferenceConfig(max_new_tokens=max_new, max_prompt_len=64, batch_size=4,
+                                                  ignore_eos=True), eos_token_ids=[], compute_dtype=jnp.bfloat16)
+    completions = engine.generate(model, prompts, list(range(len(prompts))), step=0, seed=0)
+    exact = checked = 0
+    for prompt, completion in zip(prompts, completions):
+        tokens = np.array([prompt + completion.token_ids[:-1]])
+        logits = np.asarray(model(tokens, np.arange(tokens.shape[1])[None], jnp.bfloat16))[0, len(prompt) - 1:]
+        chosen = logits[np.arange(max_new), completion.token_ids]
+        gap = logits.max(axis=-1) - chosen
+        assert gap.max() <= 0.25, f"prompt {completion.global_prompt_index}: token off the argmax by {gap.max()}"
+        exact += int((gap == 0).sum())
+        checked += max_new
+    assert exact >= 0.9 * checked, f"only {exact} of {checked} tokens are the forward's exact argmax"
+
 def test_ignore_eos_generates_exactly_max_new_tokens(tiny):
     golden = generate_golden("tiny")
     prompts = golden["prompts"]
