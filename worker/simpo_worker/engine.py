@@ -6,8 +6,10 @@ How a call runs:
   stops early once every sequence has finished. Between chunks the host only reads a few flags (and reports
   progress). A wave ends when its longest sequence ends. Once at most half of its rows still decode, the
   finished rows' results are kept and the batch is compacted to the next smaller bucket (cache rows included),
-  so a long tail costs the compute and memory of its own rows, not of the whole wave (waves, not continuous
-  refill: see bench/bench_decode.py and bench/m11_inference.py for the measured slot utilisation).
+  so a long tail costs the compute and memory of its own rows, not of the whole wave. Waves, not continuous
+  refill: on the reference workload with EOS honoured (bench/m11_inference.py) 87% of the row-steps run
+  produce kept tokens (`row_steps`), so refilling finished slots could win back at most the other 13%, and in
+  the reference workflow each host holds a single wave (32 prompts) anyway.
 - Every shape is bucketed (batch: power of two up to batch_size; prompt length: multiples of PROMPT_BUCKET;
   attention window: multiples of WINDOW_BUCKET), so a second call with similar prompts compiles nothing.
   `compilations` counts traces of the engine's jitted programs.
