@@ -7,9 +7,9 @@ How a call runs:
   progress). A wave ends when its longest sequence ends. Once at most half of its rows still decode, the
   finished rows' results are kept and the batch is compacted to the next smaller bucket (cache rows included),
   so a long tail costs the compute and memory of its own rows, not of the whole wave. Waves, not continuous
-  refill: on the reference workload with EOS honoured (bench/m11_inference.py) 87% of the row-steps run
-  produce kept tokens (`row_steps`), so refilling finished slots could win back at most the other 13%, and in
-  the reference workflow each host holds a single wave (32 prompts) anyway.
+  refill: on the reference workload with EOS honoured (bench/m11_inference.py, 128 prompts in 4 waves of 32)
+  75% of the row-steps run produce kept tokens (`row_steps`), so refilling finished slots could win back at
+  most the other 25%, and in the reference workflow each host holds a single wave (32 prompts) anyway.
 - Every shape is bucketed (batch: power of two up to batch_size; prompt length: multiples of PROMPT_BUCKET;
   attention window: multiples of WINDOW_BUCKET), so a second call with similar prompts compiles nothing.
   `compilations` counts traces of the engine's jitted programs.
@@ -62,6 +62,8 @@ PROMPT_BUCKET = 64
 # Each window size compiles the decode loop again (about 1 s for SmolLM2); a step reads the whole window, so
 # at 256 a 128 + 256 token request spent half its steps reading a third more cache than it held.
 WINDOW_BUCKET = 128
+# The slot axis of the per-layer caches (see DecodeState).
+KEY_SLOT_AXIS, VALUE_SLOT_AXIS = 3, 2
 
 
 @dataclass
@@ -267,8 +269,8 @@ class Engine:
         for layer in weights.layers:
             # Padding keys land in slots past a row's prompt: hidden by the causal rule until overwritten.
             x, layer_k, layer_v = decoder_layer_with_kv(c, layer, x, positions, cos, sin)
-            k.append(jnp.pad(layer_k.transpose(0, 2, 3, 1), ((0, 0), (0, 0), (0, 0), (0, window - length))))
-            v.append(jnp.pad(layer_v.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, window - length), (0, 0))))
+            k.append(_pad_slots(layer_k.transpose(0, 2, 3, 1), KEY_SLOT_AXIS, window))
+            v.append(_pad_slots(layer_v.transpose(0, 2, 1, 3), VALUE_SLOT_AXIS, window))
         k, v = tuple(k), tuple(v)
         hidden = rms_norm(x, weights.final_norm, c.rms_norm_eps)
         last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
@@ -309,10 +311,9 @@ class Engine:
 
     def _grow_fn(self, state: DecodeState, window: int) -> DecodeState:
         self.compilations += 1
-        def grow(cache, axis):
-            return jnp.pad(cache, [(0, window - cache.shape[axis]) if a == axis else (0, 0) for a in range(4)])
-        return eqx.tree_at(lambda s: (s.k, s.v), state, (tuple(grow(k, 3) for k in state.k),
-                                                         tuple(grow(v, 2) for v in state.v)))
+        k = tuple(_pad_slots(k, KEY_SLOT_AXIS, window) for k in state.k)
+        v = tuple(_pad_slots(v, VALUE_SLOT_AXIS, window) for v in state.v)
+        return eqx.tree_at(lambda s: (s.k, s.v), state, (k, v))
 
     def _compact_fn(self, state: DecodeState, keep) -> DecodeState:
         self.compilations += 1
@@ -373,6 +374,11 @@ def decode_weights(model: Llama, dtype) -> DecodeWeights:
         layers=tuple(jax.tree.map(lambda a: a[i], layers) for i in range(model.config.num_layers)),
         final_norm=model.final_norm.astype(dtype),
         head=head.astype(dtype))
+
+
+def _pad_slots(cache: jax.Array, axis: int, window: int) -> jax.Array:
+    """The cache with empty slots appended up to `window`."""
+    return jnp.pad(cache, [(0, window - cache.shape[axis]) if a == axis else (0, 0) for a in range(cache.ndim)])
 
 
 def _local_replica(model: Llama, sharding: NamedSharding) -> Llama:
