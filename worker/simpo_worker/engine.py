@@ -11,7 +11,7 @@ How a call runs:
   75% of the row-steps run produce kept tokens (`row_steps`), so refilling finished slots could win back at
   most the other 25%, and in the reference workflow each host holds a single wave (32 prompts) anyway.
 - Every shape is bucketed (batch: power of two up to batch_size; prompt length: multiples of PROMPT_BUCKET;
-  attention window: multiples of WINDOW_BUCKET), so a second call with similar prompts compiles nothing.
+  attention window: see WINDOW_BUCKET), so a second call with similar prompts compiles nothing.
   `compilations` counts traces of the engine's jitted programs.
 - The cache slot of a token is its position. The cache holds only the attention window the current chunk
   needs and grows between chunks, so early steps do not pay for attention over the full `prompt + max_new_tokens`.
@@ -59,9 +59,12 @@ from simpo_worker.sampling import SamplingParams, next_tokens, prompt_keys, toke
 # Decode steps per jitted call: the host checks for "all finished" and reports progress this often.
 CHUNK_STEPS = 64
 PROMPT_BUCKET = 64
-# Each window size compiles the decode loop again (about 1 s for SmolLM2); a step reads the whole window, so
-# at 256 a 128 + 256 token request spent half its steps reading a third more cache than it held.
+# The attention window grows in steps of WINDOW_BUCKET slots, or of WINDOW_ROW_SLOTS / batch rows if more: each
+# window size compiles the decode loop again (about 1 s for SmolLM2), while a step reads its whole window. At
+# batch 32 a step of 256 had a 128 + 256 token request read a third more cache than it held for half its steps;
+# at batch 1 (a compacted tail) the cache is small, and a step of 128 spent half the time compiling.
 WINDOW_BUCKET = 128
+WINDOW_ROW_SLOTS = 2048
 # The slot axis of the per-layer caches (see DecodeState).
 KEY_SLOT_AXIS, VALUE_SLOT_AXIS = 3, 2
 
@@ -194,7 +197,7 @@ class Engine:
             global_index[row] = index
         active = np.arange(slots) < n
 
-        window = self._window(longest, min(CHUNK_STEPS, inf.max_new_tokens))
+        window = self._window(longest, min(CHUNK_STEPS, inf.max_new_tokens), slots)
         put = self._place
         state = self._prefill(weights, put(tokens), put(lengths), put(global_index), put(active),
                               jnp.int32(step), jnp.int32(seed), window=window)
@@ -221,7 +224,7 @@ class Engine:
                 self.compactions += 1
                 rows = rows[keep]
             stop_at = min(int(generated) + CHUNK_STEPS, inf.max_new_tokens)
-            needed = self._window(longest, stop_at)
+            needed = self._window(longest, stop_at, len(rows))
             if needed > window:
                 state = self._grow(state, needed)
                 window = needed
@@ -240,10 +243,13 @@ class Engine:
                                                token_ids=out[b, :counts[b]].tolist(),
                                                finish_reason="stop" if stopped[b] else "length")
 
-    def _window(self, longest_prompt: int, generated_by: int) -> int:
-        """Cache slots needed until `generated_by` tokens exist: the last one fed sits at position
-        prompt + generated_by - 2 (the final token is sampled, never fed)."""
-        return _round_up(longest_prompt + generated_by - 1, WINDOW_BUCKET)
+    def _window(self, longest_prompt: int, generated_by: int, rows: int) -> int:
+        """Cache slots needed until `generated_by` tokens exist (the last one fed sits at position
+        prompt + generated_by - 2; the final token is sampled, never fed), rounded up to the window bucket of a
+        batch of `rows` and capped at what the whole request can use."""
+        bucket = _round_up(max(WINDOW_BUCKET, WINDOW_ROW_SLOTS // rows), WINDOW_BUCKET)
+        whole_request = _round_up(longest_prompt + self.inference.max_new_tokens - 1, WINDOW_BUCKET)
+        return min(_round_up(longest_prompt + generated_by - 1, bucket), whole_request)
 
     def _place(self, array: np.ndarray, spec: Optional[P] = None) -> jax.Array:
         """Host data (identical on every host in global_mesh mode) onto the engine's batch sharding."""
