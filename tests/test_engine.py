@@ -9,6 +9,8 @@ import json
 import sys
 import textwrap
 
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from model_goldens import GOLDENS, TINY_LLAMA_DIR
@@ -92,14 +94,10 @@ def test_greedy_batch_equals_hf_generate(case, tiny):
     assert engine.compilations == 2  # one prefill and one decode program; the window bucket covers 72 tokens
 
 
-
 def test_bfloat16_decode_agrees_with_the_models_own_forward():
     """In bfloat16 (trainer.compute_dtype on TPU) there is no HF golden; the anchor is the model's full-sequence
     forward in bfloat16, teacher-forced on the engine's own output: each greedy token must be that forward's
     argmax, or within bfloat16 rounding of it (0.125 is one bfloat16 step at SmolLM2's logit scale, 16-32)."""
-    import jax.numpy as jnp
-    import numpy as np
-
     model = load_pretrained("smollm2")
     golden = generate_golden("smollm2")
     prompts, max_new = golden["prompts"], 48
@@ -116,6 +114,7 @@ def test_bfloat16_decode_agrees_with_the_models_own_forward():
         exact += int((gap == 0).sum())
         checked += max_new
     assert exact >= 0.9 * checked, f"only {exact} of {checked} tokens are the forward's exact argmax"
+
 
 def test_ignore_eos_generates_exactly_max_new_tokens(tiny):
     golden = generate_golden("tiny")
