@@ -13,7 +13,7 @@ import urllib.request
 from typing import Iterator
 
 from cluster.build_control_plane import built_dir
-from simpo_operator.host_processes import free_port
+from simpo_interleave.host_processes import free_port
 
 BUCKET = "simpo-test"
 

@@ -57,7 +57,7 @@ def run_worker(config: dict, *args: str, devices: int = 1, timeout: int = 300) -
     # The device count is fixed when jax starts, hence a process per mesh size.
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
     env.pop("JAX_NUM_PROCESSES", None)
-    return subprocess.run([sys.executable, "-m", "simpo_operator.cli", "worker", "--config", str(path), *args],
+    return subprocess.run([sys.executable, "-m", "simpo_interleave.cli", "worker", "--config", str(path), *args],
                           env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -74,7 +74,7 @@ def run_workers(config: dict, processes: int, devices_per_process: int, *args: s
                "JAX_NUM_PROCESSES": str(processes), "JAX_PROCESS_ID": str(index),
                "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}"}
         running.append(subprocess.Popen(
-            [sys.executable, "-m", "simpo_operator.cli", "worker", "--config", str(path), *args],
+            [sys.executable, "-m", "simpo_interleave.cli", "worker", "--config", str(path), *args],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     results = []
     for process in running:

@@ -20,6 +20,7 @@ from typing import Any, Literal
 import yaml
 
 from simpo_operator import resource as r
+from simpo_worker import api
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CRD_FILES = (REPO_ROOT / "manifests" / "crd.yaml", REPO_ROOT / "charts" / "simpo-interleave" / "crds" / "crd.yaml")
@@ -134,15 +135,15 @@ def build_crd() -> dict[str, Any]:
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
-        "metadata": {"name": f"{r.PLURAL}.{r.GROUP}",
+        "metadata": {"name": f"{api.PLURAL}.{api.GROUP}",
                      "labels": {"app.kubernetes.io/name": "simpo-interleave"}},
         "spec": {
-            "group": r.GROUP,
+            "group": api.GROUP,
             "scope": "Namespaced",
-            "names": {"kind": r.KIND, "listKind": f"{r.KIND}List", "plural": r.PLURAL, "singular": r.SINGULAR,
-                      "shortNames": r.SHORT_NAMES, "categories": r.CATEGORIES},
+            "names": {"kind": api.KIND, "listKind": f"{api.KIND}List", "plural": api.PLURAL, "singular": api.SINGULAR,
+                      "shortNames": api.SHORT_NAMES, "categories": api.CATEGORIES},
             "versions": [{
-                "name": r.VERSION,
+                "name": api.VERSION,
                 "served": True,
                 "storage": True,
                 "subresources": {"status": {}},

@@ -22,7 +22,8 @@ from typing import Any, Optional
 import kopf
 
 from simpo_operator import kube, render, status as state
-from simpo_operator.resource import FINISHED_PHASES, GROUP, KIND, PLURAL, VERSION, validate_job
+from simpo_operator.resource import FINISHED_PHASES, validate_job
+from simpo_worker.api import GROUP, KIND, PLURAL, VERSION
 from simpo_worker.errors import ConfigError
 
 

@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 import kubernetes
 
-from simpo_operator.resource import GROUP, PLURAL, VERSION
+from simpo_worker.api import GROUP, PLURAL, VERSION
 
 JOBSET_GROUP, JOBSET_VERSION = "jobset.x-k8s.io", "v1alpha2"
 JOBSET_PLURAL = "jobsets"

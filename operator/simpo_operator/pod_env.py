@@ -32,11 +32,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-COORDINATOR_PORT = 8476  # JAX's default coordinator port
-MEGASCALE_PORT = 8080
-CONFIG_DIR = "/etc/simpo"
-CONFIG_FILE = "config.yaml"
-CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_FILE}"
+from simpo_worker import api
 
 JOB_INDEX_ANNOTATION = "jobset.sigs.k8s.io/job-index"
 COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
@@ -61,31 +57,31 @@ def worker_env(
     megascale_coordinator_host: host of slice 0 / host 0, for TPU multislice (slices > 1) only.
     """
     env = [
-        _value("SIMPO_CONFIG", config_path),
-        _value("SIMPO_JOB_NAME", job_name),
-        _value("SIMPO_JOB_NAMESPACE", namespace),
-        _value("SIMPO_NUM_SLICES", slices),
-        _value("SIMPO_HOSTS_PER_SLICE", hosts_per_slice),
-        _index("SIMPO_SLICE_INDEX", slice_index, JOB_INDEX_ANNOTATION),
-        _index("SIMPO_HOST_INDEX", host_index, COMPLETION_INDEX_ANNOTATION),
+        _value(api.ENV_CONFIG, config_path),
+        _value(api.ENV_JOB_NAME, job_name),
+        _value(api.ENV_JOB_NAMESPACE, namespace),
+        _value(api.ENV_NUM_SLICES, slices),
+        _value(api.ENV_HOSTS_PER_SLICE, hosts_per_slice),
+        _index(api.ENV_SLICE_INDEX, slice_index, JOB_INDEX_ANNOTATION),
+        _index(api.ENV_HOST_INDEX, host_index, COMPLETION_INDEX_ANNOTATION),
     ]
     if coordinator_address is not None:
         env += [
-            _value("JAX_COORDINATOR_ADDRESS", coordinator_address),
-            _value("JAX_NUM_PROCESSES", slices * hosts_per_slice),
+            _value(api.ENV_COORDINATOR_ADDRESS, coordinator_address),
+            _value(api.ENV_NUM_PROCESSES, slices * hosts_per_slice),
         ]
         if slice_index is not None and host_index is not None:
-            env.append(_value("JAX_PROCESS_ID", slice_index * hosts_per_slice + host_index))
+            env.append(_value(api.ENV_PROCESS_ID, slice_index * hosts_per_slice + host_index))
         elif slices == 1:
-            env.append(_index("JAX_PROCESS_ID", host_index, COMPLETION_INDEX_ANNOTATION))
+            env.append(_index(api.ENV_PROCESS_ID, host_index, COMPLETION_INDEX_ANNOTATION))
     if slices > 1:
         if megascale_coordinator_host is None:
             raise ValueError("multislice needs megascale_coordinator_host (slice 0, host 0)")
         env += [
-            _value("MEGASCALE_COORDINATOR_ADDRESS", f"{megascale_coordinator_host}:{MEGASCALE_PORT}"),
-            _value("MEGASCALE_NUM_SLICES", slices),
-            _index("MEGASCALE_SLICE_ID", slice_index, JOB_INDEX_ANNOTATION),
-            _value("MEGASCALE_PORT", MEGASCALE_PORT),
+            _value(api.ENV_MEGASCALE_COORDINATOR_ADDRESS, f"{megascale_coordinator_host}:{api.MEGASCALE_PORT}"),
+            _value(api.ENV_MEGASCALE_NUM_SLICES, slices),
+            _index(api.ENV_MEGASCALE_SLICE_ID, slice_index, JOB_INDEX_ANNOTATION),
+            _value(api.ENV_MEGASCALE_PORT, api.MEGASCALE_PORT),
         ]
     return env
 

@@ -16,9 +16,10 @@ from typing import Any
 import yaml
 
 from simpo_operator import pod_env
-from simpo_operator.resource import API_VERSION, KIND, Job, load_job, validate_job
+from simpo_worker import api
+from simpo_operator.resource import Job, load_job, validate_job
+from simpo_worker.api import API_VERSION, KIND, NON_RETRYABLE_EXIT_CODES
 from simpo_worker.config import dump_worker_config
-from simpo_worker.errors import NON_RETRYABLE_EXIT_CODES
 
 JOBSET_API_VERSION = "jobset.x-k8s.io/v1alpha2"
 REPLICATED_JOB = "worker"
@@ -78,7 +79,7 @@ def render_configmap(job: Job) -> dict[str, Any]:
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": _metadata(job, configmap_name(job.name)),
-        "data": {pod_env.CONFIG_FILE: dump_worker_config(job.spec.config)},
+        "data": {api.CONFIG_FILE: dump_worker_config(job.spec.config)},
     }
 
 
@@ -146,11 +147,11 @@ def _container(job: Job) -> dict[str, Any]:
     env = pod_env.worker_env(
         job_name=job.name,
         namespace=job.namespace,
-        config_path=pod_env.CONFIG_PATH,
+        config_path=api.CONFIG_PATH,
         hosts_per_slice=job.hosts_per_slice,
         slices=job.slices,
         # TPU pools: JAX's own GKE detection (see pod_env); elsewhere an explicit coordinator.
-        coordinator_address=None if job.shape is not None else f"{first_host}:{pod_env.COORDINATOR_PORT}",
+        coordinator_address=None if job.shape is not None else f"{first_host}:{api.COORDINATOR_PORT}",
         megascale_coordinator_host=first_host if job.slices > 1 else None,
     )
     return {
@@ -158,9 +159,9 @@ def _container(job: Job) -> dict[str, Any]:
         "image": job.spec.image,
         "command": ["simpo-interleave", "worker"],
         "env": env,
-        "ports": [{"name": "coordinator", "containerPort": pod_env.COORDINATOR_PORT}],
+        "ports": [{"name": "coordinator", "containerPort": api.COORDINATOR_PORT}],
         "resources": _resources(job),
-        "volumeMounts": [{"name": "config", "mountPath": pod_env.CONFIG_DIR, "readOnly": True}],
+        "volumeMounts": [{"name": "config", "mountPath": api.CONFIG_DIR, "readOnly": True}],
     }
 
 

@@ -16,17 +16,9 @@ from typing import Any, Literal, Optional
 import yaml
 
 from simpo_operator import tpu
+from simpo_worker.api import API_VERSION, KIND, Progress
 from simpo_worker.config import WorkerConfig, from_data
 from simpo_worker.errors import ConfigError
-
-GROUP = "simpo.dev"
-VERSION = "v1alpha1"
-API_VERSION = f"{GROUP}/{VERSION}"
-KIND = "SimpoInterleaveJob"
-PLURAL = "simpointerleavejobs"
-SINGULAR = "simpointerleavejob"
-SHORT_NAMES = ["sij"]
-CATEGORIES = ["simpo", "all-jobs"]
 
 # Pod hostnames are `<name>-worker-<slice>-<host>` and must fit the 63-character DNS label limit.
 MAX_NAME_LENGTH = 40
@@ -97,19 +89,6 @@ class Condition:
     message: str
     lastTransitionTime: str
     observedGeneration: Optional[int] = None
-
-
-@dataclass(frozen=True)
-class Progress:
-    """Written by the worker leader through the status subresource; the operator never writes it."""
-
-    stage: Optional[Literal["train", "infer", "done"]] = None
-    step: Optional[int] = None
-    totalSteps: Optional[int] = None
-    promptsDone: Optional[int] = None
-    promptsTotal: Optional[int] = None
-    tokens: Optional[int] = None
-    updateTime: Optional[str] = None
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,8 @@ from kopf.testing import KopfRunner
 from operator_testkit import make_job, wait_for
 from simpo_operator import render
 from simpo_operator.resource import PHASES, validate_job
-from simpo_worker.progress import KubernetesStatusReporter, Progress
+from simpo_worker.api import Progress
+from simpo_worker.progress import KubernetesStatusReporter
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -197,10 +198,12 @@ def test_worker_progress_reaches_the_status_and_is_never_overwritten(kube_client
                                  tokens=131072))
         progress = {"stage": "infer", "step": 2, "totalSteps": 7, "promptsDone": 64, "promptsTotal": 128,
                     "tokens": 131072}
-        assert kube.job("progress")["status"]["progress"] == progress
+        reported = kube.job("progress")["status"]["progress"]
+        assert reported.pop("updateTime").endswith("Z")  # the reporter stamps each update (RFC 3339, UTC)
+        assert reported == progress
         kube.set_jobset_status("progress", ready(kube.jobset("progress")))
         status = phase_is(kube, "progress", "Running")
-        assert status["progress"] == progress
+        assert status["progress"] == {**progress, "updateTime": status["progress"]["updateTime"]}
 
 
 def test_ttl_deletes_a_finished_job_and_its_children(kube_client):

@@ -24,7 +24,7 @@ def test_operator_command_serves_its_namespace_and_answers_liveness(kube_client,
     kube = kube_client
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "simpo_operator.cli", "operator", "--namespace", kube.namespace,
+        [sys.executable, "-m", "simpo_interleave.cli", "operator", "--namespace", kube.namespace,
          "--liveness", f"http://127.0.0.1:{port}/healthz", "--log-level", "debug"],
         env={**os.environ, "KUBECONFIG": str(kubeconfig)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True)

@@ -3,6 +3,7 @@
 import pytest
 
 from simpo_operator import pod_env
+from simpo_worker import api
 
 
 def names(env):
@@ -31,7 +32,7 @@ def test_process_id_adds_the_slice_offset():
 
 def test_pod_reads_indexes_from_its_annotations():
     env = {e["name"]: e for e in pod_env.worker_env(
-        job_name="j", namespace="n", config_path=pod_env.CONFIG_PATH, hosts_per_slice=2,
+        job_name="j", namespace="n", config_path=api.CONFIG_PATH, hosts_per_slice=2,
         coordinator_address="j-worker-0-0.j:8476")}
     field = lambda name: env[name]["valueFrom"]["fieldRef"]["fieldPath"]  # noqa: E731
     assert field("SIMPO_HOST_INDEX") == "metadata.annotations['batch.kubernetes.io/job-completion-index']"

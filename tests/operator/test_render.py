@@ -10,7 +10,7 @@ from operator_testkit import REFERENCE_JOB, make_job
 from simpo_operator import render, tpu
 from simpo_operator.resource import load_job, validate_job
 from simpo_worker.config import parse_worker_config
-from simpo_worker.errors import NON_RETRYABLE_EXIT_CODES
+from simpo_worker.api import NON_RETRYABLE_EXIT_CODES
 
 GOLDEN = Path(__file__).parent / "golden" / "reference-m11-v5p-32.rendered.yaml"
 
@@ -148,7 +148,7 @@ def test_reference_job_is_the_m11_workflow(reference_job):
 
 
 def test_render_command_prints_both_objects(capsys):
-    from simpo_operator.cli import main
+    from simpo_interleave.cli import main
 
     assert main(["render", str(REFERENCE_JOB)]) == 0
     kinds = [obj["kind"] for obj in yaml.safe_load_all(capsys.readouterr().out)]
@@ -156,7 +156,7 @@ def test_render_command_prints_both_objects(capsys):
 
 
 def test_render_command_reports_bad_input_with_the_config_exit_code(tmp_path, capsys):
-    from simpo_operator.cli import main
+    from simpo_interleave.cli import main
 
     bad = make_job()
     bad["spec"]["tpu"] = {"type": "v5p-32"}

@@ -16,6 +16,7 @@ from typing import Mapping
 
 import jax
 
+from simpo_worker import api
 from simpo_worker.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -26,11 +27,11 @@ class BarrierTimeout(RuntimeError):
 
 
 def process_id_from_env(env: Mapping[str, str]) -> int:
-    if "JAX_PROCESS_ID" in env:
-        return _int_env(env, "JAX_PROCESS_ID")
-    if "SIMPO_HOST_INDEX" in env:
-        return (_int_env(env, "SIMPO_SLICE_INDEX", 0) * _int_env(env, "SIMPO_HOSTS_PER_SLICE")
-                + _int_env(env, "SIMPO_HOST_INDEX"))
+    if api.ENV_PROCESS_ID in env:
+        return _int_env(env, api.ENV_PROCESS_ID)
+    if api.ENV_HOST_INDEX in env:
+        return (_int_env(env, api.ENV_SLICE_INDEX, 0) * _int_env(env, api.ENV_HOSTS_PER_SLICE)
+                + _int_env(env, api.ENV_HOST_INDEX))
     raise ConfigError("JAX_NUM_PROCESSES is set but neither JAX_PROCESS_ID nor SIMPO_HOST_INDEX is")
 
 
@@ -38,13 +39,13 @@ def initialize_from_env(init_timeout_s: int, env: Mapping[str, str] = os.environ
     """Start jax.distributed as the environment says; a no-op for a single process."""
     # Multi-process CPU (local runner, tests) needs gloo for cross-process collectives; no effect on TPU/GPU.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    if "TPU_WORKER_HOSTNAMES" in env and "JAX_COORDINATOR_ADDRESS" not in env:
+    if api.ENV_TPU_WORKER_HOSTNAMES in env and api.ENV_COORDINATOR_ADDRESS not in env:
         jax.distributed.initialize(initialization_timeout=init_timeout_s)
         return
-    num_processes = _int_env(env, "JAX_NUM_PROCESSES", 1)
+    num_processes = _int_env(env, api.ENV_NUM_PROCESSES, 1)
     if num_processes == 1:
         return
-    coordinator = env.get("JAX_COORDINATOR_ADDRESS")
+    coordinator = env.get(api.ENV_COORDINATOR_ADDRESS)
     if not coordinator:
         raise ConfigError(f"JAX_NUM_PROCESSES={num_processes} but JAX_COORDINATOR_ADDRESS is not set")
     process_id = process_id_from_env(env)

@@ -1,38 +1,25 @@
-"""Errors that no restart can fix, and the process exit codes reserved for them.
+"""Errors that no restart can fix, each carrying its exit code from the contract (simpo_worker.api.ExitCode)."""
 
-Exit codes are an interface with the operator: the JobSet pod failure policy fails the whole job at once on
-these codes, and restarts (resuming from the newest checkpoint) on any other non-zero code.
-"""
+from simpo_worker.api import ExitCode
 
 
 class NonRetryableError(Exception):
     """A failure a restart cannot fix. Subclasses carry their own exit code."""
 
-    exit_code = 10
+    exit_code = ExitCode.BAD_CONFIG
 
 
 class ConfigError(NonRetryableError, ValueError):
-    exit_code = 10
+    exit_code = ExitCode.BAD_CONFIG
 
 
 class DataError(NonRetryableError, ValueError):
-    exit_code = 11
+    exit_code = ExitCode.BAD_DATA
 
 
 class ModelError(NonRetryableError, ValueError):
-    exit_code = 12
+    exit_code = ExitCode.BAD_MODEL
 
 
 class OutputError(NonRetryableError, OSError):
-    exit_code = 13
-
-
-# Sorted, for the JobSet pod failure policy (onExitCodes In [...]).
-NON_RETRYABLE_EXIT_CODES = (10, 11, 12, 13)
-EXIT_CODE_MEANINGS = {
-    0: "done",
-    10: "bad config",
-    11: "bad data (preference data, prompts)",
-    12: "bad or missing model (weights, tokenizer)",
-    13: "output dir not usable",
-}
+    exit_code = ExitCode.OUTPUT_UNUSABLE

@@ -23,13 +23,14 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from simpo_worker import outputs
+from simpo_worker import outputs, storage
 from simpo_worker.config import WorkerConfig
 from simpo_worker.distributed import barrier, is_leader
 from simpo_worker.engine import Engine
 from simpo_worker.metrics import MetricsWriter
 from simpo_worker.pretrained import load_model
-from simpo_worker.progress import Progress, ProgressReporter, reporter_from_env
+from simpo_worker.api import Progress
+from simpo_worker.progress import ProgressReporter, reporter_from_env
 from simpo_worker.prompts import PromptSet, host_shard, load_prompts
 from simpo_worker.tokenizer import load_tokenizer
 from simpo_worker.train_step import COMPUTE_DTYPES
@@ -126,7 +127,7 @@ class InterleavedRun:
                              "total": time.perf_counter() - started}
             manifest = outputs.build_manifest(self.config.output_dir, step, total_prompts, process_count,
                                               host_stats, phase_seconds)
-            outputs.write_atomic(outputs.manifest_path(self.config.output_dir, step),
+            storage.write_atomic(outputs.manifest_path(self.config.output_dir, step),
                                  json.dumps(manifest, indent=2, sort_keys=True) + "\n")
             self.metrics.write({"event": "inference", "step": step, "prompts": total_prompts,
                                 "completion_tokens": manifest["completion_tokens"],

@@ -14,6 +14,7 @@ import traceback
 
 import jax
 
+from simpo_worker.api import ENV_CONFIG, ExitCode
 from simpo_worker.config import load_worker_config
 from simpo_worker.distributed import exit_now, initialize_from_env
 from simpo_worker.errors import ConfigError, NonRetryableError
@@ -21,12 +22,8 @@ from simpo_worker.interleave import build_run
 
 log = logging.getLogger(__name__)
 
-# Any other failure: retryable (the JobSet restarts every host; each resumes from the newest checkpoint).
-EXIT_RETRYABLE = 1
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default=os.environ.get("SIMPO_CONFIG"),
+    parser.add_argument("--config", default=os.environ.get(ENV_CONFIG),
                         help="worker config YAML, local or fsspec URL (default: $SIMPO_CONFIG)")
     parser.add_argument("--stop-at-step", type=int, default=None,
                         help="checkpoint and exit once this step is reached (a preemption drill; the next start "
@@ -51,5 +48,5 @@ def run(args: argparse.Namespace) -> int:
         exit_now(error.exit_code)
     except BaseException:  # noqa: BLE001 - report, then exit without jax.distributed's shutdown barrier
         traceback.print_exc()
-        exit_now(EXIT_RETRYABLE)
+        exit_now(ExitCode.RETRYABLE)
     return 0

@@ -16,8 +16,6 @@ alike); tokenization, and with it the overlength policy, happens per batch.
 
 from __future__ import annotations
 
-import gzip
-import io
 import json
 import logging
 from dataclasses import dataclass
@@ -26,6 +24,7 @@ from typing import Any
 import fsspec
 import numpy as np
 
+from simpo_worker import storage
 from simpo_worker.config import DataConfig
 from simpo_worker.errors import DataError
 
@@ -64,17 +63,7 @@ def expand_patterns(patterns: list[str]) -> list[str]:
 def read_pairs(patterns: list[str]) -> list[PreferencePair]:
     pairs = []
     for file in expand_patterns(patterns):
-        try:
-            with fsspec.open(file, "rb") as raw:
-                data = raw.read()
-        except OSError as error:
-            raise DataError(f"{file}: cannot read: {error}") from error
-        if file.endswith(".gz"):
-            try:
-                data = gzip.decompress(data)
-            except (OSError, EOFError) as error:
-                raise DataError(f"{file}: not a valid gzip file: {error}") from error
-        for number, line in enumerate(io.TextIOWrapper(io.BytesIO(data), encoding="utf-8"), start=1):
+        for number, line in enumerate(storage.read_text(file, "preference data file").splitlines(), start=1):
             if line.strip():
                 pairs.append(parse_row(line, f"{file}:{number}"))
     if not pairs:

@@ -13,26 +13,16 @@ import os
 import ssl
 import urllib.error
 import urllib.request
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, replace
+from datetime import datetime, timezone
 from typing import Mapping, Optional, Protocol
+
+from simpo_worker import api
+from simpo_worker.api import Progress
 
 log = logging.getLogger(__name__)
 
 SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
-API_GROUP_VERSION = "simpo.dev/v1alpha1"
-PLURAL = "simpointerleavejobs"
-
-
-@dataclass
-class Progress:
-    """Field names as in the CRD's status.progress."""
-
-    stage: str  # "train" | "infer"
-    step: int
-    totalSteps: int
-    promptsDone: int = 0
-    promptsTotal: int = 0
-    tokens: int = 0
 
 
 class ProgressReporter(Protocol):
@@ -49,13 +39,15 @@ class KubernetesStatusReporter:
 
     def __init__(self, server: str, namespace: str, name: str, token: str, ca_file: Optional[str],
                  timeout_s: float = 5.0):
-        self.url = f"{server}/apis/{API_GROUP_VERSION}/namespaces/{namespace}/{PLURAL}/{name}/status"
+        self.url = f"{server}/apis/{api.API_VERSION}/namespaces/{namespace}/{api.PLURAL}/{name}/status"
         self.token = token
         self.context = ssl.create_default_context(cafile=ca_file) if ca_file else None
         self.timeout_s = timeout_s
 
     def report(self, progress: Progress) -> None:
+        progress = replace(progress, updateTime=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
         LogReporter().report(progress)
+        # Merge-patch: a None field (e.g. promptsDone while training) removes a stale value.
         body = json.dumps({"status": {"progress": asdict(progress)}}).encode()
         request = urllib.request.Request(self.url, data=body, method="PATCH", headers={
             "Authorization": f"Bearer {self.token}", "Content-Type": "application/merge-patch+json"})
@@ -69,7 +61,7 @@ class KubernetesStatusReporter:
 def reporter_from_env(env: Mapping[str, str] = os.environ,
                       service_account_dir: str = SERVICE_ACCOUNT_DIR) -> ProgressReporter:
     """The Kubernetes reporter inside a pod of a SimpoInterleaveJob, else the log."""
-    name, namespace = env.get("SIMPO_JOB_NAME"), env.get("SIMPO_JOB_NAMESPACE")
+    name, namespace = env.get(api.ENV_JOB_NAME), env.get(api.ENV_JOB_NAMESPACE)
     host, port = env.get("KUBERNETES_SERVICE_HOST"), env.get("KUBERNETES_SERVICE_PORT")
     token_file = os.path.join(service_account_dir, "token")
     if not (name and namespace and host and port and os.path.exists(token_file)):

@@ -12,11 +12,10 @@ Hosts take contiguous shards of the global prompt list (`host_shard`), so prompt
 
 from __future__ import annotations
 
-import gzip
 import json
 from dataclasses import dataclass
-import fsspec
 
+from simpo_worker import storage
 from simpo_worker.config import InferenceConfig
 from simpo_worker.errors import DataError
 from simpo_worker.preference_data import _message
@@ -63,22 +62,7 @@ def render_prompts(conversations: list[list[dict[str, str]]], tokenizer, max_pro
 
 def read_prompt_file(url: str) -> list[list[dict[str, str]]]:
     """The conversations of a prompt file, each a message list ending where the assistant should answer."""
-    try:
-        with fsspec.open(url, "rb") as handle:
-            data = handle.read()
-    except FileNotFoundError as error:
-        raise DataError(f"{url}: prompt file not found") from error
-    except OSError as error:
-        raise DataError(f"{url}: cannot read the prompt file: {error}") from error
-    if url.endswith(".gz"):
-        try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError) as error:
-            raise DataError(f"{url}: not a valid gzip file: {error}") from error
-    try:
-        lines = data.decode("utf-8").splitlines()
-    except UnicodeDecodeError as error:
-        raise DataError(f"{url}: not UTF-8 text: {error}") from error
+    lines = storage.read_text(url, "prompt file").splitlines()
     jsonl = url.endswith(JSONL_SUFFIXES)
     conversations = [(_parse_json_line(line, f"{url}:{number}") if jsonl else [{"role": "user", "content": line}])
                      for number, line in enumerate(lines, start=1) if line.strip()]

@@ -6,14 +6,14 @@ import sys
 import pytest
 import yaml
 
-from simpo_operator.demo import REFERENCE_MAX_NEW_TOKENS, REFERENCE_PROMPTS, demo_job
+from simpo_interleave.demo import REFERENCE_MAX_NEW_TOKENS, REFERENCE_PROMPTS, demo_job
 from simpo_operator.resource import validate_job
 
 pytestmark = pytest.mark.multiprocess
 
 
 def test_demo_small_runs_and_summarises(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "simpo_operator.cli", "demo", "--small", "--hosts", "2",
+    result = subprocess.run([sys.executable, "-m", "simpo_interleave.cli", "demo", "--small", "--hosts", "2",
                              "--output-dir", str(tmp_path)], capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     out = result.stdout

@@ -20,8 +20,8 @@ import pytest
 import yaml
 
 from gcs_emulator import BUCKET, gcs_emulator
-from simpo_operator.local_runner import run_job_file
-from simpo_worker import outputs
+from simpo_interleave.local_runner import run_job_file
+from simpo_worker import outputs, storage
 from simpo_worker.make_preference_data import generate, write_jsonl
 
 pytestmark = pytest.mark.multiprocess
@@ -88,7 +88,7 @@ def runs(workdir) -> Runs:
 
 
 def train_losses(output_dir: str) -> list[float]:
-    records = outputs.read_jsonl(outputs.join(output_dir, "metrics.jsonl"))
+    records = storage.read_jsonl(storage.join(output_dir, "metrics.jsonl"))
     train = [r for r in records if r["event"] == "train"]
     assert [r["step"] for r in train] == list(range(1, STEPS + 1))
     return [r["loss"] for r in train]
@@ -108,7 +108,7 @@ def completions(output_dir: str, step: int = 2) -> dict[int, str]:
     manifest = outputs.read_manifest(output_dir, step)
     rows = []
     for host in range(manifest["hosts"]):
-        rows += outputs.read_jsonl(outputs.host_shard_path(output_dir, step, host, manifest["hosts"]))
+        rows += storage.read_jsonl(outputs.host_shard_path(output_dir, step, host, manifest["hosts"]))
     return {row["global_prompt_index"]: row["completion"] for row in rows}
 
 
@@ -120,7 +120,7 @@ def test_flow_covers_every_prompt_once(runs, hosts, mode):
     assert manifest["prompts"] == NUM_PROMPTS and manifest["hosts"] == hosts
     rows = []
     for host in range(hosts):
-        shard = outputs.read_jsonl(outputs.host_shard_path(out, 2, host, hosts))
+        shard = storage.read_jsonl(outputs.host_shard_path(out, 2, host, hosts))
         assert all(row["process_index"] == host and row["process_count"] == hosts and row["step"] == 2
                    for row in shard)
         rows += shard
@@ -130,7 +130,7 @@ def test_flow_covers_every_prompt_once(runs, hosts, mode):
     assert manifest["completion_tokens"] == sum(row["completion_tokens"] for row in rows)
     assert sum(manifest["finish_reasons"].values()) == NUM_PROMPTS
     assert sum(host["prompts"] for host in manifest["per_host"]) == NUM_PROMPTS
-    train = [r for r in outputs.read_jsonl(outputs.join(out, "metrics.jsonl")) if r["event"] == "train"]
+    train = [r for r in storage.read_jsonl(storage.join(out, "metrics.jsonl")) if r["event"] == "train"]
     # Resuming reuses the compiled train step: compiled once in the whole run.
     assert {r["train_step_compilations"] for r in train} == {1}
 
@@ -167,7 +167,7 @@ def test_killed_host_fails_cleanly_and_restart_matches(runs, workdir):
     def kill_host_1_during_inference():
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline and not killed.is_set():
-            if outputs.exists(outputs.host_shard_path(out, 2, 0, 2)) or _inference_started(out):
+            if storage.exists(outputs.host_shard_path(out, 2, 0, 2)) or _inference_started(out):
                 pid = _worker_pid(job, host=1)
                 if pid:
                     os.kill(pid, signal.SIGKILL)
@@ -192,7 +192,7 @@ def test_killed_host_fails_cleanly_and_restart_matches(runs, workdir):
 
 
 def _inference_started(output_dir: str) -> bool:
-    return outputs.exists(outputs.join(output_dir, "checkpoints", f"step_{2:08d}", "manifest.json"))
+    return storage.exists(storage.join(output_dir, "checkpoints", f"step_{2:08d}", "manifest.json"))
 
 
 def _worker_pid(job: Path, host: int) -> int | None:
@@ -254,6 +254,6 @@ def test_unwritable_output_dir(workdir, capfd):
 
 
 def _run_cli_local(job: Path) -> int:
-    from simpo_operator.cli import main
+    from simpo_interleave.cli import main
 
     return main(["local", str(job), "--timeout-s", "300"])

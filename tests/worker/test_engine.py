@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from model_goldens import GOLDENS, TINY_LLAMA_DIR
-from simpo_operator.host_processes import local_host_envs, run_host_processes
+from simpo_interleave.host_processes import local_host_envs, run_host_processes
 from simpo_worker.config import InferenceConfig
 from simpo_worker.engine import Engine
 from simpo_worker.errors import DataError

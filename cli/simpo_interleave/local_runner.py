@@ -13,7 +13,8 @@ import sys
 import tempfile
 
 from simpo_operator import pod_env
-from simpo_operator.host_processes import free_port, run_host_processes
+from simpo_worker import api
+from simpo_interleave.host_processes import free_port, run_host_processes
 from simpo_operator.resource import load_job, validate_job
 from simpo_worker.config import dump_worker_config, replace
 
@@ -43,7 +44,7 @@ def run_job_file(file: str, hosts: int | None = None, output_dir: str | None = N
     if hosts < 1:
         raise SystemExit(f"--hosts: must be >= 1, got {hosts}")
     with tempfile.TemporaryDirectory(prefix="simpo-local-") as workdir:
-        config_path = os.path.join(workdir, pod_env.CONFIG_FILE)
+        config_path = os.path.join(workdir, api.CONFIG_FILE)
         with open(config_path, "w", encoding="utf-8") as handle:
             handle.write(dump_worker_config(config))
         coordinator = f"127.0.0.1:{free_port()}"
@@ -55,6 +56,6 @@ def run_job_file(file: str, hosts: int | None = None, output_dir: str | None = N
             envs.append({**os.environ, "JAX_PLATFORMS": "cpu", **(extra_env or {}), **env})
         print(f"running {job.namespace}/{job.name} as {hosts} local host(s); outputs in {config.output_dir}",
               flush=True)
-        code = run_host_processes([sys.executable, "-m", "simpo_operator.cli", "worker"], envs, timeout_s)
+        code = run_host_processes([sys.executable, "-m", "simpo_interleave.cli", "worker"], envs, timeout_s)
     print(f"{job.name}: {'succeeded' if code == 0 else f'failed (exit code {code})'}", flush=True)
     return code

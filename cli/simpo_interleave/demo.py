@@ -16,8 +16,8 @@ from typing import Any
 
 import yaml
 
-from simpo_operator.local_runner import run_job_file
-from simpo_worker import outputs
+from simpo_interleave.local_runner import run_job_file
+from simpo_worker import outputs, storage
 from simpo_worker.make_preference_data import generate, write_jsonl
 
 REFERENCE_STEPS, REFERENCE_EVAL_STEP, REFERENCE_PROMPTS, REFERENCE_MAX_NEW_TOKENS = 7, 2, 128, 2048
@@ -93,7 +93,7 @@ def demo_job(data_dir: Path, output_dir: Path, small: bool, hosts: int) -> dict[
 
 def summary(output_dir: str) -> str:
     """What a person wants to see after the run: losses, the pause, where the files are."""
-    records = outputs.read_jsonl(outputs.join(output_dir, "metrics.jsonl"))
+    records = storage.read_jsonl(storage.join(output_dir, "metrics.jsonl"))
     train = [r for r in records if r.get("event") == "train"]
     lines = [f"outputs: {output_dir}", "", "step  loss     reward-acc  margin   step-s  compilations"]
     for r in train:
@@ -109,6 +109,6 @@ def summary(output_dir: str) -> str:
                   f"  tokens: {manifest['completion_tokens']}, {manifest['tokens_per_second']:.1f} tokens/s",
                   f"  phases: {phases}",
                   f"  files: {outputs.inference_dir(output_dir, step)}/"]
-        first = outputs.read_jsonl(outputs.host_shard_path(output_dir, step, 0, manifest["hosts"]))[0]
+        first = storage.read_jsonl(outputs.host_shard_path(output_dir, step, 0, manifest["hosts"]))[0]
         lines.append(f"  e.g. prompt {first['global_prompt_index']}: {json.dumps(first['completion'][:160])}")
     return os.linesep.join(lines)

@@ -13,8 +13,8 @@ import sys
 from simpo_worker.errors import NonRetryableError
 
 COMMANDS = {
-    "demo": ("simpo_operator.demo", "run the reference workflow locally on SmolLM2 (train 2, infer, train 5)"),
-    "local": ("simpo_operator.local_runner", "run a SimpoInterleaveJob YAML as N local host processes"),
+    "demo": ("simpo_interleave.demo", "run the reference workflow locally on SmolLM2 (train 2, infer, train 5)"),
+    "local": ("simpo_interleave.local_runner", "run a SimpoInterleaveJob YAML as N local host processes"),
     "worker": ("simpo_worker.main", "run one host's worker (what each pod runs)"),
     "render": ("simpo_operator.render", "print the ConfigMap and JobSet the operator creates for a job YAML"),
     "operator": ("simpo_operator.main", "run the kopf operator"),

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from simpo_worker import outputs
+from simpo_worker import outputs, storage
 from simpo_worker.errors import DataError, OutputError
 
 
@@ -30,7 +30,7 @@ def test_manifest_totals_equal_the_rows(tmp_path):
     assert manifest["tokens_per_second"] == pytest.approx(11.5)
     assert [f["rows"] for f in manifest["files"]] == [2, 1]
     assert outputs.read_manifest(out, 2) is None  # not complete until the leader writes it
-    outputs.write_atomic(outputs.manifest_path(out, 2), json.dumps(manifest))
+    storage.write_atomic(outputs.manifest_path(out, 2), json.dumps(manifest))
     assert outputs.read_manifest(out, 2)["prompts"] == 3
     assert not [name for name in os.listdir(outputs.inference_dir(out, 2)) if ".tmp-" in name]
 
@@ -70,8 +70,8 @@ def test_gcs_through_the_emulator(monkeypatch):
         outputs.check_writable(out, 0)
         outputs.write_host_shard(out, 2, 0, 1, [row(2, 0, 1, 0, 4), row(2, 0, 1, 1, 6, "length")])
         manifest = outputs.build_manifest(out, 2, 2, 1, [{"generate_seconds": 1.0}], {})
-        outputs.write_atomic(outputs.manifest_path(out, 2), json.dumps(manifest))
+        storage.write_atomic(outputs.manifest_path(out, 2), json.dumps(manifest))
         assert outputs.read_manifest(out, 2)["completion_tokens"] == 10
-        outputs.append_line(outputs.join(out, "metrics.jsonl"), {"step": 1})
-        outputs.append_line(outputs.join(out, "metrics.jsonl"), {"step": 2})
-        assert outputs.read_jsonl(outputs.join(out, "metrics.jsonl")) == [{"step": 1}, {"step": 2}]
+        storage.append_line(storage.join(out, "metrics.jsonl"), {"step": 1})
+        storage.append_line(storage.join(out, "metrics.jsonl"), {"step": 2})
+        assert storage.read_jsonl(storage.join(out, "metrics.jsonl")) == [{"step": 1}, {"step": 2}]

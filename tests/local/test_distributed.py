@@ -4,7 +4,7 @@ import io
 import sys
 import textwrap
 
-from simpo_operator.host_processes import local_host_envs, run_host_processes
+from simpo_interleave.host_processes import local_host_envs, run_host_processes
 from simpo_worker.distributed import process_id_from_env
 
 SCRIPT = textwrap.dedent("""
