@@ -16,7 +16,8 @@ from simpo_operator import pod_env
 from simpo_worker import api
 from simpo_interleave.host_processes import free_port, run_host_processes
 from simpo_operator.resource import load_job, validate_job
-from simpo_worker.config import dump_worker_config, replace
+from simpo_worker.config import dump_worker_config
+from simpo_worker.schema import replace
 
 DEFAULT_TIMEOUT_S = 6 * 3600
 

@@ -11,14 +11,15 @@ by the worker's own parser.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 import yaml
 
 from simpo_operator import tpu
 from simpo_worker.api import API_VERSION, KIND, Progress
-from simpo_worker.config import WorkerConfig, from_data
+from simpo_worker.config import OUTPUT_DIR_MESSAGE, OUTPUT_DIR_PATTERN, WorkerConfig
 from simpo_worker.errors import ConfigError
+from simpo_worker.schema import Rule, from_data, setting
 
 # Pod hostnames are `<name>-worker-<slice>-<host>` and must fit the 63-character DNS label limit.
 MAX_NAME_LENGTH = 40
@@ -28,57 +29,93 @@ DEFAULT_MAX_RESTARTS = 3
 PHASES = ("Pending", "Running", "Restarting", "Succeeded", "Failed", "Suspended")
 FINISHED_PHASES = ("Succeeded", "Failed")
 
+# Rules over the whole resource (metadata included): the CRD's top-level x-kubernetes-validations.
+RESOURCE_RULES = (
+    Rule(f"size(self.metadata.name) <= {MAX_NAME_LENGTH}",
+         lambda resource: len(resource["metadata"]["name"]) <= MAX_NAME_LENGTH,
+         f"metadata.name: at most {MAX_NAME_LENGTH} characters (pod hostnames derive from it)"),
+)
+# Kubernetes' own patterns: a resource.Quantity, and a DNS-1123 subdomain (service account names).
+QUANTITY_PATTERN = (r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|"
+                    r"([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$")
+DNS_1123_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+_TPU_NAME = {"min_length": 1, "max_length": 64}
+_QUANTITY = {"pattern": QUANTITY_PATTERN, "pattern_message": "must be a Kubernetes quantity such as 500m, 4 or 16Gi"}
+
 
 @dataclass(frozen=True)
 class TpuSpec:
     """A TPU slice: either `type` (GCP accelerator-type name, e.g. v5p-32) or `accelerator` + `topology`."""
 
-    type: Optional[str] = None
-    accelerator: Optional[str] = None
-    topology: Optional[str] = None
-    # Multislice: this many identical slices joined over the data-center network.
-    slices: int = 1
+    type: Optional[str] = setting("GCP accelerator type, e.g. v5p-32, v6e-16, v5litepod-16.", None, **_TPU_NAME)
+    accelerator: Optional[str] = setting("GKE accelerator, e.g. tpu-v5p-slice (with `topology`).", None,
+                                         **_TPU_NAME)
+    topology: Optional[str] = setting("Slice topology, e.g. 2x2x4 (with `accelerator`).", None, **_TPU_NAME)
+    slices: int = setting("Multislice: this many identical slices joined over the data-center network.", 1,
+                          minimum=1)
+
+    RULES: ClassVar = (
+        Rule("!(has(self.type) && (has(self.accelerator) || has(self.topology)))",
+             lambda t: t.type is None or (t.accelerator is None and t.topology is None),
+             "set either `type` or `accelerator` + `topology`, not both"),
+        Rule("has(self.type) || (has(self.accelerator) && has(self.topology))",
+             lambda t: t.type is not None or (t.accelerator is not None and t.topology is not None),
+             "set `type` (e.g. v5p-32) or both `accelerator` and `topology`"),
+    )
 
     def shape(self, path: str) -> tpu.TpuShape:
-        if self.type is not None and (self.accelerator is not None or self.topology is not None):
-            raise ConfigError(f"{path}: set either `type` or `accelerator` + `topology`, not both")
         if self.type is not None:
             return tpu.shape_for_type(self.type, f"{path}.type")
-        if self.accelerator is None or self.topology is None:
-            raise ConfigError(f"{path}: set `type` (e.g. v5p-32) or both `accelerator` and `topology`")
         return tpu.shape_for_topology(self.accelerator, self.topology, path)
 
 
 @dataclass(frozen=True)
 class ResourceList:
-    cpu: Optional[str] = None
-    memory: Optional[str] = None
+    cpu: Optional[str] = setting("CPU, e.g. 8 or 500m.", None, **_QUANTITY)
+    memory: Optional[str] = setting("Memory, e.g. 64Gi.", None, **_QUANTITY)
 
 
 @dataclass(frozen=True)
 class Resources:
     """Extra container resources (TPU chips are set from the slice shape)."""
 
-    requests: ResourceList = field(default_factory=ResourceList)
-    limits: ResourceList = field(default_factory=ResourceList)
+    requests: ResourceList = setting("Requests of each worker container.", default_factory=ResourceList)
+    limits: ResourceList = setting("Limits of each worker container.", default_factory=ResourceList)
 
 
-@dataclass(frozen=True)
+# kw_only: fields are listed in the order they are checked (outputDir before the config it overrides).
+@dataclass(frozen=True, kw_only=True)
 class JobSpec:
-    image: str
-    config: WorkerConfig
-    tpu: Optional[TpuSpec] = None
-    # Hosts of a non-TPU pool (CPU/GPU; tests and small runs). Exclusive with `tpu`.
-    hosts: Optional[int] = None
-    # Overrides config.output_dir: gs://bucket/prefix or any fsspec URL.
-    outputDir: Optional[str] = None
-    serviceAccountName: str = DEFAULT_SERVICE_ACCOUNT
-    resources: Resources = field(default_factory=Resources)
-    suspend: bool = False
-    # Whole-JobSet restarts (resuming from the newest checkpoint) before the job is Failed.
-    maxRestarts: int = DEFAULT_MAX_RESTARTS
-    # Delete the resource (and, through owner references, everything it created) this long after it finished.
-    ttlSecondsAfterFinished: Optional[int] = None
+    """A SimPO run that pauses for inference at exact steps: the worker image, the slice, and the worker config."""
+
+    image: str = setting("The worker image.", min_length=1, immutable=True)
+    outputDir: Optional[str] = setting("Overrides config.output_dir: gs://bucket/prefix or any fsspec URL.", None,
+                                       pattern=OUTPUT_DIR_PATTERN, pattern_message=OUTPUT_DIR_MESSAGE,
+                                       immutable=True)
+    config: WorkerConfig = setting("The worker config (mounted into every pod as a ConfigMap).")
+    tpu: Optional[TpuSpec] = setting("A TPU slice (exclusive with `hosts`).", None, immutable=True)
+    hosts: Optional[int] = setting("Hosts of a non-TPU pool (CPU/GPU; tests and small runs); exclusive with `tpu`.",
+                                   None, minimum=1, immutable=True)
+    serviceAccountName: str = setting("The worker pods' service account (it may patch this job's status).",
+                                      DEFAULT_SERVICE_ACCOUNT, max_length=253, pattern=DNS_1123_SUBDOMAIN,
+                                      pattern_message="must be a DNS-1123 subdomain (lower-case letters, digits, "
+                                                      "'-' and '.')", immutable=True)
+    resources: Resources = setting("Extra container resources.", default_factory=Resources)
+    suspend: bool = setting("Suspend the JobSet (and delete its pods); false resumes from the checkpoint.", False)
+    maxRestarts: int = setting("Whole-JobSet restarts (resuming from the newest checkpoint) before the job is "
+                               "Failed.", DEFAULT_MAX_RESTARTS, minimum=0, immutable=True)
+    ttlSecondsAfterFinished: Optional[int] = setting(
+        "Delete the resource (and everything it created) this long after it finished.", None, minimum=0)
+
+    RULES: ClassVar = (
+        Rule("!(has(self.tpu) && has(self.hosts))", lambda s: s.tpu is None or s.hosts is None,
+             "set either `tpu` (a TPU slice) or `hosts` (a CPU/GPU pool), not both"),
+        Rule("has(self.tpu) == has(oldSelf.tpu) && has(self.hosts) == has(oldSelf.hosts)", None,
+             "spec.tpu and spec.hosts cannot be added or removed after creation"),
+        Rule("has(self.outputDir) || has(self.config.output_dir)",
+             lambda s: s.outputDir is not None or bool(s.config.output_dir),
+             "set spec.outputDir or spec.config.output_dir"),
+    )
 
 
 @dataclass(frozen=True)
@@ -139,17 +176,20 @@ def load_job(file: str) -> dict[str, Any]:
 
 
 def validate_job(resource: dict[str, Any], default_namespace: str = "default") -> Job:
-    """Check a SimpoInterleaveJob (as a dict) and derive its shape. Errors name the field path."""
+    """Check a SimpoInterleaveJob (as a dict) and derive its shape. Errors name the field path.
+
+    The schema's own rules (types, bounds, CEL rules) are the ones the API server applies at admission; what
+    needs the slice's shape (the TPU type table, the mesh against the device count) is checked only here, and the
+    operator reports it as InvalidSpec."""
     if resource.get("apiVersion") != API_VERSION or resource.get("kind") != KIND:
         raise ConfigError(f"apiVersion/kind: expected {API_VERSION} {KIND}, got "
                           f"{resource.get('apiVersion')} {resource.get('kind')}")
     metadata = resource.get("metadata")
     if not isinstance(metadata, dict) or not isinstance(metadata.get("name"), str):
         raise ConfigError("metadata.name: required")
-    name = metadata["name"]
-    if len(name) > MAX_NAME_LENGTH:
-        raise ConfigError(f"metadata.name: at most {MAX_NAME_LENGTH} characters (pod hostnames derive from it), "
-                          f"got {len(name)}")
+    for rule in RESOURCE_RULES:
+        if not rule.check(resource):
+            raise ConfigError(f"{rule.message}, got {len(metadata['name'])}")
     spec_data = resource.get("spec")
     if not isinstance(spec_data, dict):
         raise ConfigError("spec: expected a mapping")
@@ -157,27 +197,12 @@ def validate_job(resource: dict[str, Any], default_namespace: str = "default") -
         spec_data = {**spec_data, "config": {**spec_data["config"], "output_dir": spec_data["outputDir"]}}
     # The same typed parsing as the worker's parse_worker_config, so errors read `spec.config.trainer...`.
     spec = from_data(JobSpec, spec_data, "spec")
-    spec.config.validate("spec.config")
-    hosts, slices, shape = _topology(spec)
-    if spec.maxRestarts < 0:
-        raise ConfigError(f"spec.maxRestarts: must be >= 0, got {spec.maxRestarts}")
-    if spec.ttlSecondsAfterFinished is not None and spec.ttlSecondsAfterFinished < 0:
-        raise ConfigError(f"spec.ttlSecondsAfterFinished: must be >= 0, got {spec.ttlSecondsAfterFinished}")
-    if not spec.image.strip():
-        raise ConfigError("spec.image: must not be empty")
-    return Job(name=name, namespace=metadata.get("namespace") or default_namespace, uid=metadata.get("uid"),
-               spec=spec, hosts_per_slice=hosts, slices=slices, shape=shape)
-
-
-def _topology(spec: JobSpec) -> tuple[int, int, Optional[tpu.TpuShape]]:
-    if spec.tpu is not None and spec.hosts is not None:
-        raise ConfigError("spec: set either `tpu` (a TPU slice) or `hosts` (a CPU/GPU pool), not both")
     if spec.tpu is None:
-        hosts = 1 if spec.hosts is None else spec.hosts
-        if hosts < 1:
-            raise ConfigError(f"spec.hosts: must be >= 1, got {hosts}")
-        return hosts, 1, None
-    if spec.tpu.slices < 1:
-        raise ConfigError(f"spec.tpu.slices: must be >= 1, got {spec.tpu.slices}")
-    shape = spec.tpu.shape("spec.tpu")
-    return shape.hosts, spec.tpu.slices, shape
+        hosts, slices, shape = spec.hosts or 1, 1, None
+    else:
+        shape = spec.tpu.shape("spec.tpu")
+        hosts, slices = shape.hosts, spec.tpu.slices
+        # One JAX device per TPU chip (v4/v5p megacore included).
+        spec.config.trainer.check_devices(shape.chips * slices, "spec.config.trainer")
+    return Job(name=metadata["name"], namespace=metadata.get("namespace") or default_namespace,
+               uid=metadata.get("uid"), spec=spec, hosts_per_slice=hosts, slices=slices, shape=shape)

@@ -19,6 +19,8 @@ def tpu_job(slices=1, **tpu_spec):
     job = make_job("tpu-job")
     del job["spec"]["hosts"]
     job["spec"]["tpu"] = {**tpu_spec, "slices": slices}
+    # A global batch that splits evenly over every slice's devices (validate_job checks it against the mesh).
+    job["spec"]["config"]["trainer"]["batch_size"] = 24576
     return job
 
 

@@ -6,8 +6,8 @@ import sys
 import pytest
 import yaml
 
-from simpo_worker.config import (ConfigError, dump_worker_config, load_worker_config, parse_worker_config,
-                                 replace)
+from simpo_worker.config import ConfigError, dump_worker_config, load_worker_config, parse_worker_config
+from simpo_worker.schema import replace
 
 
 def base() -> dict:
@@ -45,7 +45,7 @@ def test_reference_config_parses_with_published_simpo_defaults():
     ("trainer.microbatches", 3, "trainer.microbatches: must divide batch_size (8)"),
     ("trainer.mesh.fsdp", 0, "trainer.mesh.fsdp: must be >= 1 or -1"),
     ("trainer.compute_dtype", "float16", "trainer.compute_dtype: must be one of float32, bfloat16"),
-    ("inference.eval_at_steps", [8], "inference.eval_at_steps: step 8 is beyond the run"),
+    ("inference.eval_at_steps", [8], "inference.eval_at_steps: a step is beyond the run (trainer.num_train_steps = 7)"),
     ("inference.eval_at_steps", [0], "inference.eval_at_steps: steps must be positive"),
     ("inference.eval_at_steps", [2, 2], "inference.eval_at_steps: steps must be unique"),
     ("inference.mode", "tensor_parallel", "inference.mode: must be one of host_data_parallel, global_mesh"),

@@ -10,7 +10,7 @@ from jax.sharding import PartitionSpec as P
 
 from simpo_worker.config import ArchitectureConfig, MeshConfig, OptimizerConfig, SimpoConfig, parse_worker_config
 from simpo_worker.errors import ConfigError
-from simpo_worker.mesh import fsdp_spec, make_mesh, mesh_shape, place
+from simpo_worker.mesh import fsdp_spec, make_mesh, place
 from simpo_worker.model import init_llama
 from simpo_worker.pretrained import load_model
 from simpo_worker.tokenizer import load_tokenizer
@@ -75,9 +75,9 @@ def test_fsdp_spec_shards_the_largest_divisible_dim():
     assert fsdp_spec((30, 9, 7), 4) == P()  # nothing divisible: replicated
     assert fsdp_spec((), 4) == P()
     assert fsdp_spec((49152, 576), 1) == P()
-    assert mesh_shape(MeshConfig(data=-1, fsdp=2), 8) == (4, 2, 1)
+    assert MeshConfig(data=-1, fsdp=2).resolve(8) == (4, 2, 1)
     with pytest.raises(ConfigError, match="trainer.mesh: data x fsdp x model = \\[2, 2, 1\\] needs 4 devices"):
-        mesh_shape(MeshConfig(data=2, fsdp=2), 8)
+        MeshConfig(data=2, fsdp=2).resolve(8)
 
 
 def test_four_devices_fsdp_matches_one_device(tmp_path):

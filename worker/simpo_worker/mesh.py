@@ -8,8 +8,6 @@ The mesh spans jax.devices(), i.e. every device of every process.
 
 from __future__ import annotations
 
-import math
-
 import jax
 import numpy as np
 from jax.experimental import mesh_utils
@@ -22,24 +20,9 @@ AXES = ("data", "fsdp", "model")
 BATCH_AXES = ("data", "fsdp")
 
 
-def mesh_shape(config: MeshConfig, device_count: int) -> tuple[int, int, int]:
-    """Axis sizes with -1 resolved to the remaining devices; their product must be the device count."""
-    sizes = [config.data, config.fsdp, config.model]
-    fixed = math.prod(size for size in sizes if size != -1)
-    if -1 in sizes:
-        if device_count % fixed:
-            raise ConfigError(f"trainer.mesh: the fixed axes ({fixed} devices) do not divide the "
-                              f"{device_count} devices")
-        sizes[sizes.index(-1)] = device_count // fixed
-    if math.prod(sizes) != device_count:
-        raise ConfigError(f"trainer.mesh: data x fsdp x model = {sizes} needs {math.prod(sizes)} devices, "
-                          f"there are {device_count}")
-    return tuple(sizes)
-
-
 def make_mesh(config: MeshConfig, devices: list | None = None) -> Mesh:
     devices = jax.devices() if devices is None else devices
-    shape = mesh_shape(config, len(devices))
+    shape = config.resolve(len(devices))
     return Mesh(mesh_utils.create_device_mesh(shape, devices), AXES)
 
 
