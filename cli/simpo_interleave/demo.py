@@ -75,6 +75,8 @@ def demo_job(data_dir: Path, output_dir: Path, small: bool, hosts: int) -> dict[
             "mode": "host_data_parallel",
             "prompts_file": str(data_dir / "prompts.jsonl"),
             "max_new_tokens": 16 if small else REFERENCE_MAX_NEW_TOKENS,
+            # The tiny model's context is 512: prompt + new tokens must fit it.
+            "max_prompt_len": 256 if small else 512,
             "batch_size": 32,
             "temperature": 0.7,
             "top_p": 0.9,

@@ -4,7 +4,8 @@ import io
 import sys
 import textwrap
 
-from simpo_interleave.host_processes import local_host_envs, run_host_processes
+from local_hosts import host_envs
+from simpo_interleave.host_processes import run_host_processes
 from simpo_worker.distributed import process_id_from_env
 
 SCRIPT = textwrap.dedent("""
@@ -33,7 +34,7 @@ def run(tmp_path, mode, hosts=2):
     script = tmp_path / "host.py"
     script.write_text(SCRIPT)
     out = io.StringIO()
-    code = run_host_processes([sys.executable, str(script), mode], local_host_envs(hosts), timeout_s=120, out=out)
+    code = run_host_processes([sys.executable, str(script), mode], host_envs(hosts), timeout_s=120, out=out)
     return code, out.getvalue()
 
 

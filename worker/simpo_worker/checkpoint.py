@@ -26,7 +26,7 @@ import numpy as np
 
 from simpo_worker import distributed
 from simpo_worker.errors import ConfigError, OutputError
-from simpo_worker.outputs import exists, join, read_text, write_atomic
+from simpo_worker.storage import exists, join, read_text, write_atomic
 
 MANIFEST = "manifest.json"
 STEP_DIR = re.compile(r"step_(\d{8})$")

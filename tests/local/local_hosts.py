@@ -1,0 +1,51 @@
+"""Multi-process test helpers: N local hosts with the environment the local runner gives a job's pods (the one
+env builder; the same rendering as the operator's JobSet)."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from simpo_interleave.local_runner import local_pods
+from simpo_operator.resource import validate_job
+from simpo_worker import api
+
+# Enough of a worker config for a valid job; tests that run their own scripts only use the distributed env.
+_PLACEHOLDER_CONFIG = {
+    "model": {"source": "smollm2"},
+    "data": {"train_files": ["/dev/null"]},
+    "trainer": {"num_train_steps": 1, "batch_size": 1},
+    "output_dir": "/tmp/unused",
+}
+
+
+def cpu_job(hosts: int, config: dict[str, Any] | None = None, name: str = "local-test") -> dict[str, Any]:
+    return {"apiVersion": api.API_VERSION, "kind": api.KIND, "metadata": {"name": name, "namespace": "default"},
+            "spec": {"image": "simpo-interleave-worker:local", "hosts": hosts,
+                     "config": copy.deepcopy(config or _PLACEHOLDER_CONFIG)}}
+
+
+def host_envs(hosts: int, devices_per_host: int = 1, config: dict[str, Any] | None = None) -> list[dict[str, str]]:
+    """Each host's environment, as the local runner resolves it from the rendered JobSet."""
+    base = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_host}"}
+    pods = local_pods(validate_job(cpu_job(hosts, config)), Path(tempfile.mkdtemp(prefix="simpo-hosts-")), base)
+    return [pod.env for pod in pods]
+
+
+def run_workers(config: dict[str, Any], processes: int, devices_per_process: int, *args: str,
+                timeout: int = 300) -> list[subprocess.CompletedProcess]:
+    """The job's pods as local processes running the container's own command (the worker), each with its own
+    stdout/stderr; extra `args` go to every worker."""
+    base = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}"}
+    pods = local_pods(validate_job(cpu_job(processes, config)), Path(tempfile.mkdtemp(prefix="simpo-hosts-")), base)
+    running = [subprocess.Popen([*pod.argv, *args], env=pod.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True) for pod in pods]
+    results = []
+    for process in running:
+        stdout, stderr = process.communicate(timeout=timeout)
+        results.append(subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr))
+    return results
