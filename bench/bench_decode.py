@@ -73,7 +73,7 @@ def matmul_floor(model, batch: int, repeats: int = 5) -> float:
     import jax
     import jax.numpy as jnp
 
-    from simpo_worker.engine import decode_weights
+    from simpo_worker.decode import decode_weights
 
     @jax.jit
     def matmuls(weights, x):

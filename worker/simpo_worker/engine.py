@@ -1,4 +1,5 @@
-"""Batched generation from the live model: prefill, then a jitted decode loop over a preallocated KV cache.
+"""Batched generation from the live model: the host side (waves, buckets, compaction, progress, placement) of
+the jitted programs in decode.py.
 
 How a call runs:
 - The prompts are cut into waves of at most `inference.batch_size` slots. A wave is right-padded to a length
@@ -7,27 +8,14 @@ How a call runs:
   progress). A wave ends when its longest sequence ends. Once at most half of its rows still decode, the
   finished rows' results are kept and the batch is compacted to the next smaller bucket (cache rows included),
   so a long tail costs the compute and memory of its own rows, not of the whole wave. Waves, not continuous
-  refill: on the reference workload with EOS honoured (bench/m11_inference.py, 128 prompts in 4 waves of 32)
-  75% of the row-steps run produce kept tokens (`row_steps`), so refilling finished slots could win back at
-  most the other 25%, and in the reference workflow each host holds a single wave (32 prompts) anyway.
+  refill: `row_steps` counts the batch rows x steps run, so generated tokens / row_steps bounds what refilling
+  finished slots could win back (bench/README.md has the measured share), and in the reference workflow each
+  host holds a single wave anyway.
 - Every shape is bucketed (batch: power of two up to batch_size; prompt length: multiples of PROMPT_BUCKET;
   attention window: see WINDOW_BUCKET), so a second call with similar prompts compiles nothing.
   `compilations` counts traces of the engine's jitted programs.
 - The cache slot of a token is its position. The cache holds only the attention window the current chunk
   needs and grows between chunks, so early steps do not pay for attention over the full `prompt + max_new_tokens`.
-
-The prefill is the model's own decoder layer (`decoder_layer_with_kv`), keeping the keys and values it made.
-The decode step is the engine's own attention over the cache around the model's q/k/v and MLP blocks, laid out
-for a memory-bound step (at batch 32 the cache is as large as the weights, and every step reads all of it):
-- one cache buffer per layer, updated in place inside the loop, and per-layer weight arrays (no layer slice
-  copied per step);
-- keys stored transposed, [batch, kv_heads, head_dim, slots], values [batch, kv_heads, slots, head_dim], so both
-  attention matmuls stream their cache operand contiguously (`bench/bench_decode.py` prints the step next to
-  its matmul floor);
-- the causal rule as one additive bias per step, shared by every layer, and the softmax normalised after the
-  value matmul (a division of [B, heads, head_dim] rather than of [B, heads, slots]).
-Each of the last two measured about 1.4x faster attention on CPU at batch 32. The math is the model's (float32
-softmax, GQA); parity with HF transformers is tested through golden files.
 
 Placements (inference.mode):
 - host_data_parallel: the params are copied once per call to a replica on this host's local devices (gathered
@@ -39,34 +27,31 @@ Placements (inference.mode):
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from simpo_worker import decode
 from simpo_worker.config import ArchitectureConfig, InferenceConfig
+from simpo_worker.decode import DecodeSpec, DecodeState, DecodeWeights, decode_weights
 from simpo_worker.errors import ConfigError, DataError
-from simpo_worker.model import (DecoderLayers, Llama, attention_inputs, decoder_layer_with_kv, mlp_residual,
-                                rms_norm, rotary_tables)
-from simpo_worker.sampling import SamplingParams, next_tokens, prompt_keys, token_keys
+from simpo_worker.model import Llama
+from simpo_worker.sampling import SamplingParams
 
 # Decode steps per jitted call: the host checks for "all finished" and reports progress this often.
 CHUNK_STEPS = 64
 PROMPT_BUCKET = 64
 # The attention window grows in steps of WINDOW_BUCKET slots, or of WINDOW_ROW_SLOTS / batch rows if more: each
-# window size compiles the decode loop again (about 1 s for SmolLM2), while a step reads its whole window. At
-# batch 32 a step of 256 had a 128 + 256 token request read a third more cache than it held for half its steps;
-# at batch 1 (a compacted tail) the cache is small, and a step of 128 spent half the time compiling.
+# window size compiles the decode loop again, while a step reads its whole window. A large batch wants fine steps
+# (its cache is large, and unused slots are read every step); a small one (a compacted tail) has a small cache and
+# would spend its time compiling, so it takes coarser steps.
 WINDOW_BUCKET = 128
 WINDOW_ROW_SLOTS = 2048
-# The slot axis of the per-layer caches (see DecodeState).
-KEY_SLOT_AXIS, VALUE_SLOT_AXIS = 3, 2
 
 
 @dataclass
@@ -77,61 +62,47 @@ class Completion:
     finish_reason: str  # "stop" | "length"
 
 
-class DecodeWeights(eqx.Module):
-    """The model's params with the layer axis unstacked into a tuple, cast to the compute dtype."""
-
-    embed: jax.Array
-    layers: tuple[DecoderLayers, ...]
-    final_norm: jax.Array
-    head: jax.Array  # [d, V]: the output head (the embedding transposed when tied)
-
-
-class DecodeState(eqx.Module):
-    tokens: jax.Array      # [B] the last sampled token, fed at the next step
-    positions: jax.Array   # [B] that token's position (= its cache slot)
-    generated: jax.Array   # [] tokens generated so far (the same for every row of a wave)
-    counts: jax.Array      # [B] tokens kept per row (stops growing once the row is done)
-    done: jax.Array        # [B]
-    stopped: jax.Array     # [B] done because of a stop token (else: length, or an empty slot)
-    out: jax.Array         # [B, max_new_tokens]
-    keys: jax.Array        # [B] per-prompt PRNG keys
-    k: tuple[jax.Array, ...]  # per layer [B, kv_heads, head_dim, window] (keys transposed)
-    v: tuple[jax.Array, ...]  # per layer [B, kv_heads, window, head_dim]
-
-
 class Engine:
     def __init__(self, arch: ArchitectureConfig, inference: InferenceConfig, eos_token_ids: list[int],
                  compute_dtype=jnp.float32, mesh: Optional[Mesh] = None):
         self.arch = arch
         self.inference = inference
         self.compute_dtype = compute_dtype
-        self.sampling = SamplingParams.from_config(inference)
-        self.stop_ids = tuple(sorted(set(eos_token_ids)))
-        if not self.stop_ids and not inference.ignore_eos:
+        stop_ids = tuple(sorted(set(eos_token_ids)))
+        if not stop_ids and not inference.ignore_eos:
             raise ConfigError("inference: no EOS / stop token ids for the engine; set ignore_eos or give the "
                               "tokenizer's end-of-generation ids")
         if inference.mode == "global_mesh":
             if mesh is None:
                 raise ConfigError("inference.mode: global_mesh needs the training mesh")
-            self.mesh = mesh
-            self.batch_spec = P()  # every host holds the whole (identical) batch
+            batch_spec = P()  # every host holds the whole (identical) batch
             self.batch_multiple = 1
         else:
-            self.mesh = Mesh(np.array(jax.local_devices()), ("data",))
-            self.batch_spec = P("data")
+            mesh = Mesh(np.array(jax.local_devices()), ("data",))
+            batch_spec = P("data")
             self.batch_multiple = len(jax.local_devices())
+        self.mesh = mesh
+        self.spec = DecodeSpec(arch=arch, sampling=SamplingParams.from_config(inference),
+                               max_new_tokens=inference.max_new_tokens, stop_ids=stop_ids,
+                               ignore_eos=inference.ignore_eos, mesh=mesh, batch_spec=batch_spec)
         self.max_slots = _round_up(inference.batch_size, self.batch_multiple)
-        self.compilations = 0
+        # The engine's own copies of the programs: its compile count (and compile time) does not depend on what
+        # else ran in the process.
+        self._prefill = decode.prefill.fresh()
+        self._decode = decode.decode_chunk.fresh()
+        self._grow = decode.grow_window.fresh()
+        self._compact = decode.compact.fresh()
         self.compactions = 0  # batches shrunk mid-wave (finished rows dropped)
         # Batch rows x sampling steps run, empty and finished rows included: generated tokens / row_steps is the
         # share of the work that produced kept tokens (what continuous refill of finished slots could raise).
         self.row_steps = 0
-        self._prefill = jax.jit(self._prefill_fn, static_argnames=("window",))
-        self._decode = jax.jit(self._decode_fn, donate_argnums=(1,))
-        self._grow = jax.jit(self._grow_fn, static_argnums=(1,))
-        self._compact = jax.jit(self._compact_fn)
 
     # ---- public ----------------------------------------------------------------------------------------
+
+    @property
+    def compilations(self) -> int:
+        """Traces of the engine's jitted programs (a trace precedes every compile)."""
+        return sum(program.compilations for program in (self._prefill, self._decode, self._grow, self._compact))
 
     def cache_limit(self) -> int:
         return self.inference.max_prompt_len + self.inference.max_new_tokens
@@ -199,7 +170,7 @@ class Engine:
 
         window = self._window(longest, min(CHUNK_STEPS, inf.max_new_tokens), slots)
         put = self._place
-        state = self._prefill(weights, put(tokens), put(lengths), put(global_index), put(active),
+        state = self._prefill(self.spec, weights, put(tokens), put(lengths), put(global_index), put(active),
                               jnp.int32(step), jnp.int32(seed), window=window)
         rows = np.arange(slots)  # the wave row (prompt) that each batch row holds
         results: dict[int, Completion] = {}
@@ -220,7 +191,7 @@ class Engine:
                 # batch (finished rows would otherwise cost a full row of compute and cache every step).
                 self._collect(state, rows, done & real, indices, results)
                 keep = np.concatenate([live, np.flatnonzero(done)[:smaller - len(live)]]).astype(np.int32)
-                state = self._compact(state, self._place(keep, P()))
+                state = self._compact(self.spec, state, self._place(keep, P()))
                 self.compactions += 1
                 rows = rows[keep]
             stop_at = min(int(generated) + CHUNK_STEPS, inf.max_new_tokens)
@@ -229,7 +200,7 @@ class Engine:
                 state = self._grow(state, needed)
                 window = needed
             stepped_rows, stepped_from = len(rows), int(generated)
-            state = self._decode(weights, state, jnp.int32(stop_at))
+            state = self._decode(self.spec, weights, state, jnp.int32(stop_at))
 
         self._collect(state, rows, rows < n, indices, results)
         return [results[row] for row in range(n)]
@@ -253,138 +224,13 @@ class Engine:
 
     def _place(self, array: np.ndarray, spec: Optional[P] = None) -> jax.Array:
         """Host data (identical on every host in global_mesh mode) onto the engine's batch sharding."""
-        sharding = NamedSharding(self.mesh, self.batch_spec if spec is None else spec)
+        sharding = NamedSharding(self.mesh, self.spec.batch_spec if spec is None else spec)
         return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
     def _weights(self, model: Llama) -> DecodeWeights:
         if self.inference.mode == "host_data_parallel":
             model = _local_replica(model, NamedSharding(self.mesh, P()))
         return decode_weights(model, self.compute_dtype)
-
-    # ---- jitted programs (traced once per shape bucket) ----------------------------------------------
-
-    def _prefill_fn(self, weights: DecodeWeights, tokens, lengths, global_index, active, step, seed, *, window):
-        self.compilations += 1
-        inf = self.inference
-        batch, length = tokens.shape
-        c = self.arch
-        positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
-        cos, sin = rotary_tables(c, positions)
-        x = weights.embed[tokens]
-        k, v = [], []
-        for layer in weights.layers:
-            # Padding keys land in slots past a row's prompt: hidden by the causal rule until overwritten.
-            x, layer_k, layer_v = decoder_layer_with_kv(c, layer, x, positions, cos, sin)
-            k.append(_pad_slots(layer_k.transpose(0, 2, 3, 1), KEY_SLOT_AXIS, window))
-            v.append(_pad_slots(layer_v.transpose(0, 2, 1, 3), VALUE_SLOT_AXIS, window))
-        k, v = tuple(k), tuple(v)
-        hidden = rms_norm(x, weights.final_norm, c.rms_norm_eps)
-        last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
-        logits = (last @ weights.head).astype(jnp.float32)
-
-        keys = prompt_keys(seed, step, global_index)
-        first = next_tokens(logits, token_keys(keys, 0), self.sampling)
-        out = jnp.zeros((batch, inf.max_new_tokens), jnp.int32).at[:, 0].set(first)
-        stopped = active & self._is_stop(first)
-        done = ~active | stopped | (inf.max_new_tokens == 1)
-        state = DecodeState(tokens=first, positions=lengths, generated=jnp.int32(1), counts=active.astype(jnp.int32),
-                            done=done, stopped=stopped, out=out, keys=keys, k=k, v=v)
-        return self._constrain(state)
-
-    def _decode_fn(self, weights: DecodeWeights, state: DecodeState, stop_at):
-        self.compilations += 1
-
-        def running(s: DecodeState):
-            return (s.generated < stop_at) & ~jnp.all(s.done)
-
-        def step(s: DecodeState) -> DecodeState:
-            hidden, k, v = self._decode_forward(weights, s.tokens, s.positions, s.k, s.v)
-            logits = (hidden @ weights.head).astype(jnp.float32)
-            new = next_tokens(logits, token_keys(s.keys, s.generated), self.sampling)
-            live = ~s.done
-            stop = live & self._is_stop(new)
-            return DecodeState(
-                tokens=new,
-                positions=s.positions + live,  # finished rows stay put, inside the window
-                generated=s.generated + 1,
-                counts=s.counts + live,
-                done=s.done | stop | (s.generated + 1 >= self.inference.max_new_tokens),
-                stopped=s.stopped | stop,
-                out=jax.lax.dynamic_update_index_in_dim(s.out, jnp.where(live, new, 0), s.generated, axis=1),
-                keys=s.keys, k=k, v=v)
-
-        return self._constrain(jax.lax.while_loop(running, step, state))
-
-    def _grow_fn(self, state: DecodeState, window: int) -> DecodeState:
-        self.compilations += 1
-        k = tuple(_pad_slots(k, KEY_SLOT_AXIS, window) for k in state.k)
-        v = tuple(_pad_slots(v, VALUE_SLOT_AXIS, window) for v in state.v)
-        return eqx.tree_at(lambda s: (s.k, s.v), state, (k, v))
-
-    def _compact_fn(self, state: DecodeState, keep) -> DecodeState:
-        self.compilations += 1
-        per_row = lambda s: (s.tokens, s.positions, s.counts, s.done, s.stopped, s.out, s.keys, s.k, s.v)
-        return self._constrain(eqx.tree_at(per_row, state, jax.tree.map(lambda a: a[keep], per_row(state))))
-
-    def _is_stop(self, tokens):
-        if self.inference.ignore_eos:
-            return jnp.zeros(tokens.shape, bool)
-        return jnp.isin(tokens, jnp.array(self.stop_ids, jnp.int32))
-
-    def _constrain(self, state: DecodeState) -> DecodeState:
-        """Keep the per-row flags on the batch sharding (replicated in global_mesh mode, so every host reads
-        the same values and takes the same branches)."""
-        sharding = NamedSharding(self.mesh, self.batch_spec)
-        small = lambda s: (s.tokens, s.positions, s.counts, s.done, s.stopped, s.out)
-        return eqx.tree_at(small, state, jax.lax.with_sharding_constraint(small(state), sharding))
-
-    def _decode_forward(self, w: DecodeWeights, tokens, positions, k_cache, v_cache):
-        """One token per row: tokens [B] at positions [B] -> final-normed hidden [B, d]; writes their K/V into
-        the cache at slot = position."""
-        c = self.arch
-        cos, sin = rotary_tables(c, positions[:, None])
-        slots = jnp.arange(k_cache[0].shape[3])
-        # The causal rule (which also hides padding and stale slots) as an additive bias, [B, 1, 1, slots].
-        bias = jnp.where(slots[None, :] <= positions[:, None], 0.0, -jnp.inf)[:, None, None, :]
-        x = w.embed[tokens][:, None]
-        new_k, new_v = [], []
-        for layer, ck, cv in zip(w.layers, k_cache, v_cache):
-            x, ck, cv = _decode_layer(c, layer, x, positions, cos, sin, bias, ck, cv)
-            new_k.append(ck)
-            new_v.append(cv)
-        return rms_norm(x[:, 0], w.final_norm, c.rms_norm_eps), tuple(new_k), tuple(new_v)
-
-
-def _decode_layer(c: ArchitectureConfig, w: DecoderLayers, x, positions, cos, sin, bias, cache_k, cache_v):
-    """The model's decoder layer for one token per row. x [B, 1, d]; positions [B]; caches as in DecodeState."""
-    batch = x.shape[0]
-    hd, kv_heads = c.resolved_head_dim, c.num_kv_heads
-    q, k, v = attention_inputs(c, w, x, cos, sin)
-    rows = jnp.arange(batch)
-    cache_k = cache_k.at[rows, :, :, positions].set(k[:, 0])
-    cache_v = cache_v.at[rows, :, positions].set(v[:, 0])
-    # Query heads grouped by the KV head they share (HF's repeat_kv order): [B, kv, group, hd].
-    q = q.reshape(batch, kv_heads, -1, hd) * (1 / math.sqrt(hd))
-    scores = jnp.einsum("bkgd,bkds->bkgs", q, cache_k).astype(jnp.float32) + bias
-    unnormalised = jnp.exp(scores - scores.max(axis=-1, keepdims=True))
-    attn = jnp.einsum("bkgs,bksd->bkgd", unnormalised.astype(cache_v.dtype), cache_v)
-    attn = attn / unnormalised.sum(axis=-1, keepdims=True).astype(attn.dtype)
-    return mlp_residual(c, w, x + attn.reshape(batch, 1, -1) @ w.wo), cache_k, cache_v
-
-
-def decode_weights(model: Llama, dtype) -> DecodeWeights:
-    layers = jax.tree.map(lambda a: a.astype(dtype), model.layers)
-    head = model.embed.T if model.lm_head is None else model.lm_head
-    return DecodeWeights(
-        embed=model.embed.astype(dtype),
-        layers=tuple(jax.tree.map(lambda a: a[i], layers) for i in range(model.config.num_layers)),
-        final_norm=model.final_norm.astype(dtype),
-        head=head.astype(dtype))
-
-
-def _pad_slots(cache: jax.Array, axis: int, window: int) -> jax.Array:
-    """The cache with empty slots appended up to `window`."""
-    return jnp.pad(cache, [(0, window - cache.shape[axis]) if a == axis else (0, 0) for a in range(cache.ndim)])
 
 
 def _local_replica(model: Llama, sharding: NamedSharding) -> Llama:

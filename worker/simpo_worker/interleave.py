@@ -26,7 +26,7 @@ from jax.experimental import multihost_utils
 from simpo_worker import outputs, storage
 from simpo_worker.config import WorkerConfig
 from simpo_worker.distributed import barrier, is_leader
-from simpo_worker.engine import Engine
+from simpo_worker.engine import Completion, Engine
 from simpo_worker.metrics import MetricsWriter
 from simpo_worker.pretrained import load_model
 from simpo_worker.api import Progress
@@ -76,17 +76,28 @@ class InterleavedRun:
                 trainer.save_checkpoint()
 
     def pause_for_inference(self, step: int) -> None:
-        inference, seed = self.config.inference, self._seed()
-        process_index, process_count = jax.process_index(), jax.process_count()
+        """Steps 2-5 of a pause (module docstring). Every host runs the same barriers and the one allgather, in
+        the same order; only the manifest is the leader's alone, between the gather and the last barrier."""
         started = time.perf_counter()
         barrier(f"infer-{step}-start", self.timeout_s)
-        shard = host_shard(len(self.prompts), process_index, process_count)
-        if inference.mode == "global_mesh":
-            # Every host runs the whole (sharded) computation; each writes its own contiguous rows.
-            indices = list(range(len(self.prompts)))
-        else:
-            indices = list(shard)
-        total_prompts = len(self.prompts)
+        generate_started = time.perf_counter()
+        completions = self._generate(step)
+        generate_s = time.perf_counter() - generate_started
+        rows = self._completion_rows(step, completions)
+        write_started = time.perf_counter()
+        outputs.write_host_shard(self.config.output_dir, step, jax.process_index(), jax.process_count(), rows)
+        write_s = time.perf_counter() - write_started
+        barrier(f"infer-{step}-written", self.timeout_s)
+        host_stats = self._gather_host_stats(rows, generate_s, write_s)
+        if is_leader():
+            self._write_manifest(step, host_stats, started)
+        barrier(f"infer-{step}-done", self.timeout_s)
+
+    def _generate(self, step: int) -> list[Completion]:
+        """This host's completions: its own shard of the prompts (global_mesh: every host runs the whole,
+        sharded computation and keeps its shard's rows)."""
+        shard = host_shard(len(self.prompts), jax.process_index(), jax.process_count())
+        indices = list(range(len(self.prompts))) if self.config.inference.mode == "global_mesh" else list(shard)
         total_steps = self.config.trainer.num_train_steps
 
         def progress(done: int, tokens: int) -> None:
@@ -96,12 +107,14 @@ class InterleavedRun:
             self._report(Progress(stage="infer", step=step, totalSteps=total_steps,
                                   promptsDone=done, promptsTotal=len(indices), tokens=tokens))
 
-        generate_started = time.perf_counter()
         completions = self.engine.generate(self.trainer.model, [self.prompts.token_ids[i] for i in indices],
-                                           indices, step=step, seed=seed, progress=progress)
-        generate_s = time.perf_counter() - generate_started
-        mine = [c for c in completions if c.global_prompt_index in shard]
-        rows = [{
+                                           indices, step=step, seed=self._seed(), progress=progress)
+        return [c for c in completions if c.global_prompt_index in shard]
+
+    def _completion_rows(self, step: int, completions: list[Completion]) -> list[dict]:
+        """The JSONL rows of this host's shard, in global prompt order."""
+        process_index, process_count = jax.process_index(), jax.process_count()
+        return [{
             "step": step,
             "process_index": process_index,
             "process_count": process_count,
@@ -110,36 +123,37 @@ class InterleavedRun:
             "completion": self.tokenizer.decode(c.token_ids, skip_special_tokens=True),
             "completion_tokens": len(c.token_ids),
             "finish_reason": c.finish_reason,
-        } for c in sorted(mine, key=lambda c: c.global_prompt_index)]
-        write_started = time.perf_counter()
-        outputs.write_host_shard(self.config.output_dir, step, process_index, process_count, rows)
-        write_s = time.perf_counter() - write_started
+        } for c in sorted(completions, key=lambda c: c.global_prompt_index)]
 
+    def _gather_host_stats(self, rows: list[dict], generate_s: float, write_s: float) -> list[dict]:
+        """Every host's prompts, tokens and phase times, on every host (a collective: all hosts call it)."""
         tokens = sum(row["completion_tokens"] for row in rows)
         local = np.array([len(rows), tokens, generate_s, write_s], dtype=np.float64)
-        barrier(f"infer-{step}-written", self.timeout_s)
-        gathered = np.asarray(multihost_utils.process_allgather(local)).reshape(process_count, -1)
-        if is_leader():
-            host_stats = [{"process_index": i, "prompts": int(r[0]), "completion_tokens": int(r[1]),
-                           "generate_seconds": float(r[2]), "write_seconds": float(r[3])}
-                          for i, r in enumerate(gathered)]
-            phase_seconds = {"generate": float(gathered[:, 2].max()), "write": float(gathered[:, 3].max()),
-                             "total": time.perf_counter() - started}
-            manifest = outputs.build_manifest(self.config.output_dir, step, total_prompts, process_count,
-                                              host_stats, phase_seconds)
-            storage.write_atomic(outputs.manifest_path(self.config.output_dir, step),
-                                 json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-            self.metrics.write({"event": "inference", "step": step, "prompts": total_prompts,
-                                "completion_tokens": manifest["completion_tokens"],
-                                "finish_reasons": manifest["finish_reasons"],
-                                "tokens_per_second": manifest["tokens_per_second"],
-                                "phase_seconds": phase_seconds,
-                                "engine_compilations": self.engine.compilations})
-            log.info("inference at step %d: %d prompts, %d tokens, %.1f tok/s, %.1fs", step, total_prompts,
-                     manifest["completion_tokens"], manifest["tokens_per_second"] or 0.0, phase_seconds["total"])
-            self._report(Progress(stage="infer", step=step, totalSteps=total_steps, promptsDone=total_prompts,
-                                  promptsTotal=total_prompts, tokens=manifest["completion_tokens"]))
-        barrier(f"infer-{step}-done", self.timeout_s)
+        gathered = np.asarray(multihost_utils.process_allgather(local)).reshape(jax.process_count(), -1)
+        return [{"process_index": i, "prompts": int(r[0]), "completion_tokens": int(r[1]),
+                 "generate_seconds": float(r[2]), "write_seconds": float(r[3])} for i, r in enumerate(gathered)]
+
+    def _write_manifest(self, step: int, host_stats: list[dict], started: float) -> None:
+        """The leader's part of a pause: manifest.json (last, it marks the step complete), metrics, progress."""
+        total_prompts = len(self.prompts)
+        phase_seconds = {"generate": max(h["generate_seconds"] for h in host_stats),
+                         "write": max(h["write_seconds"] for h in host_stats),
+                         "total": time.perf_counter() - started}
+        manifest = outputs.build_manifest(self.config.output_dir, step, total_prompts, jax.process_count(),
+                                          host_stats, phase_seconds)
+        storage.write_atomic(outputs.manifest_path(self.config.output_dir, step),
+                             json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        self.metrics.write({"event": "inference", "step": step, "prompts": total_prompts,
+                            "completion_tokens": manifest["completion_tokens"],
+                            "finish_reasons": manifest["finish_reasons"],
+                            "tokens_per_second": manifest["tokens_per_second"],
+                            "phase_seconds": phase_seconds,
+                            "engine_compilations": self.engine.compilations})
+        log.info("inference at step %d: %d prompts, %d tokens, %.1f tok/s, %.1fs", step, total_prompts,
+                 manifest["completion_tokens"], manifest["tokens_per_second"] or 0.0, phase_seconds["total"])
+        self._report(Progress(stage="infer", step=step, totalSteps=self.config.trainer.num_train_steps,
+                              promptsDone=total_prompts, promptsTotal=total_prompts,
+                              tokens=manifest["completion_tokens"]))
 
     def _inference_complete(self, step: int) -> bool:
         # The leader decides for everyone, so all hosts take the same branch even under eventual consistency.
@@ -154,7 +168,6 @@ class InterleavedRun:
     def _report(self, progress: Progress) -> None:
         if is_leader():
             self.reporter.report(progress)
-
 
 
 def build_run(config: WorkerConfig, reporter: ProgressReporter | None = None) -> InterleavedRun:

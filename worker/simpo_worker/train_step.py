@@ -16,6 +16,7 @@ import optax
 from jax.sharding import Mesh
 
 from simpo_worker.config import OptimizerConfig, SimpoConfig
+from simpo_worker.jit import counted_jit
 from simpo_worker.mesh import batch_sharding, state_shardings
 from simpo_worker.model import Llama
 from simpo_worker.simpo_loss import batch_loss
@@ -89,24 +90,27 @@ def simpo_step(state: TrainState, batch: dict[str, jax.Array], optimizer: optax.
 class CompiledStep:
     """simpo_step jitted over (state arrays, batch) with explicit shardings; the state is donated.
 
-    `compilations` counts traces (a trace precedes every compile), for the no-recompilation checks.
+    `compilations` counts traces (a trace precedes every compile), for the no-recompilation checks; `program` is
+    the counted jit itself (`program.lower(...)` lowers the step without running it).
     """
 
     def __init__(self, state: TrainState, mesh: Mesh, optimizer, schedule, simpo: SimpoConfig, compute_dtype: str):
         arrays, self.static = eqx.partition(state, eqx.is_array)
         self.state_shardings = state_shardings(arrays, mesh)
         self.batch_sharding = batch_sharding(mesh)
-        self.compilations = 0
         dtype = COMPUTE_DTYPES[compute_dtype]
 
         def step(arrays, batch):
-            self.compilations += 1
             new_state, metrics = simpo_step(eqx.combine(arrays, self.static), batch, optimizer, schedule, simpo,
                                             dtype)
             return eqx.filter(new_state, eqx.is_array), metrics
 
-        self._jitted = jax.jit(step, in_shardings=(self.state_shardings, self.batch_sharding),
-                               out_shardings=(self.state_shardings, None), donate_argnums=0)
+        self.program = counted_jit(step, in_shardings=(self.state_shardings, self.batch_sharding),
+                                   out_shardings=(self.state_shardings, None), donate_argnums=0)
+
+    @property
+    def compilations(self) -> int:
+        return self.program.compilations
 
     def __call__(self, arrays, batch: dict[str, jax.Array]):
-        return self._jitted(arrays, batch)
+        return self.program(arrays, batch)

@@ -18,7 +18,7 @@ from simpo_worker.config import WorkerConfig
 from simpo_worker.errors import ConfigError
 from simpo_worker.mesh import BATCH_AXES, host_rows, make_mesh, place
 from simpo_worker.model import Llama
-from simpo_worker.outputs import join
+from simpo_worker.storage import join
 from simpo_worker.preference_data import PreferenceData
 from simpo_worker.train_step import BATCH_FIELDS, CompiledStep, init_state, make_optimizer
 
