@@ -33,10 +33,10 @@ BETA, GAMMA_BETA_RATIO, LR, MAX_GRAD_NORM = 2.5, 0.55, 1e-5, 1.0
 
 
 def make_inputs(workdir: Path, pairs: int, seq_len: int) -> None:
-    from simpo_worker.hf_checkpoint import save_hf_checkpoint
+    from simpo_worker.hf_weights import save_hf_model
     from simpo_worker.pretrained import load_pretrained
 
-    save_hf_checkpoint(load_pretrained("smollm2"), str(workdir / "model"))
+    save_hf_model(load_pretrained("smollm2"), str(workdir / "model"))
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, 49152, (pairs, 2, seq_len)).astype(np.int32)
     loss_mask = np.zeros((pairs, 2, seq_len), np.float32)

@@ -35,7 +35,7 @@ import torch
 import transformers
 
 from simpo_worker.config import ArchitectureConfig, RopeScaling
-from simpo_worker.hf_checkpoint import llama_to_hf_tensors, save_hf_checkpoint
+from simpo_worker.hf_weights import llama_to_hf_tensors, save_hf_model
 from simpo_worker.model import init_llama
 from simpo_worker.smollm2 import smollm2_gguf_path
 
@@ -96,7 +96,7 @@ def make_tiny() -> None:
     model = tiny_model()
     out_dir = HERE / "tiny_llama"
     with tempfile.TemporaryDirectory() as tmp:
-        save_hf_checkpoint(model, tmp)
+        save_hf_model(model, tmp)
         hf_model, info = transformers.LlamaForCausalLM.from_pretrained(
             tmp, dtype=torch.float32, attn_implementation="eager", output_loading_info=True)
     problems = {k: v for k, v in info.items() if v}

@@ -43,14 +43,14 @@ def job_config(workdir: Path, output_dir: str, **inference) -> dict:
     return {
         "model": {"architecture": {"vocab_size": 49152, "hidden_size": 32, "intermediate_size": 64,
                                    "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
-                                   "max_position_embeddings": 256}},
+                                   "max_position_embeddings": 512}},
         "tokenizer": "smollm2",
         "data": {"train_files": [str(workdir / "train.jsonl")], "max_seq_len": 96},
         "optimizer": {"learning_rate": 1e-3, "warmup_steps": 1},
         "trainer": {"num_train_steps": STEPS, "batch_size": 8, "seed": 3},
         "inference": {"eval_at_steps": [2], "mode": "host_data_parallel",
-                      "prompts_file": str(workdir / "prompts.jsonl"), "max_new_tokens": 12, "batch_size": 4,
-                      "temperature": 0.8, "top_p": 0.95, **inference},
+                      "prompts_file": str(workdir / "prompts.jsonl"), "max_new_tokens": 12, "max_prompt_len": 256,
+                      "batch_size": 4, "temperature": 0.8, "top_p": 0.95, **inference},
         "distributed": {"barrier_timeout_s": 60, "init_timeout_s": 60},
         "output_dir": output_dir,
     }

@@ -18,7 +18,7 @@ from simpo_interleave.host_processes import local_host_envs, run_host_processes
 from simpo_worker.config import InferenceConfig
 from simpo_worker.engine import Engine
 from simpo_worker.errors import DataError
-from simpo_worker.hf_checkpoint import load_hf_checkpoint
+from simpo_worker.hf_weights import load_hf_model
 from simpo_worker.pretrained import load_pretrained
 
 # A divergence from HF is accepted only where HF's top two logits are this close (a float tie).
@@ -35,7 +35,7 @@ def generate_golden(case: str) -> dict:
 
 @pytest.fixture(scope="module")
 def tiny():
-    return load_hf_checkpoint(str(TINY_LLAMA_DIR))
+    return load_hf_model(str(TINY_LLAMA_DIR))
 
 
 def engine_for(model, eos=(2,), **inference) -> Engine:
@@ -220,14 +220,14 @@ HOST_SCRIPT = textwrap.dedent("""
     import jax
     from simpo_worker.config import InferenceConfig, MeshConfig
     from simpo_worker.engine import Engine
-    from simpo_worker.hf_checkpoint import load_hf_checkpoint
+    from simpo_worker.hf_weights import load_hf_model
     from simpo_worker.mesh import make_mesh, place, state_shardings
     from simpo_worker.prompts import host_shard
 
     mode, out_dir, model_dir = sys.argv[1], sys.argv[2], sys.argv[3]
     settings = json.loads(sys.argv[4])
     prompts = json.loads(sys.argv[5])
-    model = load_hf_checkpoint(model_dir)
+    model = load_hf_model(model_dir)
     mesh = make_mesh(MeshConfig(data=1, fsdp=-1))
     # The params as training holds them: FSDP-sharded over every device of every host.
     model = place(model, state_shardings(model, mesh))

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from model_goldens import TINY_LLAMA_DIR, load_model_golden
-from simpo_worker.hf_checkpoint import llama_to_hf_tensors, load_hf_checkpoint
+from simpo_worker.hf_weights import llama_to_hf_tensors, load_hf_model
 from simpo_worker.pretrained import load_pretrained
 
 # Max abs logit difference allowed, relative to the largest |logit| of the reference (f32 on both sides).
@@ -22,7 +22,7 @@ RELATIVE_TOLERANCE = 1e-4
 
 @pytest.fixture(scope="module")
 def tiny():
-    return load_hf_checkpoint(str(TINY_LLAMA_DIR))
+    return load_hf_model(str(TINY_LLAMA_DIR))
 
 
 @pytest.fixture(scope="module")

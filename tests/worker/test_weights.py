@@ -20,9 +20,9 @@ from gguf.quants import quant_shape_to_byte_shape
 from model_goldens import TINY_LLAMA_DIR
 from simpo_worker.config import ArchitectureConfig, ModelConfig, RopeScaling
 from simpo_worker.errors import ModelError
-from simpo_worker.gguf_checkpoint import gguf_tensor_names, load_gguf_checkpoint
-from simpo_worker.hf_checkpoint import (CONFIG_FILE, INDEX_FILE, WEIGHTS_FILE, llama_to_hf_tensors,
-                                        load_hf_checkpoint, save_hf_checkpoint)
+from simpo_worker.gguf_weights import gguf_tensor_names, load_gguf_model
+from simpo_worker.hf_weights import (CONFIG_FILE, INDEX_FILE, WEIGHTS_FILE, llama_to_hf_tensors,
+                                        load_hf_model, save_hf_model)
 from simpo_worker.model import Llama, init_llama
 from simpo_worker.pretrained import load_model, load_pretrained
 
@@ -69,22 +69,22 @@ def expect_model_error(load, *fragments: str) -> str:
 @pytest.mark.parametrize("config", [TINY, TINY_TIED], ids=["untied", "tied"])
 def test_save_then_load_is_bit_identical(tmp_path, config):
     model = tiny_model(config)
-    save_hf_checkpoint(model, str(tmp_path / "ckpt"))
-    assert_models_identical(load_hf_checkpoint(str(tmp_path / "ckpt")), model)
+    save_hf_model(model, str(tmp_path / "ckpt"))
+    assert_models_identical(load_hf_model(str(tmp_path / "ckpt")), model)
     has_head = "lm_head.weight" in safetensors.numpy.load_file(str(tmp_path / "ckpt" / WEIGHTS_FILE))
     assert has_head == (not config.tie_word_embeddings)
 
 
 def test_save_and_load_through_an_fsspec_url():
     model = tiny_model()
-    save_hf_checkpoint(model, "memory://weights-test/ckpt")
+    save_hf_model(model, "memory://weights-test/ckpt")
     assert_models_identical(load_pretrained("memory://weights-test/ckpt"), model)
 
 
 def test_saver_writes_the_tensors_transformers_writes(tmp_path):
     """tests/goldens/tiny_llama was written by transformers' save_pretrained: ours must match it tensor for tensor."""
-    model = load_hf_checkpoint(str(TINY_LLAMA_DIR))
-    save_hf_checkpoint(model, str(tmp_path))
+    model = load_hf_model(str(TINY_LLAMA_DIR))
+    save_hf_model(model, str(tmp_path))
     theirs = safetensors.numpy.load_file(str(TINY_LLAMA_DIR / WEIGHTS_FILE))
     ours = safetensors.numpy.load_file(str(tmp_path / WEIGHTS_FILE))
     assert sorted(ours) == sorted(theirs)
@@ -95,7 +95,7 @@ def test_saver_writes_the_tensors_transformers_writes(tmp_path):
 
 def test_sharded_checkpoint_with_index(tmp_path):
     model = tiny_model()
-    save_hf_checkpoint(model, str(tmp_path / "single"))
+    save_hf_model(model, str(tmp_path / "single"))
     sharded = tmp_path / "sharded"
     sharded.mkdir()
     shutil.copy(tmp_path / "single" / CONFIG_FILE, sharded / CONFIG_FILE)
@@ -106,16 +106,16 @@ def test_sharded_checkpoint_with_index(tmp_path):
         safetensors.numpy.save_file({n: tensors[n] for n in shard_names}, str(sharded / file))
     weight_map = {n: file for file, shard_names in shards.items() for n in shard_names}
     (sharded / INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    assert_models_identical(load_hf_checkpoint(str(sharded)), model)
+    assert_models_identical(load_hf_model(str(sharded)), model)
 
 
 def test_bfloat16_weights_load_as_float32(tmp_path):
     model = tiny_model()
-    save_hf_checkpoint(model, str(tmp_path))
+    save_hf_model(model, str(tmp_path))
     # Rewrite the weights in bfloat16 with the safetensors package's own (flax) writer.
     bf16 = {n: jnp.asarray(t, jnp.bfloat16) for n, t in llama_to_hf_tensors(model).items()}
     safetensors.flax.save_file(bf16, str(tmp_path / WEIGHTS_FILE))
-    loaded = load_hf_checkpoint(str(tmp_path))
+    loaded = load_hf_model(str(tmp_path))
     expected = {n: np.asarray(t.astype(jnp.float32)) for n, t in bf16.items()}
     got = llama_to_hf_tensors(loaded)
     for name, tensor in expected.items():
@@ -196,7 +196,7 @@ def test_gguf_through_an_fsspec_url(tmp_path):
     path = write_gguf(tmp_path / "tiny.gguf", model)
     with fsspec.open("memory://weights-test/tiny.gguf", "wb") as remote:
         remote.write(path.read_bytes())
-    assert_weights_identical(load_gguf_checkpoint("memory://weights-test/tiny.gguf"), model)
+    assert_weights_identical(load_gguf_model("memory://weights-test/tiny.gguf"), model)
 
 
 # ---- model sources ---------------------------------------------------------------------------------------------
@@ -210,7 +210,7 @@ def test_load_model_random_init_is_seeded():
 
 def test_load_model_from_a_source(tmp_path):
     model = tiny_model()
-    save_hf_checkpoint(model, str(tmp_path))
+    save_hf_model(model, str(tmp_path))
     assert_models_identical(load_model(ModelConfig(source=str(tmp_path))), model)
 
 
@@ -219,7 +219,7 @@ def test_load_model_from_a_source(tmp_path):
 
 @pytest.fixture
 def saved(tmp_path) -> Path:
-    save_hf_checkpoint(tiny_model(), str(tmp_path / "ckpt"))
+    save_hf_model(tiny_model(), str(tmp_path / "ckpt"))
     return tmp_path / "ckpt"
 
 

@@ -1,4 +1,4 @@
-"""GGUF Llama checkpoints (llama.cpp's format), read and dequantized with the `gguf` package.
+"""GGUF Llama weights (llama.cpp's format), read and dequantized with the `gguf` package.
 
 GGUF tensor names map onto HF names, and the tensors are handed to the HF assembler in HF orientation ([out, in]:
 a GGUF shape [ne0, ne1] is numpy [ne1, ne0]). Two GGUF quirks are undone here:
@@ -20,7 +20,7 @@ from gguf.quants import dequantize
 from simpo_worker import schema
 from simpo_worker.config import ArchitectureConfig
 from simpo_worker.errors import ConfigError, ModelError
-from simpo_worker.hf_checkpoint import EMBED, FINAL_NORM, LAYER_TENSORS, LM_HEAD, llama_from_hf_tensors
+from simpo_worker.hf_weights import EMBED, FINAL_NORM, LAYER_TENSORS, LM_HEAD, llama_from_hf_tensors
 from simpo_worker.model import Llama
 
 Q = GGMLQuantizationType
@@ -159,7 +159,7 @@ def llama_from_gguf_reader(reader: GGUFReader, where: str) -> Llama:
     return llama_from_hf_tensors(config, read)
 
 
-def load_gguf_checkpoint(source: str) -> Llama:
+def load_gguf_model(source: str) -> Llama:
     """A Llama from a GGUF file: a local path, or an fsspec URL (copied to a temporary local file first)."""
     if "://" not in source or source.startswith("file://"):
         path = source.removeprefix("file://")

@@ -1,5 +1,5 @@
-"""HF-format Llama checkpoints: config.json + safetensors (one file, sharded with an index, or several *.safetensors),
-local or any fsspec URL (gs://...). Load into a `Llama`, and save a `Llama` back.
+"""HF-format Llama weights: a model directory with config.json + safetensors (one file, sharded with an index,
+or several *.safetensors), local or any fsspec URL (gs://...). Load into a `Llama`, and save a `Llama` back.
 
 HF stores linear weights [out, in] per layer; the model keeps [in, out] stacked on a leading layer axis, so loading
 transposes and stacks, and saving undoes both (float32 in, float32 out: a save/load round trip is bit-identical).
@@ -294,7 +294,7 @@ def _read_json(fs: fsspec.AbstractFileSystem, path: str, label: str) -> Any:
 # ---- public entry points ---------------------------------------------------------------------------------------
 
 
-def is_hf_checkpoint(source: str) -> bool:
+def is_hf_model_dir(source: str) -> bool:
     fs, root = fsspec.core.url_to_fs(source)
     return fs.exists(posixpath.join(root, CONFIG_FILE))
 
@@ -307,7 +307,7 @@ def load_hf_config(source: str) -> ArchitectureConfig:
     return config_from_hf(_read_json(fs, path, f"{source}/{CONFIG_FILE}"), f"{source}/{CONFIG_FILE}")
 
 
-def load_hf_checkpoint(source: str) -> Llama:
+def load_hf_model(source: str) -> Llama:
     """A Llama from an HF directory (local path or fsspec URL) with config.json and safetensors weights."""
     config = load_hf_config(source)
     fs, root = fsspec.core.url_to_fs(source)
@@ -322,7 +322,7 @@ def load_hf_checkpoint(source: str) -> Llama:
     return llama_from_hf_tensors(config, read)
 
 
-def save_hf_checkpoint(model: Llama, destination: str) -> None:
+def save_hf_model(model: Llama, destination: str) -> None:
     """Write config.json + model.safetensors (float32) to a local directory or fsspec URL."""
     fs, root = fsspec.core.url_to_fs(destination)
     fs.makedirs(root, exist_ok=True)
