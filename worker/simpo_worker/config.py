@@ -211,12 +211,15 @@ class TrainerConfig:
     def check_devices(self, device_count: int, path: str = "trainer") -> tuple[int, int, int]:
         """The mesh on `device_count` devices, and that each microbatch splits evenly over data x fsdp."""
         data, fsdp, model = self.mesh.resolve(device_count, f"{path}.mesh")
+        self.check_batch_split(data, fsdp, path)
+        return data, fsdp, model
+
+    def check_batch_split(self, data: int, fsdp: int, path: str = "trainer") -> None:
         pairs = self.batch_size // self.microbatches
         if pairs % (data * fsdp):
             raise ConfigError(f"{path}.batch_size: each of the {self.microbatches} microbatches holds {pairs} "
                               f"pairs, not divisible by the {data * fsdp} data-parallel devices (trainer.mesh "
                               f"data x fsdp = {data} x {fsdp})")
-        return data, fsdp, model
 
 
 @dataclass(frozen=True)

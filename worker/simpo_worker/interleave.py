@@ -24,12 +24,13 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from simpo_worker import outputs, storage
-from simpo_worker.config import WorkerConfig
+from simpo_worker.api import Progress
+from simpo_worker.config import InferenceConfig, WorkerConfig
 from simpo_worker.distributed import barrier, is_leader
 from simpo_worker.engine import Completion, Engine
+from simpo_worker.errors import ConfigError
 from simpo_worker.metrics import MetricsWriter
 from simpo_worker.pretrained import load_model
-from simpo_worker.api import Progress
 from simpo_worker.progress import ProgressReporter, reporter_from_env
 from simpo_worker.prompts import PromptSet, host_shard, load_prompts
 from simpo_worker.tokenizer import load_tokenizer
@@ -170,12 +171,23 @@ class InterleavedRun:
             self.reporter.report(progress)
 
 
+def check_context(inference: InferenceConfig, context: int, source: str | None) -> None:
+    """A request the model's context cannot hold fails at start, not at the first pause. (For random-init and
+    built-in models the config rules refuse it before any pod starts; a checkpoint's context is known only here.)"""
+    if inference.enabled and inference.max_prompt_len + inference.max_new_tokens > context:
+        raise ConfigError(f"inference.max_new_tokens: max_prompt_len {inference.max_prompt_len} + max_new_tokens "
+                          f"{inference.max_new_tokens} exceeds the context of {source or 'the model'} "
+                          f"(max_position_embeddings {context})")
+
+
 def build_run(config: WorkerConfig, reporter: ProgressReporter | None = None) -> InterleavedRun:
     """Everything a host needs, checked before the first train step: output dir, tokenizer, prompts, model."""
     outputs.check_writable(config.output_dir, jax.process_index())
     tokenizer = load_tokenizer(config.tokenizer or config.model.source)
     prompts = load_prompts(config.inference, tokenizer) if config.inference.enabled else PromptSet([], [])
-    trainer = Trainer(config, load_model(config.model), tokenizer)
+    model = load_model(config.model)
+    check_context(config.inference, model.config.max_position_embeddings, config.model.source)
+    trainer = Trainer(config, model, tokenizer)
     engine = Engine(trainer.model.config, config.inference, tokenizer.eos_token_ids,
                     compute_dtype=COMPUTE_DTYPES[config.trainer.compute_dtype], mesh=trainer.mesh)
     return InterleavedRun(config, trainer, engine, tokenizer, prompts,

@@ -16,7 +16,7 @@ import numpy as np
 from simpo_worker.checkpoint import Checkpointer, CheckpointInfo, latest_step
 from simpo_worker.config import WorkerConfig
 from simpo_worker.errors import ConfigError
-from simpo_worker.mesh import BATCH_AXES, host_rows, make_mesh, place
+from simpo_worker.mesh import host_rows, make_mesh, place
 from simpo_worker.model import Llama
 from simpo_worker.storage import join
 from simpo_worker.preference_data import PreferenceData
@@ -28,14 +28,8 @@ class Trainer:
         trainer = config.trainer
         self.config = config
         self.mesh = make_mesh(trainer.mesh) if mesh is None else mesh
-        if not config.data.train_files:
-            raise ConfigError("data.train_files: required for training")
+        trainer.check_batch_split(self.mesh.shape["data"], self.mesh.shape["fsdp"])
         self.pairs_per_microbatch = trainer.batch_size // trainer.microbatches
-        data_parallel = int(np.prod([self.mesh.shape[axis] for axis in BATCH_AXES]))
-        if self.pairs_per_microbatch % data_parallel:
-            raise ConfigError(f"trainer.batch_size: each of the {trainer.microbatches} microbatches holds "
-                              f"{self.pairs_per_microbatch} pairs, not divisible by the {data_parallel} "
-                              f"data-parallel devices (trainer.mesh data x fsdp)")
 
         optimizer, schedule = make_optimizer(config.optimizer, trainer.num_train_steps)
         state = init_state(model, optimizer)

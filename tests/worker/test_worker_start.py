@@ -1,0 +1,21 @@
+"""What only the worker can know is checked at its start, before the first train step."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from model_goldens import TINY_LLAMA_DIR
+from simpo_worker.api import ExitCode
+from worker_runs import run_worker, tiny_config
+
+
+def test_a_request_past_a_checkpoints_context_fails_before_training(tmp_path):
+    # The HF checkpoint's config.json says max_position_embeddings 512: unknown to the config rules.
+    config = tiny_config(tmp_path / "run", **{"model": {"source": str(TINY_LLAMA_DIR)},
+                                              "inference": {"eval_at_steps": [2], "synthetic_prompt_count": 2,
+                                                            "max_prompt_len": 64, "max_new_tokens": 600}})
+    result = run_worker(config)
+    assert result.returncode == ExitCode.BAD_CONFIG, result.stderr[-3000:]
+    assert "max_prompt_len 64 + max_new_tokens 600 exceeds the context of" in result.stderr
+    assert "(max_position_embeddings 512)" in result.stderr
+    assert not (Path(tmp_path / "run") / "metrics.jsonl").exists()  # no train step ran
