@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -59,28 +58,6 @@ def run_worker(config: dict, *args: str, devices: int = 1, timeout: int = 300) -
     env.pop("JAX_NUM_PROCESSES", None)
     return subprocess.run([sys.executable, "-m", "simpo_interleave.cli", "worker", "--config", str(path), *args],
                           env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def run_workers(config: dict, processes: int, devices_per_process: int, *args: str,
-                timeout: int = 300) -> list[subprocess.CompletedProcess]:
-    """One worker per host process, joined with jax.distributed over a loopback coordinator."""
-    path = write_config(config)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    running = []
-    for index in range(processes):
-        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}",
-               "JAX_NUM_PROCESSES": str(processes), "JAX_PROCESS_ID": str(index),
-               "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}"}
-        running.append(subprocess.Popen(
-            [sys.executable, "-m", "simpo_interleave.cli", "worker", "--config", str(path), *args],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    results = []
-    for process in running:
-        stdout, stderr = process.communicate(timeout=timeout)
-        results.append(subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr))
-    return results
 
 
 def checked(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:

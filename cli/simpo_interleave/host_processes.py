@@ -94,11 +94,3 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
-
-def local_host_envs(num_hosts: int, base_env: Mapping[str, str] | None = None,
-                    port: int | None = None) -> list[dict[str, str]]:
-    """The jax.distributed environment of N local hosts (coordinator on 127.0.0.1), CPU only."""
-    base = dict(os.environ if base_env is None else base_env)
-    port = port or free_port()
-    return [{**base, "JAX_PLATFORMS": "cpu", "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
-             "JAX_NUM_PROCESSES": str(num_hosts), "JAX_PROCESS_ID": str(host)} for host in range(num_hosts)]

@@ -1,20 +1,17 @@
 """The inference engine: greedy parity with HF transformers `generate` (goldens from
 tests/goldens/make_generate_goldens.py), stop/length accounting, up-front limits, compile reuse, and the same
-completions whatever the batch size, the prompt order or the number of hosts (real local processes)."""
+completions whatever the batch size or the prompt order (the number of hosts: tests/local/test_engine_hosts.py)."""
 
 from __future__ import annotations
 
-import io
 import json
 import sys
-import textwrap
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from model_goldens import GOLDENS, TINY_LLAMA_DIR
-from simpo_interleave.host_processes import local_host_envs, run_host_processes
 from simpo_worker.config import InferenceConfig
 from simpo_worker.engine import Engine
 from simpo_worker.errors import DataError
@@ -211,70 +208,3 @@ def test_top_k_one_is_greedy(tiny):
     greedy = engine_for(tiny).generate(tiny, prompts, [0, 1], step=0, seed=0)
     top1 = engine_for(tiny, temperature=1.5, top_k=1).generate(tiny, prompts, [0, 1], step=0, seed=0)
     assert [c.token_ids for c in top1] == [c.token_ids for c in greedy]
-
-
-HOST_SCRIPT = textwrap.dedent("""
-    import json, sys
-    from simpo_worker.distributed import initialize_from_env
-    initialize_from_env(60)
-    import jax
-    from simpo_worker.config import InferenceConfig, MeshConfig
-    from simpo_worker.engine import Engine
-    from simpo_worker.hf_weights import load_hf_model
-    from simpo_worker.mesh import make_mesh, place, state_shardings
-    from simpo_worker.prompts import host_shard
-
-    mode, out_dir, model_dir = sys.argv[1], sys.argv[2], sys.argv[3]
-    settings = json.loads(sys.argv[4])
-    prompts = json.loads(sys.argv[5])
-    model = load_hf_model(model_dir)
-    mesh = make_mesh(MeshConfig(data=1, fsdp=-1))
-    # The params as training holds them: FSDP-sharded over every device of every host.
-    model = place(model, state_shardings(model, mesh))
-    engine = Engine(model.config, InferenceConfig(mode=mode, **settings), eos_token_ids=[2], mesh=mesh)
-    if mode == "global_mesh":
-        indices = list(range(len(prompts)))
-    else:
-        indices = list(host_shard(len(prompts), jax.process_index(), jax.process_count()))
-    done = []
-    completions = engine.generate(model, [prompts[i] for i in indices], indices, step=4, seed=11,
-                                  progress=lambda prompts_done, tokens: done.append(prompts_done))
-    assert done[-1] == len(indices), done
-    with open(f"{out_dir}/host_{jax.process_index()}.json", "w") as f:
-        json.dump({c.global_prompt_index: [c.token_ids, c.finish_reason] for c in completions}, f)
-""")
-
-
-def run_hosts(tmp_path, mode: str, hosts: int, devices_per_host: int, settings: dict, prompts) -> dict:
-    out = tmp_path / f"{mode}_{hosts}x{devices_per_host}"
-    out.mkdir()
-    script = tmp_path / "host.py"
-    script.write_text(HOST_SCRIPT)
-    envs = [{**env, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_host}"}
-            for env in local_host_envs(hosts)]
-    log = io.StringIO()
-    code = run_host_processes([sys.executable, str(script), mode, str(out), str(TINY_LLAMA_DIR),
-                               json.dumps(settings), json.dumps(prompts)], envs, timeout_s=300, out=log)
-    assert code == 0, log.getvalue()[-6000:]
-    per_host = [json.loads((out / f"host_{i}.json").read_text()) for i in range(hosts)]
-    if mode == "global_mesh":
-        assert all(result == per_host[0] for result in per_host)  # every host holds every completion
-        return per_host[0]
-    merged = {}
-    for result in per_host:
-        assert not set(result) & set(merged)
-        merged.update(result)
-    return merged
-
-
-@pytest.mark.multiprocess
-def test_same_completions_on_1_2_4_hosts_and_both_placements(tmp_path):
-    prompts = prompts_of([4, 9, 30, 12, 7, 19, 3, 25, 14], 256)
-    settings = {"max_new_tokens": 20, "max_prompt_len": 32, "batch_size": 2, **SAMPLED}
-    one = run_hosts(tmp_path, "host_data_parallel", 1, 1, settings, prompts)
-    assert sorted(map(int, one)) == list(range(len(prompts)))
-    assert run_hosts(tmp_path, "host_data_parallel", 2, 1, settings, prompts) == one
-    assert run_hosts(tmp_path, "host_data_parallel", 4, 1, settings, prompts) == one
-    # Two local devices per host: the replica's batch is split over them.
-    assert run_hosts(tmp_path, "host_data_parallel", 2, 2, settings, prompts) == one
-    assert run_hosts(tmp_path, "global_mesh", 2, 1, settings, prompts) == one

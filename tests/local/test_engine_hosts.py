@@ -1,0 +1,87 @@
+"""The inference engine across real local host processes: the same completions on 1, 2 or 4 hosts, with one or two
+devices per host, in both placements, from params FSDP-sharded the way training holds them."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+import textwrap
+
+import pytest
+
+from local_hosts import host_envs
+from model_goldens import TINY_LLAMA_DIR
+from simpo_interleave.host_processes import run_host_processes
+
+SAMPLED = {"temperature": 0.9, "top_k": 50, "top_p": 0.95}
+
+
+def prompts_of(lengths: list[int], vocab: int, salt: int = 0) -> list[list[int]]:
+    return [[(7 * i + 13 * j + salt) % (vocab - 3) + 3 for j in range(n)] for i, n in enumerate(lengths)]
+
+
+HOST_SCRIPT = textwrap.dedent("""
+    import json, sys
+    from simpo_worker.distributed import initialize_from_env
+    initialize_from_env(60)
+    import jax
+    from simpo_worker.config import InferenceConfig, MeshConfig
+    from simpo_worker.engine import Engine
+    from simpo_worker.hf_weights import load_hf_model
+    from simpo_worker.mesh import make_mesh, place, state_shardings
+    from simpo_worker.prompts import host_shard
+
+    mode, out_dir, model_dir = sys.argv[1], sys.argv[2], sys.argv[3]
+    settings = json.loads(sys.argv[4])
+    prompts = json.loads(sys.argv[5])
+    model = load_hf_model(model_dir)
+    mesh = make_mesh(MeshConfig(data=1, fsdp=-1))
+    # The params as training holds them: FSDP-sharded over every device of every host.
+    model = place(model, state_shardings(model, mesh))
+    engine = Engine(model.config, InferenceConfig(mode=mode, **settings), eos_token_ids=[2], mesh=mesh)
+    if mode == "global_mesh":
+        indices = list(range(len(prompts)))
+    else:
+        indices = list(host_shard(len(prompts), jax.process_index(), jax.process_count()))
+    done = []
+    completions = engine.generate(model, [prompts[i] for i in indices], indices, step=4, seed=11,
+                                  progress=lambda prompts_done, tokens: done.append(prompts_done))
+    assert done[-1] == len(indices), done
+    with open(f"{out_dir}/host_{jax.process_index()}.json", "w") as f:
+        json.dump({c.global_prompt_index: [c.token_ids, c.finish_reason] for c in completions}, f)
+""")
+
+
+def run_hosts(tmp_path, mode: str, hosts: int, devices_per_host: int, settings: dict, prompts) -> dict:
+    out = tmp_path / f"{mode}_{hosts}x{devices_per_host}"
+    out.mkdir()
+    script = tmp_path / "host.py"
+    script.write_text(HOST_SCRIPT)
+    envs = host_envs(hosts, devices_per_host)
+    log = io.StringIO()
+    code = run_host_processes([sys.executable, str(script), mode, str(out), str(TINY_LLAMA_DIR),
+                               json.dumps(settings), json.dumps(prompts)], envs, timeout_s=300, out=log)
+    assert code == 0, log.getvalue()[-6000:]
+    per_host = [json.loads((out / f"host_{i}.json").read_text()) for i in range(hosts)]
+    if mode == "global_mesh":
+        assert all(result == per_host[0] for result in per_host)  # every host holds every completion
+        return per_host[0]
+    merged = {}
+    for result in per_host:
+        assert not set(result) & set(merged)
+        merged.update(result)
+    return merged
+
+
+@pytest.mark.multiprocess
+def test_same_completions_on_1_2_4_hosts_and_both_placements(tmp_path):
+    prompts = prompts_of([4, 9, 30, 12, 7, 19, 3, 25, 14], 256)
+    settings = {"max_new_tokens": 20, "max_prompt_len": 32, "batch_size": 2, **SAMPLED}
+    one = run_hosts(tmp_path, "host_data_parallel", 1, 1, settings, prompts)
+    assert sorted(map(int, one)) == list(range(len(prompts)))
+    assert run_hosts(tmp_path, "host_data_parallel", 2, 1, settings, prompts) == one
+    assert run_hosts(tmp_path, "host_data_parallel", 4, 1, settings, prompts) == one
+    # Two local devices per host: the replica's batch is split over them.
+    assert run_hosts(tmp_path, "host_data_parallel", 2, 2, settings, prompts) == one
+    assert run_hosts(tmp_path, "global_mesh", 2, 1, settings, prompts) == one
