@@ -38,12 +38,11 @@ class PromptSet:
 
 
 def load_prompts(inference: InferenceConfig, tokenizer) -> PromptSet:
+    """The prompts of an enabled inference config (its rules guarantee exactly one source)."""
     if inference.prompts_file is not None:
         conversations = read_prompt_file(inference.prompts_file)
-    elif inference.synthetic_prompt_count is not None:
-        conversations = synthetic_prompts(inference.synthetic_prompt_count)
     else:
-        raise DataError("inference: no prompts (set `prompts_file` or `synthetic_prompt_count`)")
+        conversations = synthetic_prompts(inference.synthetic_prompt_count)
     return render_prompts(conversations, tokenizer, inference.max_prompt_len)
 
 
