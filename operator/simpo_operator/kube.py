@@ -1,6 +1,6 @@
 """The few Kubernetes API calls the handlers make (kubernetes client; in-cluster or kubeconfig auth).
 
-Each call here is listed in the operator's ClusterRole (manifests/rbac.yaml); nothing else is used.
+Each call here is listed in the operator's ClusterRole (manifests/operator-rbac.yaml); nothing else is used.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from simpo_worker.errors import DataError, ModelError
 from simpo_worker.smollm2 import smollm2_gguf_path
 from simpo_worker.tokenizer import BYTE_TO_CHAR, StreamDecoder, Tokenizer, load_tokenizer
 
-GOLDENS = Path(__file__).parent / "goldens"
+GOLDENS = Path(__file__).parents[1] / "goldens"
 SMOLLM2_HF = GOLDENS / "tokenizer_smollm2_hf"
 TINY_HF = GOLDENS / "tokenizer_tiny_hf"
 
