@@ -439,8 +439,8 @@ def test_kubectl_apply_manifests_gives_the_same_objects_as_the_chart(cluster, op
                            *(["-n", obj["metadata"]["namespace"]] if obj["metadata"].get("namespace") else []))
         for field in ("spec", "rules", "roleRef", "subjects", "data"):
             assert obj.get(field) == live.get(field), (obj["kind"], obj["metadata"]["name"], field)
-        assert obj["metadata"].get("labels") == _without_helm_labels(live)["metadata"].get("labels"), \
-            obj["metadata"]["name"]
+        assert _without_helm_labels(obj)["metadata"].get("labels") == \
+            _without_helm_labels(live)["metadata"].get("labels"), obj["metadata"]["name"]
 
 
 def test_kubectl_get_sij_shows_the_printer_columns(cluster, operator):
