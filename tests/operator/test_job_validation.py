@@ -134,7 +134,8 @@ GAPS = [
     (with_changes(make_job(), config__data__train_files=[" "]),
      r"^spec\.config\.data\.train_files: file patterns must not be empty"),
     (with_changes(make_job(), config__inference={"eval_every": 5, "synthetic_prompt_count": 4}),
-     r"^spec\.config\.inference\.eval_every: never fires within the run: must be <= trainer\.num_train_steps \(3\)"),
+     r"^spec\.config\.inference\.eval_every: never fires within the run: must be <= trainer\.num_train_steps "
+     r"\(trainer\.num_train_steps = 3\)"),
     (with_changes(make_job(), config__inference__max_new_tokens=8000),
      r"^spec\.config\.inference\.max_new_tokens: max_prompt_len \+ max_new_tokens exceeds smollm2's context of "
      r"8192 tokens"),
@@ -142,7 +143,8 @@ GAPS = [
         "vocab_size": 64, "hidden_size": 8, "intermediate_size": 16, "num_layers": 1, "num_heads": 2,
         "num_kv_heads": 1, "max_position_embeddings": 256}}),
      r"^spec\.config\.inference\.max_new_tokens: max_prompt_len \+ max_new_tokens exceeds the model's context "
-     r"\(model\.architecture\.max_position_embeddings = 256\)"),
+     r"\(inference\.max_prompt_len = 512, inference\.max_new_tokens = 8, "
+     r"model\.architecture\.max_position_embeddings = 256\)"),
 ]
 
 

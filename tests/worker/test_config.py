@@ -42,7 +42,7 @@ def test_reference_config_parses_with_published_simpo_defaults():
     ("trainer.batch_size", "8", "trainer.batch_size: expected an integer"),
     ("trainer.batch_size", True, "trainer.batch_size: expected an integer"),
     ("trainer.num_train_steps", 0, "trainer.num_train_steps: must be > 0"),
-    ("trainer.microbatches", 3, "trainer.microbatches: must divide batch_size (8)"),
+    ("trainer.microbatches", 3, "trainer.microbatches: must divide batch_size (batch_size = 8, microbatches = 3)"),
     ("trainer.mesh.fsdp", 0, "trainer.mesh.fsdp: must be >= 1 or -1"),
     ("trainer.compute_dtype", "float16", "trainer.compute_dtype: must be one of float32, bfloat16"),
     ("inference.eval_at_steps", [8], "inference.eval_at_steps: a step is beyond the run (trainer.num_train_steps = 7)"),
@@ -63,8 +63,8 @@ def test_bad_values_name_the_key_path(path, value, message):
 
 
 @pytest.mark.parametrize("arch,message", [
-    ({"num_heads": 5}, "model.architecture.num_heads: must divide hidden_size (64)"),
-    ({"num_kv_heads": 3}, "model.architecture.num_kv_heads: must divide num_heads (4)"),
+    ({"num_heads": 5}, "model.architecture.num_heads: must divide hidden_size (hidden_size = 64, num_heads = 5)"),
+    ({"num_kv_heads": 3}, "model.architecture.num_kv_heads: must divide num_heads (num_heads = 4, num_kv_heads = 3)"),
     ({"head_dim": 7}, "model.architecture.head_dim: rotary embeddings need an even head dim"),
     ({"rope_scaling": {"factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 1.0}},
      "model.architecture.rope_scaling.high_freq_factor: must be > low_freq_factor"),

@@ -46,7 +46,7 @@ class RopeScaling:
     RULES: ClassVar = (
         Rule("self.high_freq_factor > self.low_freq_factor",
              lambda r: r.high_freq_factor > r.low_freq_factor,
-             "must be > low_freq_factor ({low_freq_factor}), got {high_freq_factor}", "high_freq_factor"),
+             "must be > low_freq_factor", "high_freq_factor", ("low_freq_factor", "high_freq_factor")),
     )
 
 
@@ -73,11 +73,11 @@ class ArchitectureConfig:
     RULES: ClassVar = (
         Rule("has(self.head_dim) || self.hidden_size % self.num_heads == 0",
              lambda a: a.head_dim is not None or a.hidden_size % a.num_heads == 0,
-             "must divide hidden_size ({hidden_size}), got {num_heads}", "num_heads"),
+             "must divide hidden_size", "num_heads", ("hidden_size", "num_heads")),
         Rule("(has(self.head_dim) ? self.head_dim : self.hidden_size / self.num_heads) % 2 == 0",
              lambda a: a.resolved_head_dim % 2 == 0, "rotary embeddings need an even head dim", "head_dim"),
         Rule("self.num_heads % self.num_kv_heads == 0", lambda a: a.num_heads % a.num_kv_heads == 0,
-             "must divide num_heads ({num_heads}), got {num_kv_heads}", "num_kv_heads"),
+             "must divide num_heads", "num_kv_heads", ("num_heads", "num_kv_heads")),
     )
 
     @property
@@ -137,8 +137,10 @@ class SimpoConfig:
 
     beta: float = setting("Reward scale.", 2.5, **POSITIVE)
     gamma_beta_ratio: float = setting("Target reward margin gamma, as a ratio of beta.", 0.55)
-    label_smoothing: float = setting("Label smoothing of the preference loss.", 0.0, minimum=0, maximum=0.5,
-                                     exclusive_maximum=True)
+    # A CEL rule, not exclusiveMaximum: the API server truncates a fractional bound when it checks an integral
+    # value (0 would be refused as "should be less than 0").
+    label_smoothing: float = setting("Label smoothing of the preference loss.", 0.0, minimum=0, rules=(
+        Rule("self < 0.5", lambda value: value < 0.5, "must be < 0.5"),))
     sft_weight: float = setting("Weight of an SFT term (NLL on chosen); off by default.", 0.0, **NON_NEGATIVE)
 
     @property
@@ -200,12 +202,27 @@ class TrainerConfig:
                                default_factory=MeshConfig)
     compute_dtype: Literal["float32", "bfloat16"] = setting(
         "The forward/backward runs in this; params and optimizer state stay float32.", "float32")
+    remat: Literal["none", "full", "dots"] = setting(
+        "Rematerialisation of the decoder layers: what the backward pass keeps of each layer's forward. none: "
+        "everything (fastest, most memory); full: only the layer's input, the layer runs again in the backward "
+        "(about a third more compute; the usual choice at 8B scale); dots: the outputs of the weight matmuls.",
+        "none")
+    attention: Literal["dense", "blockwise"] = setting(
+        "Training attention. dense: the [T, T] scores at once; blockwise: flash-style online softmax over "
+        "blocks of attention_block_size tokens, no [T, T] tensor (same result within float rounding).", "dense")
+    attention_block_size: int = setting(
+        "Query and key block of blockwise attention; sequences no longer than this take the dense path.", 512,
+        **POSITIVE)
+    loss_chunk_tokens: int = setting(
+        "The loss computes the vocabulary logits for this many positions of every sequence at a time (each "
+        "chunk recomputed in the backward), never the whole [sequences, length, vocab] float32 tensor; 0: all "
+        "at once.", 0, **NON_NEGATIVE)
     seed: int = setting("Data order and sampling seed.", 0)
     checkpoint: CheckpointConfig = setting("Checkpoint policy.", default_factory=CheckpointConfig)
 
     RULES: ClassVar = (
         Rule("self.batch_size % self.microbatches == 0", lambda t: t.batch_size % t.microbatches == 0,
-             "must divide batch_size ({batch_size}), got {microbatches}", "microbatches"),
+             "must divide batch_size", "microbatches", ("batch_size", "microbatches")),
     )
 
     def check_devices(self, device_count: int, path: str = "trainer") -> tuple[int, int, int]:
@@ -308,30 +325,29 @@ class WorkerConfig:
         Rule("!has(self.inference) || !has(self.inference.eval_at_steps) || "
              "self.inference.eval_at_steps.all(s, s <= self.trainer.num_train_steps)",
              lambda c: all(s <= c.trainer.num_train_steps for s in c.inference.eval_at_steps),
-             "a step is beyond the run (trainer.num_train_steps = {trainer.num_train_steps})",
-             "inference.eval_at_steps"),
+             "a step is beyond the run", "inference.eval_at_steps", ("trainer.num_train_steps",)),
         Rule("!has(self.inference) || !has(self.inference.eval_every) || "
              "self.inference.eval_every <= self.trainer.num_train_steps",
              lambda c: c.inference.eval_every is None or c.inference.eval_every <= c.trainer.num_train_steps,
-             "never fires within the run: must be <= trainer.num_train_steps ({trainer.num_train_steps})",
-             "inference.eval_every"),
+             "never fires within the run: must be <= trainer.num_train_steps", "inference.eval_every",
+             ("trainer.num_train_steps",)),
         Rule("!has(self.optimizer) || self.optimizer.warmup_steps <= self.trainer.num_train_steps",
              lambda c: c.optimizer.warmup_steps <= c.trainer.num_train_steps,
-             "must be <= trainer.num_train_steps ({trainer.num_train_steps}), got {optimizer.warmup_steps}",
-             "optimizer.warmup_steps"),
+             "must be <= trainer.num_train_steps", "optimizer.warmup_steps",
+             ("trainer.num_train_steps", "optimizer.warmup_steps")),
         Rule(f"!({_INFERENCE_ON}) || !has(self.model.architecture) || self.inference.max_prompt_len + "
              "self.inference.max_new_tokens <= self.model.architecture.max_position_embeddings",
              lambda c: not c.inference.enabled or c.model.architecture is None or _request_fits(
                  c, c.model.architecture.max_position_embeddings),
-             "max_prompt_len + max_new_tokens exceeds the model's context "
-             "(model.architecture.max_position_embeddings = {model.architecture.max_position_embeddings})",
-             "inference.max_new_tokens"),
+             "max_prompt_len + max_new_tokens exceeds the model's context",
+             "inference.max_new_tokens",
+             ("inference.max_prompt_len", "inference.max_new_tokens", "model.architecture.max_position_embeddings")),
         Rule(f"!({_INFERENCE_ON}) || !has(self.model.source) || self.model.source != '{SMOLLM2}' || "
              f"self.inference.max_prompt_len + self.inference.max_new_tokens <= {SMOLLM2_CONTEXT_LENGTH}",
              lambda c: not c.inference.enabled or c.model.source != SMOLLM2 or _request_fits(
                  c, SMOLLM2_CONTEXT_LENGTH),
              f"max_prompt_len + max_new_tokens exceeds {SMOLLM2}'s context of {SMOLLM2_CONTEXT_LENGTH} tokens",
-             "inference.max_new_tokens"),
+             "inference.max_new_tokens", ("inference.max_prompt_len", "inference.max_new_tokens")),
     )
 
 

@@ -3,7 +3,7 @@
 Every rule about a field is written once, on the dataclass, and read from there by both sides:
 - `setting(doc, default, minimum=..., pattern=..., ...)` documents a field and bounds it;
 - a class's `RULES` hold cross-field rules, each a CEL expression for the API server and the same check in Python,
-  with one message (`{field}` placeholders are filled from the object on both sides).
+  with one message.
 `from_data` parses and enforces them, raising ConfigError naming the key path; `openapi_schema` writes them into
 the CRD (description, default, minimum/maximum, enum, pattern, x-kubernetes-validations), so `kubectl apply`
 refuses what the worker would refuse, and `kubectl explain` reads like documentation.
@@ -25,35 +25,27 @@ from simpo_worker.errors import ConfigError
 # Bounds keep the API server's cost estimate of CEL rules small.
 MAX_STRING_LENGTH = 4096
 MAX_LIST_ITEMS = 1024
-_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_.]*)\}")
 
 
 @dataclass(frozen=True)
 class Rule:
     """A rule over an object (or, on a field, over its value): `cel` for the CRD, `check` for Python.
 
-    `message` may hold `{name}` placeholders naming scalar fields of the object; `field` names the key the message
-    is about (the error path ends there), empty for the object itself."""
+    `message` is static (the API server's cost estimate refuses string-building message expressions); Python
+    errors add the values of the fields named in `shows`. `field` names the key the message is about (the error
+    path ends there), empty for the object itself."""
 
     cel: str
     # None: a transition rule (over oldSelf) that only the API server can check.
     check: Optional[Callable[[Any], bool]]
     message: str
     field: str = ""
+    shows: tuple[str, ...] = ()
 
     def python_message(self, obj: Any) -> str:
-        return _PLACEHOLDER.sub(lambda m: str(_get(obj, m.group(1))), self.message)
-
-    def cel_message(self) -> dict[str, str]:
-        if not _PLACEHOLDER.search(self.message):
-            return {"message": self.message}
-        parts, last = [], 0
-        for match in _PLACEHOLDER.finditer(self.message):
-            parts.append(_cel_string(self.message[last:match.start()]))
-            parts.append(f"string(self.{match.group(1)})")
-            last = match.end()
-        parts.append(_cel_string(self.message[last:]))
-        return {"messageExpression": " + ".join(p for p in parts if p != "''")}
+        if not self.shows:
+            return self.message
+        return f"{self.message} ({', '.join(f'{name} = {_get(obj, name)}' for name in self.shows)})"
 
 
 def setting(doc: str, default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING,
@@ -263,7 +255,7 @@ def _object_schema(cls: type, path: tuple[str, ...]) -> dict[str, Any]:
     required = [f.name for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     if required:
         schema["required"] = required
-    rules = [{"rule": rule.cel, **rule.cel_message(), **({"fieldPath": f".{rule.field}"} if rule.field else {})}
+    rules = [{"rule": rule.cel, "message": rule.message, **({"fieldPath": f".{rule.field}"} if rule.field else {})}
              for rule in _rules(cls)]
     if rules:
         schema["x-kubernetes-validations"] = rules
@@ -317,10 +309,6 @@ def _get(obj: Any, dotted: str) -> Any:
     for name in dotted.split("."):
         obj = getattr(obj, name)
     return obj
-
-
-def _cel_string(text: str) -> str:
-    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def _num(value: float) -> str:
