@@ -15,6 +15,8 @@ import yaml
 
 from operator_process import JOBS_NAMESPACE, RELEASE_NAMESPACE, REPO
 from control_plane import wait_for
+from simpo_interleave.local_runner import local_pods
+from simpo_operator.resource import validate_job
 
 REFERENCE_JOB = REPO / "manifests/examples/reference-m11-v5p-32.yaml"
 FAKE_WORKER = "simpo-interleave/fake-worker"
@@ -90,13 +92,34 @@ def test_reference_job_runs_on_its_tpu_shape_and_succeeds(cluster, operator):
     assert "Succeeded" in reasons and "Running" in reasons
 
 
-def test_multislice_gets_one_node_pool_per_slice(cluster, operator):
+def test_multislice_gets_one_node_pool_per_slice(cluster, operator, tmp_path):
     job = reference_job("run-2s", tpu={"type": "v5p-16", "slices": 2})
     cluster.apply(job)
     name = job["metadata"]["name"]
     done = wait_phase(cluster, operator, name, ("Succeeded", "Failed"))
     assert done["status"]["phase"] == "Succeeded", done["status"]
     assert done["status"]["hosts"] == 4
+    # The local runner gives each pod the environment the cluster gave the real one: its env entries resolved
+    # from the annotations the JobSet and Job controllers put on it. Only the runner's stand-ins differ: the
+    # config mount's path and the DNS name of slice 0 / host 0.
+    local = {(pod.slice_index, pod.host_index): pod.env
+             for pod in local_pods(validate_job(job), tmp_path, base_env={}, port=1)}
+    stand_ins = {"SIMPO_CONFIG", "MEGASCALE_COORDINATOR_ADDRESS"}
+    for pod in pods_of(cluster, name):
+        annotations = pod["metadata"]["annotations"]
+        key = (int(annotations["jobset.sigs.k8s.io/job-index"]),
+               int(annotations["batch.kubernetes.io/job-completion-index"]))
+        real = {}
+        for entry in pod["spec"]["containers"][0]["env"]:
+            if "value" in entry:
+                real[entry["name"]] = entry["value"]
+            else:
+                field_path = entry["valueFrom"]["fieldRef"]["fieldPath"]
+                real[entry["name"]] = annotations[field_path.split("'")[1]]
+        assert {k: v for k, v in real.items() if k not in stand_ins} == {
+            k: v for k, v in local[key].items() if k in real and k not in stand_ins}, key
+        assert set(real) <= set(local[key])
+    assert sorted(local) == [(0, 0), (0, 1), (1, 0), (1, 1)]
     pools_by_slice: dict[str, set[str]] = {}
     for pod in pods_of(cluster, name):
         node = cluster.get("node", pod["spec"]["nodeName"])
