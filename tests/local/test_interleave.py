@@ -231,7 +231,7 @@ def test_outputs_to_gcs(workdir):
 
 
 @pytest.mark.parametrize("change,code,message", [
-    ({"eval_at_steps": [9]}, 10, "inference.eval_at_steps: step 9 is beyond the run"),
+    ({"eval_at_steps": [9]}, 10, "inference.eval_at_steps: a step is beyond the run"),
     ({"eval_at_steps": [-1]}, 10, "inference.eval_at_steps: steps must be positive"),
     ({"prompts_file": "/nonexistent/prompts.jsonl"}, 11, "/nonexistent/prompts.jsonl"),
 ])

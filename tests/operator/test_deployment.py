@@ -106,8 +106,8 @@ def test_operator_deployment():
     assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"] == {"type": "Recreate"}
     assert pod["serviceAccountName"] == "simpo-interleave-operator"
     [container] = pod["containers"]
-    # The `simpo-interleave` console script (simpo_interleave.cli:main), its `operator` command.
-    assert container["command"] == ["simpo-interleave", "operator"]
+    # The operator image's entry point (it ships the controller alone, not the simpo-interleave command line).
+    assert container["command"] == ["python", "-m", "simpo_operator"]
     assert container["image"] == f"simpo-interleave/operator:{CHART_META['appVersion']}"
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
     assert {"name": "health", "containerPort": 8080} in container["ports"]
