@@ -4,7 +4,8 @@ The file a user would `kubectl apply` is validated and rendered by the operator'
 plays the parts of the cluster for each (slice, host) pod of the JobSet:
 - the ConfigMap: its data is written where the pod template mounts it (a directory of the run stands in for the
   mount path, and env values under the mount path point there);
-- the JobSet and Job controllers: each pod's index annotations, which the env's fieldRefs resolve from;
+- the JobSet and Job controllers: each pod's index annotations, which the env's fieldRefs resolve from, and the
+  JOB_COMPLETION_INDEX variable the Job controller adds;
 - cluster DNS: the JobSet's pod hostnames resolve to 127.0.0.1, and the coordinator gets a free port of its own
   (several local jobs may run at once);
 - GKE's TPU environment: TPU pods leave jax.distributed to GKE's injected variables, so locally the coordinator,
@@ -87,6 +88,8 @@ def local_pods(job: Job, workdir: Path, base_env: Mapping[str, str] | None = Non
                            pod_env.COMPLETION_INDEX_ANNOTATION: str(host_index)}
             env = {entry["name"]: _localize(_resolve(entry, annotations), mounts, hosts, port)
                    for entry in container["env"]}
+            # The Job controller adds this to every pod of an Indexed Job.
+            env["JOB_COMPLETION_INDEX"] = str(host_index)
             if job.shape is not None:  # what jax.distributed detects from GKE's TPU environment
                 env.setdefault(api.ENV_COORDINATOR_ADDRESS, f"{LOCALHOST}:{port}")
                 env.setdefault(api.ENV_NUM_PROCESSES, str(job.num_processes))

@@ -4,6 +4,7 @@ with kwok playing the TPU hosts (the worker image's tag tells it what the fake w
 """
 import copy
 import json
+import re
 import signal
 import subprocess
 import time
@@ -424,6 +425,14 @@ def test_worker_token_patches_progress_and_nothing_else(cluster, operator):
     cluster.kubectl("delete", "sij", name, "-n", JOBS_NAMESPACE, "--wait=false")
 
 
+class Yaml12Loader(yaml.SafeLoader):
+    """YAML 1.2 floats: kustomize (Go) writes 1e-05, which PyYAML's YAML 1.1 rules read as a string."""
+
+
+Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9]+(\.[0-9]*)?[eE][-+]?[0-9]+$"),
+                                   list("-+0123456789"))
+
+
 # Labels only Helm sets (the plain manifests carry every other label of the chart's objects).
 HELM_LABELS = ("helm.sh/chart", "app.kubernetes.io/managed-by")
 
@@ -445,8 +454,8 @@ def _normalised(objects: list[dict]) -> dict[tuple, dict]:
 def test_kubectl_apply_manifests_gives_the_same_objects_as_the_chart(cluster, operator, chart):
     from_chart = _normalised([*yaml.safe_load_all(chart.rendered()),
                               *yaml.safe_load_all((REPO / "charts/simpo-interleave/crds/crd.yaml").read_text())])
-    from_manifests = _normalised(list(yaml.safe_load_all(
-        cluster.kubectl("kustomize", str(REPO / "manifests")).stdout)))
+    from_manifests = _normalised(list(yaml.load_all(cluster.kubectl("kustomize", str(REPO / "manifests")).stdout,
+                                                    Loader=Yaml12Loader)))
     # `helm install --create-namespace` makes the release namespace; kubectl needs it in manifests/.
     del from_manifests[("Namespace", None, RELEASE_NAMESPACE)]
     assert from_manifests.keys() == from_chart.keys()

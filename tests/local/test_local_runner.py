@@ -56,6 +56,8 @@ def test_local_runner_and_operator_give_each_multislice_pod_the_same_environment
         expected[api.ENV_MEGASCALE_COORDINATOR_ADDRESS] = expected[api.ENV_MEGASCALE_COORDINATOR_ADDRESS].replace(
             first_host, LOCALHOST)
         # GKE's TPU environment, from which jax.distributed finds its coordinator and process id on a slice.
+        # The Job controller's own variable on every pod of an Indexed Job.
+        expected["JOB_COMPLETION_INDEX"] = str(pod.host_index)
         expected |= {api.ENV_COORDINATOR_ADDRESS: f"{LOCALHOST}:45678", api.ENV_NUM_PROCESSES: "4",
                      api.ENV_PROCESS_ID: str(pod.slice_index * 2 + pod.host_index), "JAX_PLATFORMS": "cpu"}
         assert pod.env == expected
