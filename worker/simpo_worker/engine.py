@@ -18,11 +18,14 @@ How a call runs:
   needs and grows between chunks, so early steps do not pay for attention over the full `prompt + max_new_tokens`.
 
 Placements (inference.mode):
-- host_data_parallel: the params are copied once per call to a replica on this host's local devices (gathered
-  first if training sharded them across hosts), the batch is split over the local devices, and decoding uses
-  no cross-host communication. Each host passes its own shard of the prompts.
-- global_mesh: the params stay as the trainer sharded them on the global mesh; every host passes the same
-  prompts and runs the same programs in the same order (the host loop branches only on replicated values).
+- host_data_parallel: the params are cast to the compute dtype where they lie, then copied once per call to a
+  replica on this host's local mesh, data x model with inference.tensor_parallel devices on `model` (gathered
+  first if training sharded them across hosts): each replica split Megatron-style over `model` (mesh.PARAM_AXES),
+  the batch split over `data`, and decoding uses no cross-host communication. Each host passes its own shard of
+  the prompts.
+- global_mesh: the params stay as the trainer sharded them on the global mesh (fsdp and model); every host passes
+  the same prompts and runs the same programs in the same order (the host loop branches only on replicated
+  values).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from simpo_worker import decode
 from simpo_worker.config import ArchitectureConfig, InferenceConfig
 from simpo_worker.decode import DecodeSpec, DecodeState, DecodeWeights, decode_weights
 from simpo_worker.errors import ConfigError, DataError
+from simpo_worker.mesh import state_shardings
 from simpo_worker.model import Llama
 from simpo_worker.sampling import SamplingParams
 
@@ -62,9 +66,25 @@ class Completion:
     finish_reason: str  # "stop" | "length"
 
 
+@dataclass(frozen=True)
+class WaveShapes:
+    """A wave's batch rows, padded prompt length, and the cache windows it decodes at: (slots, decode steps run
+    with that many slots), in the order the cache grows through them. windows[0][0] is the prefill's window."""
+
+    slots: int
+    prompt_length: int
+    windows: tuple[tuple[int, int], ...]
+
+    @property
+    def full_window(self) -> int:
+        return self.windows[-1][0]
+
+
 class Engine:
     def __init__(self, arch: ArchitectureConfig, inference: InferenceConfig, eos_token_ids: list[int],
-                 compute_dtype=jnp.float32, mesh: Optional[Mesh] = None):
+                 compute_dtype=jnp.float32, mesh: Optional[Mesh] = None, local_devices: Optional[list] = None):
+        """`local_devices`: this host's devices (default jax.local_devices()); `simpo-interleave plan` passes
+        one host's devices of the slice it compiles for."""
         self.arch = arch
         self.inference = inference
         self.compute_dtype = compute_dtype
@@ -78,9 +98,12 @@ class Engine:
             batch_spec = P()  # every host holds the whole (identical) batch
             self.batch_multiple = 1
         else:
-            mesh = Mesh(np.array(jax.local_devices()), ("data",))
+            local_devices = jax.local_devices() if local_devices is None else list(local_devices)
+            inference.check_host_devices(len(local_devices))
+            # data x model over this host's devices: `model` splits each replica (mesh.PARAM_AXES), `data` the batch.
+            mesh = Mesh(np.array(local_devices).reshape(-1, inference.tensor_parallel), ("data", "model"))
             batch_spec = P("data")
-            self.batch_multiple = len(jax.local_devices())
+            self.batch_multiple = mesh.shape["data"]
         self.mesh = mesh
         self.spec = DecodeSpec(arch=arch, sampling=SamplingParams.from_config(inference),
                                max_new_tokens=inference.max_new_tokens, stop_ids=stop_ids,
@@ -130,9 +153,11 @@ class Engine:
                  progress: Optional[Callable[[int, int], None]] = None) -> list[Completion]:
         """Complete every prompt; `progress(prompts_done, tokens_generated)` is called after each chunk."""
         self.check_request(prompts, global_indices)
+        # Before any early return: gathering params sharded across hosts is a collective every host must join,
+        # also a host whose shard of the prompts is empty.
+        weights = self._weights(model)
         if not prompts:
             return []
-        weights = self._weights(model)
         completions: list[Completion] = []
         start = 0
         while start < len(prompts):
@@ -148,6 +173,26 @@ class Engine:
                                           wave_progress)
             start = wave.stop
         return completions
+
+    def largest_wave(self, prompt_count: Optional[int]) -> "WaveShapes":
+        """The shapes of the largest wave a call with `prompt_count` prompts runs (None: unknown, enough to fill
+        a wave) when every prompt has max_prompt_len tokens and none stops before max_new_tokens: the programs
+        `simpo-interleave plan` compiles, from the same bucketing rules as the host loop below."""
+        inf = self.inference
+        slots = self._wave_slots(self.max_slots if prompt_count is None else max(prompt_count, 1))
+        longest = inf.max_prompt_len
+        window = self._window(longest, min(CHUNK_STEPS, inf.max_new_tokens), slots)
+        windows = [[window, 0]]
+        generated = 1  # the prefill samples the first token
+        while generated < inf.max_new_tokens:
+            stop_at = min(generated + CHUNK_STEPS, inf.max_new_tokens)
+            window = max(window, self._window(longest, stop_at, slots))
+            if window != windows[-1][0]:
+                windows.append([window, 0])
+            windows[-1][1] += stop_at - generated
+            generated = stop_at
+        return WaveShapes(slots=slots, prompt_length=_round_up(longest, PROMPT_BUCKET),
+                          windows=tuple((w, steps) for w, steps in windows))
 
     # ---- host side -------------------------------------------------------------------------------------
 
@@ -229,18 +274,27 @@ class Engine:
 
     def _weights(self, model: Llama) -> DecodeWeights:
         if self.inference.mode == "host_data_parallel":
-            model = _local_replica(model, NamedSharding(self.mesh, P()))
-        return decode_weights(model, self.compute_dtype)
+            # Cast where the params lie, then gather and copy: the replica moves compute-dtype bytes (half of
+            # float32's in bfloat16), and no float32 replica ever exists on the inference devices.
+            model = _local_replica(_cast(model, self.compute_dtype), self.mesh)
+        weights = decode_weights(model, self.compute_dtype)
+        return jax.device_put(weights, decode.weight_shardings(weights, self.arch, self.mesh))
 
 
-def _local_replica(model: Llama, sharding: NamedSharding) -> Llama:
-    """A full copy of the params on this host's devices. Arrays sharded across hosts are all-gathered first
-    (a collective every host runs, before any decoding)."""
-    def local(x):
+def _cast(model: Llama, dtype) -> Llama:
+    """The params in `dtype`, each keeping its sharding (a no-op for arrays already in it)."""
+    return jax.tree.map(lambda x: x if x.dtype == dtype else x.astype(dtype), model)
+
+
+def _local_replica(model: Llama, mesh: Mesh) -> Llama:
+    """A copy of the params on this host's local mesh, each laid out by mesh.PARAM_AXES (split over `model`,
+    replicated over `data`). Arrays sharded across hosts are all-gathered first, one at a time (a collective every
+    host runs, before any decoding)."""
+    def local(x, sharding):
         if not x.is_fully_addressable:
             x = x.addressable_data(0) if x.is_fully_replicated else multihost_utils.process_allgather(x, tiled=True)
         return jax.device_put(x, sharding)
-    return jax.tree.map(local, model)
+    return jax.tree.map(local, model, state_shardings(model, mesh))
 
 
 def _to_host(x: jax.Array) -> np.ndarray:
