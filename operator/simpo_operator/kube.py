@@ -53,6 +53,17 @@ def get_jobset(namespace: str, name: str) -> Optional[dict[str, Any]]:
         raise
 
 
+def get_batch_job(namespace: str, name: str) -> Optional[dict[str, Any]]:
+    """A batch/v1 Job of a JobSet (to read why it failed)."""
+    try:
+        job = kubernetes.client.BatchV1Api(api_client()).read_namespaced_job(name, namespace)
+    except kubernetes.client.ApiException as error:
+        if _not_found(error):
+            return None
+        raise
+    return api_client().sanitize_for_serialization(job)
+
+
 def get_configmap(namespace: str, name: str) -> Optional[dict[str, Any]]:
     try:
         configmap = _core().read_namespaced_config_map(name, namespace)

@@ -14,10 +14,12 @@ everything here except `status.progress`, which belongs to the worker leader.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 from simpo_operator.resource import FINISHED_PHASES
+from simpo_worker.api import EXIT_CODE_MEANINGS, ExitCode
 
 INVALID_SPEC = "InvalidSpec"
 CHILD_CONFLICT = "ChildConflict"
@@ -99,3 +101,40 @@ def is_transition(current: dict[str, Any], new: Phase) -> bool:
 
 def event_type(phase: Phase) -> str:
     return "Warning" if phase.phase == "Failed" or phase.phase == "Restarting" else "Normal"
+
+
+# JobSet names the Job that failed it ("... (first failed job: NAME)"); that Job's Failed condition, set by the pod
+# failure policy, names the exit code ("Container worker for pod NS/POD failed with exit code 14 matching FailJob
+# rule at index 0"). Neither message is an API field, hence the patterns; a mismatch only loses the explanation.
+_FIRST_FAILED_JOB = re.compile(r"\(first failed job: ([a-z0-9.-]+)\)")
+_EXIT_CODE = re.compile(r"failed with exit code (\d+)")
+
+
+def first_failed_job(phase: Phase) -> Optional[str]:
+    """The Job that a Failed JobSet names as the first to fail."""
+    match = _FIRST_FAILED_JOB.search(phase.message) if phase.phase == "Failed" else None
+    return match.group(1) if match else None
+
+
+def failed_exit_code(job: Optional[dict[str, Any]]) -> Optional[int]:
+    """The worker exit code that failed a batch/v1 Job through its pod failure policy, if that is how it failed."""
+    for condition in ((job or {}).get("status") or {}).get("conditions") or []:
+        if condition.get("type") == "Failed" and condition.get("status") == "True":
+            match = _EXIT_CODE.search(condition.get("message") or "")
+            if match:
+                return int(match.group(1))
+    return None
+
+
+def exit_code_meaning(code: int) -> str:
+    try:
+        return EXIT_CODE_MEANINGS[ExitCode(code)]
+    except ValueError:
+        return "not one of the worker's exit codes"
+
+
+def with_exit_code(phase: Phase, code: Optional[int]) -> Phase:
+    """The phase with the worker exit code behind it, and what that code means, added to its message."""
+    if code is None:
+        return phase
+    return replace(phase, message=f"worker exit code {code}: {exit_code_meaning(code)}; {phase.message}")

@@ -18,6 +18,7 @@ from operator_process import JOBS_NAMESPACE, RELEASE_NAMESPACE, REPO
 from control_plane import wait_for
 from simpo_interleave.local_runner import local_pods
 from simpo_operator.resource import validate_job
+from simpo_worker.api import EXIT_CODE_MEANINGS, ExitCode
 
 REFERENCE_JOB = REPO / "manifests/examples/reference-m11-v5p-32.yaml"
 FAKE_WORKER = "simpo-interleave/fake-worker"
@@ -154,14 +155,17 @@ def test_restart_budget_exhausted_fails_with_the_reason(cluster, operator):
     assert status["completionTime"]
 
 
-def test_non_retryable_exit_code_fails_at_once(cluster, operator):
-    job = reference_job("run-1s-exit-11", maxRestarts=3)  # 11: a non-retryable worker error (errors.py)
+@pytest.mark.parametrize("code", [ExitCode.BAD_DATA, ExitCode.OUT_OF_MEMORY])
+def test_non_retryable_exit_code_fails_at_once(cluster, operator, code):
+    job = reference_job(f"run-1s-exit-{int(code)}", maxRestarts=3)  # a non-retryable worker error (api.ExitCode)
     cluster.apply(job)
     done = wait_phase(cluster, operator, job["metadata"]["name"], ("Succeeded", "Failed"))
     status = done["status"]
     assert status["phase"] == "Failed" and status["restarts"] == 0, status
     # JobSet's FailJobSet action, from the operator's rule for the pod failure policy's FailJob.
     assert status["reason"] == "FailJobSetFailurePolicyAction", status
+    # The operator read the exit code from the failed Job (the Job controller's condition) and says what it means.
+    assert status["message"].startswith(f"worker exit code {int(code)}: {EXIT_CODE_MEANINGS[code]}"), status
 
 
 def test_suspend_and_resume(cluster, operator):

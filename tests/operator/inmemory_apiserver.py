@@ -42,6 +42,7 @@ KINDS = (
     Kind("", "v1", "events", "Event", True, False),
     Kind("apiextensions.k8s.io", "v1", "customresourcedefinitions", "CustomResourceDefinition", False, True),
     Kind("jobset.x-k8s.io", "v1alpha2", "jobsets", "JobSet", True, True),
+    Kind("batch", "v1", "jobs", "Job", True, True),
     Kind("simpo.dev", "v1alpha1", "simpointerleavejobs", "SimpoInterleaveJob", True, True, ("sij",)),
 )
 VERBS = ["create", "delete", "get", "list", "patch", "watch"]

@@ -90,6 +90,14 @@ class Kube:
         return self.custom.create_namespaced_custom_object(kube.JOBSET_GROUP, kube.JOBSET_VERSION, self.namespace,
                                                            kube.JOBSET_PLURAL, jobset)
 
+    def create_batch_job(self, job: dict[str, Any]) -> None:
+        """Play the JobSet and Job controllers: one of a JobSet's batch/v1 Jobs, then its status (which a create
+        ignores)."""
+        batch = kubernetes.client.BatchV1Api(self.client)
+        batch.create_namespaced_job(self.namespace, {**job, "status": None})
+        batch.patch_namespaced_job_status(job["metadata"]["name"], self.namespace, {"status": job["status"]},
+                                          _content_type=kube.MERGE_PATCH)
+
     def create_configmap(self, configmap: dict[str, Any]) -> None:
         self.core.create_namespaced_config_map(self.namespace, configmap)
 

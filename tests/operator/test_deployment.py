@@ -27,6 +27,7 @@ OPERATOR_RULES = {
     ("simpo.dev", "simpointerleavejobs"): {"get", "list", "watch", "patch", "delete"},
     ("simpo.dev", "simpointerleavejobs/status"): {"get", "patch"},
     ("jobset.x-k8s.io", "jobsets"): {"get", "list", "watch", "create", "patch"},
+    ("batch", "jobs"): {"get"},
     ("", "configmaps"): {"get", "create"},
     ("", "events"): {"create"},
 }

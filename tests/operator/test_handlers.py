@@ -16,7 +16,7 @@ from kopf.testing import KopfRunner
 from operator_testkit import make_job, wait_for
 from simpo_operator import render
 from simpo_operator.resource import PHASES, validate_job
-from simpo_worker.api import Progress
+from simpo_worker.api import EXIT_CODE_MEANINGS, ExitCode, Progress
 from simpo_worker.progress import KubernetesStatusReporter
 
 pytestmark = pytest.mark.timeout(120)
@@ -102,6 +102,26 @@ def test_jobset_failure_reports_failed_with_the_jobset_reason(kube_client):
         status = phase_is(kube, "fails", "Failed", "ReachedMaxRestarts")
         assert "max restarts" in status["message"] and status["completionTime"]
         assert any(e["reason"] == "Failed" and e["type"] == "Warning" for e in kube.events("fails"))
+
+
+def test_a_failure_policy_failure_names_the_worker_exit_code_and_its_meaning(kube_client):
+    kube = kube_client
+    with operator(kube.namespace):
+        kube.create_job(make_job("oom"))
+        phase_is(kube, "oom", "Pending")
+        # What the Job controller writes when the pod failure policy's FailJob rule matches, and what JobSet then says.
+        kube.create_batch_job({"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "oom-worker-0"},
+                               "spec": {"template": {"spec": {"containers": [{"name": "worker", "image": "w"}],
+                                                              "restartPolicy": "Never"}}},
+                               "status": {"conditions": [condition(
+                                   "Failed", "PodFailurePolicy", "Container worker for pod jobs/oom-worker-0-0-x "
+                                   "failed with exit code 14 matching FailJob rule at index 0")]}})
+        kube.set_jobset_status("oom", {"conditions": [condition(
+            "Failed", "FailJobSetFailurePolicyAction",
+            "applying FailJobSet failure policy action (first failed job: oom-worker-0)")]})
+        status = phase_is(kube, "oom", "Failed", "FailJobSetFailurePolicyAction")
+        assert status["message"].startswith(f"worker exit code 14: {EXIT_CODE_MEANINGS[ExitCode.OUT_OF_MEMORY]}")
+        assert "(first failed job: oom-worker-0)" in status["message"]
 
 
 def test_suspend_and_resume_reach_the_jobset(kube_client):

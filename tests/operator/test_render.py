@@ -101,7 +101,7 @@ def test_failure_policy_fails_fast_on_non_retryable_codes_and_restarts_otherwise
                                 "onJobFailureReasons": ["PodFailurePolicy"]}]
     _, job_spec, _ = pod_of(jobset)
     assert job_spec["podFailurePolicy"] == {"rules": [{"action": "FailJob", "onExitCodes": {
-        "containerName": "worker", "operator": "In", "values": [10, 11, 12, 13]}}]}
+        "containerName": "worker", "operator": "In", "values": [10, 11, 12, 13, 14]}}]}
     assert tuple(job_spec["podFailurePolicy"]["rules"][0]["onExitCodes"]["values"]) == NON_RETRYABLE_EXIT_CODES
 
 

@@ -3,6 +3,7 @@
 import pytest
 
 from simpo_operator import status as state
+from simpo_worker.api import EXIT_CODE_MEANINGS, ExitCode
 
 
 def jobset(replicas=1, ready=0, restarts=0, suspend=False, conditions=()):
@@ -38,6 +39,27 @@ def test_phase_of(js, suspend, expected):
 def test_failed_message_comes_from_the_jobset():
     phase = state.phase_of(jobset(conditions=[true("Failed", "ReachedMaxRestarts", "reached max restarts")]), False)
     assert phase == state.Phase("Failed", "ReachedMaxRestarts", "reached max restarts")
+
+
+def test_a_failure_policy_failure_names_the_exit_code_and_what_it_means():
+    failed = state.phase_of(jobset(conditions=[true(
+        "Failed", "FailJobSetFailurePolicyAction",
+        "applying FailJobSet failure policy action (first failed job: m11-worker-0)")]), False)
+    assert state.first_failed_job(failed) == "m11-worker-0"
+    job = {"status": {"conditions": [true("Failed", "PodFailurePolicy", "Container worker for pod ns/m11-worker-0-0-x "
+                                                                        "failed with exit code 14 matching FailJob "
+                                                                        "rule at index 0")]}}
+    code = state.failed_exit_code(job)
+    assert code == ExitCode.OUT_OF_MEMORY
+    explained = state.with_exit_code(failed, code)
+    assert explained.message == (f"worker exit code 14: {EXIT_CODE_MEANINGS[ExitCode.OUT_OF_MEMORY]}; "
+                                 f"{failed.message}")
+    assert "out of device memory" in explained.message
+    # Without a readable code (a Job failed another way, or gone) the JobSet's own message stands.
+    assert state.with_exit_code(failed, state.failed_exit_code(None)) == failed
+    assert state.failed_exit_code({"status": {"conditions": [true("Failed", "BackoffLimitExceeded")]}}) is None
+    assert state.first_failed_job(state.Phase("Running", "AllHostsReady", "")) is None
+    assert "not one of the worker's exit codes" in state.with_exit_code(failed, 99).message
 
 
 def test_status_patch_times_and_conditions():

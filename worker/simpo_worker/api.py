@@ -76,6 +76,7 @@ class ExitCode(enum.IntEnum):
     BAD_DATA = 11
     BAD_MODEL = 12
     OUTPUT_UNUSABLE = 13
+    OUT_OF_MEMORY = 14
 
 
 EXIT_CODE_MEANINGS = {
@@ -85,6 +86,9 @@ EXIT_CODE_MEANINGS = {
     ExitCode.BAD_DATA: "bad data (preference data, prompts)",
     ExitCode.BAD_MODEL: "bad or missing model (weights, tokenizer)",
     ExitCode.OUTPUT_UNUSABLE: "output dir not usable",
+    ExitCode.OUT_OF_MEMORY: "out of device memory (XLA RESOURCE_EXHAUSTED at compile time or run time): the same "
+                            "config fails the same way; `simpo-interleave plan` shows which program and the knobs "
+                            "that shrink it",
 }
 # Sorted, for the JobSet pod failure policy (onExitCodes In [...]).
 NON_RETRYABLE_EXIT_CODES = tuple(int(code) for code in sorted(ExitCode) if code >= ExitCode.BAD_CONFIG)

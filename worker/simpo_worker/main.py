@@ -1,8 +1,9 @@
 """`simpo-interleave worker`: what each pod runs. Trains from a YAML config, pausing for inference on schedule,
 resuming from the newest complete checkpoint after a restart.
 
-Exit codes: 0 done; 10 bad config, 11 bad data, 12 bad or missing model, 13 output dir unusable (no restart can
-fix these); anything else is retryable and the restarted worker resumes from its newest complete checkpoint.
+Exit codes: 0 done; 10 bad config, 11 bad data, 12 bad or missing model, 13 output dir unusable, 14 out of device
+memory (no restart can fix these); anything else is retryable and the restarted worker resumes from its newest
+complete checkpoint.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import jax
 from simpo_worker.api import ENV_CONFIG, ExitCode
 from simpo_worker.config import load_worker_config
 from simpo_worker.distributed import exit_now, initialize_from_env
-from simpo_worker.errors import ConfigError, NonRetryableError
+from simpo_worker.errors import ConfigError, NonRetryableError, is_out_of_memory
 from simpo_worker.interleave import build_run
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,12 @@ def run(args: argparse.Namespace) -> int:
     except NonRetryableError as error:
         log.error("%s: %s", type(error).__name__, error)
         exit_now(error.exit_code)
-    except BaseException:  # noqa: BLE001 - report, then exit without jax.distributed's shutdown barrier
+    except BaseException as error:  # noqa: BLE001 - report, then exit without jax.distributed's shutdown barrier
         traceback.print_exc()
+        if is_out_of_memory(error):
+            # A compile or an allocation did not fit the devices: the restarted job would fail the same way.
+            log.error("out of device memory (exit %d, not retried): run `simpo-interleave plan` on the job to see "
+                      "which program does not fit and the config knobs that shrink it", ExitCode.OUT_OF_MEMORY)
+            exit_now(ExitCode.OUT_OF_MEMORY)
         exit_now(ExitCode.RETRYABLE)
     return 0
