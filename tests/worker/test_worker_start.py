@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from model_goldens import TINY_LLAMA_DIR
+from simpo_worker import api
 from simpo_worker.api import ExitCode
 from worker_runs import run_worker, tiny_config
 
@@ -19,3 +20,13 @@ def test_a_request_past_a_checkpoints_context_fails_before_training(tmp_path):
     assert "max_prompt_len 64 + max_new_tokens 600 exceeds the context of" in result.stderr
     assert "(max_position_embeddings 512)" in result.stderr
     assert not (Path(tmp_path / "run") / "metrics.jsonl").exists()  # no train step ran
+
+
+def test_a_pod_without_its_tpu_environment_fails_at_once_naming_the_counts(tmp_path):
+    """A job of 4 hosts whose pod has no way to find the others (no TPU_WORKER_HOSTNAMES, no coordinator) would
+    train alone: it exits non-retryable before any step."""
+    config = tiny_config(tmp_path / "run")
+    result = run_worker(config, env={api.ENV_NUM_SLICES: "1", api.ENV_HOSTS_PER_SLICE: "4", api.ENV_HOST_INDEX: "2"})
+    assert result.returncode == ExitCode.BAD_CONFIG, result.stderr[-3000:]
+    assert "jax.distributed has 1 process(es), the job has 4 hosts" in result.stderr
+    assert not (Path(tmp_path / "run") / "metrics.jsonl").exists()

@@ -36,7 +36,26 @@ def process_id_from_env(env: Mapping[str, str]) -> int:
 
 
 def initialize_from_env(init_timeout_s: int, env: Mapping[str, str] = os.environ) -> None:
-    """Start jax.distributed as the environment says; a no-op for a single process."""
+    """Start jax.distributed as the environment says (a no-op for a single process), then check that it joined
+    as many processes as the job has hosts."""
+    _initialize(init_timeout_s, env)
+    check_process_count(env)
+
+
+def check_process_count(env: Mapping[str, str]) -> None:
+    """A pod whose TPU environment is missing or wrong would train alone (or with the wrong hosts): refuse it at
+    once, naming the expected and actual counts, rather than let the job hang or diverge."""
+    if api.ENV_HOSTS_PER_SLICE not in env:
+        return  # not started by a job (a single worker run by hand)
+    expected = _int_env(env, api.ENV_NUM_SLICES, 1) * _int_env(env, api.ENV_HOSTS_PER_SLICE)
+    if jax.process_count() != expected:
+        raise ConfigError(f"jax.distributed has {jax.process_count()} process(es), the job has {expected} hosts "
+                          f"({api.ENV_NUM_SLICES} x {api.ENV_HOSTS_PER_SLICE}): the TPU environment "
+                          f"({api.ENV_TPU_WORKER_HOSTNAMES}, MEGASCALE_*) or {api.ENV_NUM_PROCESSES} is missing "
+                          f"or wrong on this pod")
+
+
+def _initialize(init_timeout_s: int, env: Mapping[str, str]) -> None:
     # Multi-process CPU (local runner, tests) needs gloo for cross-process collectives; no effect on TPU/GPU.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if api.ENV_TPU_WORKER_HOSTNAMES in env and api.ENV_COORDINATOR_ADDRESS not in env:
