@@ -74,6 +74,8 @@ def test_gcs_url_through_the_emulator():
     ('{"question": "x"}\n', r"p.jsonl:1: expected `messages` or `prompt`, got keys \['question'\]"),
     ('{"prompt": "  "}\n', r"p.jsonl:1: empty prompt"),
     ('[{"role": "user"}]\n', r"p.jsonl:1\[0\]: a message needs string `role` and `content`"),
+    ('{"messages": [{"role": "assistant", "content": "hi"}]}\n',
+     r"p.jsonl:1: the conversation has only assistant turns, no prompt to answer"),
     ('\n\n', r"p.jsonl: the prompt file holds no prompts"),
 ])
 def test_bad_rows_name_the_line(tmp_path, content, message):
@@ -81,6 +83,16 @@ def test_bad_rows_name_the_line(tmp_path, content, message):
     path.write_text(content)
     with pytest.raises(DataError, match=message):
         read_prompt_file(str(path))
+
+
+def test_an_ultrafeedback_row_is_answered_at_its_prompt_not_after_its_answer(tmp_path):
+    """UltraFeedback-binarized rows carry `prompt` and `messages`; `messages` ends with the chosen answer."""
+    row = {"prompt": "Name a prime.", "prompt_id": "x",
+           "messages": [{"role": "user", "content": "Name a prime."}, {"role": "assistant", "content": "7"}],
+           "chosen": [{"role": "user", "content": "Name a prime."}, {"role": "assistant", "content": "7"}]}
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    assert read_prompt_file(str(path)) == [[{"role": "user", "content": "Name a prime."}]]
 
 
 def test_missing_file_is_a_data_error(tmp_path):

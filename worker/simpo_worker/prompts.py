@@ -2,7 +2,9 @@
 
 File formats (local path or any fsspec URL such as gs://; `.gz` is decompressed):
 - `.jsonl` / `.json`: one JSON value per line: a message list `[{"role": "user", "content": ...}, ...]`,
-  `{"messages": [...]}`, or `{"prompt": "text" | [messages]}` (UltraFeedback rows work as they are).
+  `{"messages": [...]}`, or `{"prompt": "text" | [messages]}` (UltraFeedback rows work as they are). A message
+  list is cut before its trailing assistant turns (UltraFeedback's `messages` ends with the answer), so the model
+  answers the prompt turns.
 - anything else: plain text, one user prompt per non-empty line.
 Each prompt is rendered with the tokenizer's chat template plus the generation prompt. A prompt longer than
 `inference.max_prompt_len` tokens is an error naming its index and the limit (never truncated silently).
@@ -87,7 +89,14 @@ def _parse_json_line(line: str, where: str) -> list[dict[str, str]]:
             raise DataError(f"{where}: empty prompt")
         return [{"role": "user", "content": row}]
     if isinstance(row, list) and row:
-        return [_message(message, f"{where}[{i}]") for i, message in enumerate(row)]
+        messages = [_message(message, f"{where}[{i}]") for i, message in enumerate(row)]
+        # The model answers the conversation: trailing assistant turns (UltraFeedback's `messages` ends with the
+        # answer) are cut, leaving the prompt turns.
+        while messages and messages[-1]["role"] == "assistant":
+            messages.pop()
+        if not messages:
+            raise DataError(f"{where}: the conversation has only assistant turns, no prompt to answer")
+        return messages
     raise DataError(f"{where}: a prompt must be a string or a non-empty message list, got {row!r:.80}")
 
 
