@@ -50,8 +50,51 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("job, message", CASES, ids=[m.split(":")[0].strip("^\\").replace("\\", "") + f"-{i}"
-                                                     for i, (_, m) in enumerate(CASES)])
+def with_changes(job, **dotted):
+    """`a__b__c=value` sets job["spec"]["a"]["b"]["c"]."""
+    for path, value in dotted.items():
+        *parents, last = path.split("__")
+        node = job["spec"]
+        for key in parents:
+            node = node[key]
+        node[last] = value
+    return job
+
+
+# Accepted before the redesign and failing later in the pod (or never): each is now refused naming the field.
+GAPS = [
+    (with_changes(tpu_job(type="v5p-32"), config__trainer__batch_size=32,
+                  config__trainer__mesh={"data": 2, "fsdp": 4}),
+     r"^spec\.config\.trainer\.mesh: data x fsdp x model = \[2, 4, 1\] needs 8 devices, there are 16"),
+    (with_changes(tpu_job(type="v5p-32"), config__trainer__batch_size=8),
+     r"^spec\.config\.trainer\.batch_size: each of the 1 microbatches holds 8 pairs, not divisible by the 16 "
+     r"data-parallel devices"),
+    (make_job(resources={"limits": {"memory": "16 GB"}}),
+     r"^spec\.resources\.limits\.memory: must be a Kubernetes quantity such as 500m, 4 or 16Gi, got '16 GB'"),
+    (make_job(serviceAccountName="Worker_SA"), r"^spec\.serviceAccountName: must be a DNS-1123 subdomain"),
+    (make_job(outputDir="runs/x"), r"^spec\.outputDir: must be an absolute path or a URL"),
+    (with_changes(make_job(), config__output_dir="out"), r"^spec\.config\.output_dir: must be an absolute path"),
+    (with_changes(make_job(), config__data__train_files=[]),
+     r"^spec\.config\.data\.train_files: needs at least 1 item\(s\), got 0"),
+    (with_changes(make_job(), config__data__train_files=[" "]),
+     r"^spec\.config\.data\.train_files: file patterns must not be empty"),
+    (with_changes(make_job(), config__inference={"eval_every": 5, "synthetic_prompt_count": 4}),
+     r"^spec\.config\.inference\.eval_every: never fires within the run: must be <= trainer\.num_train_steps "
+     r"\(trainer\.num_train_steps = 3\)"),
+    (with_changes(make_job(), config__inference__max_new_tokens=8000),
+     r"^spec\.config\.inference\.max_new_tokens: max_prompt_len \+ max_new_tokens exceeds smollm2's context of "
+     r"8192 tokens"),
+    (with_changes(make_job(), config__tokenizer="smollm2", config__model={"architecture": {
+        "vocab_size": 64, "hidden_size": 8, "intermediate_size": 16, "num_layers": 1, "num_heads": 2,
+        "num_kv_heads": 1, "max_position_embeddings": 256}}),
+     r"^spec\.config\.inference\.max_new_tokens: max_prompt_len \+ max_new_tokens exceeds the model's context "
+     r"\(inference\.max_prompt_len = 512, inference\.max_new_tokens = 8, "
+     r"model\.architecture\.max_position_embeddings = 256\)"),
+]
+
+
+@pytest.mark.parametrize("job, message", CASES + GAPS, ids=[m.split(":")[0].strip("^\\").replace("\\", "") + f"-{i}"
+                                                            for i, (_, m) in enumerate(CASES + GAPS)])
 def test_rejected_with_the_field_and_the_allowed_values(job, message):
     with pytest.raises(ConfigError, match=message):
         validate_job(job)
@@ -103,56 +146,6 @@ def test_load_job_names_the_file(tmp_path):
         load_job(str(path))
     with pytest.raises(ConfigError, match="cannot read job"):
         load_job(str(tmp_path / "missing.yaml"))
-
-
-def with_changes(job, **dotted):
-    """`a__b__c=value` sets job["spec"]["a"]["b"]["c"]."""
-    for path, value in dotted.items():
-        *parents, last = path.split("__")
-        node = job["spec"]
-        for key in parents:
-            node = node[key]
-        node[last] = value
-    return job
-
-
-# Accepted before the redesign and failing later in the pod (or never): each is now refused naming the field.
-GAPS = [
-    (with_changes(tpu_job(type="v5p-32"), config__trainer__batch_size=32,
-                  config__trainer__mesh={"data": 2, "fsdp": 4}),
-     r"^spec\.config\.trainer\.mesh: data x fsdp x model = \[2, 4, 1\] needs 8 devices, there are 16"),
-    (with_changes(tpu_job(type="v5p-32"), config__trainer__batch_size=8),
-     r"^spec\.config\.trainer\.batch_size: each of the 1 microbatches holds 8 pairs, not divisible by the 16 "
-     r"data-parallel devices"),
-    (make_job(resources={"limits": {"memory": "16 GB"}}),
-     r"^spec\.resources\.limits\.memory: must be a Kubernetes quantity such as 500m, 4 or 16Gi, got '16 GB'"),
-    (make_job(serviceAccountName="Worker_SA"), r"^spec\.serviceAccountName: must be a DNS-1123 subdomain"),
-    (make_job(outputDir="runs/x"), r"^spec\.outputDir: must be an absolute path or a URL"),
-    (with_changes(make_job(), config__output_dir="out"), r"^spec\.config\.output_dir: must be an absolute path"),
-    (with_changes(make_job(), config__data__train_files=[]),
-     r"^spec\.config\.data\.train_files: needs at least 1 item\(s\), got 0"),
-    (with_changes(make_job(), config__data__train_files=[" "]),
-     r"^spec\.config\.data\.train_files: file patterns must not be empty"),
-    (with_changes(make_job(), config__inference={"eval_every": 5, "synthetic_prompt_count": 4}),
-     r"^spec\.config\.inference\.eval_every: never fires within the run: must be <= trainer\.num_train_steps "
-     r"\(trainer\.num_train_steps = 3\)"),
-    (with_changes(make_job(), config__inference__max_new_tokens=8000),
-     r"^spec\.config\.inference\.max_new_tokens: max_prompt_len \+ max_new_tokens exceeds smollm2's context of "
-     r"8192 tokens"),
-    (with_changes(make_job(), config__tokenizer="smollm2", config__model={"architecture": {
-        "vocab_size": 64, "hidden_size": 8, "intermediate_size": 16, "num_layers": 1, "num_heads": 2,
-        "num_kv_heads": 1, "max_position_embeddings": 256}}),
-     r"^spec\.config\.inference\.max_new_tokens: max_prompt_len \+ max_new_tokens exceeds the model's context "
-     r"\(inference\.max_prompt_len = 512, inference\.max_new_tokens = 8, "
-     r"model\.architecture\.max_position_embeddings = 256\)"),
-]
-
-
-@pytest.mark.parametrize("job, message", GAPS, ids=[m.split(":")[0].strip("^\\").replace("\\", "") + f"-{i}"
-                                                    for i, (_, m) in enumerate(GAPS)])
-def test_what_would_fail_in_the_pod_is_refused_before(job, message):
-    with pytest.raises(ConfigError, match=message):
-        validate_job(job)
 
 
 def test_a_mesh_that_fits_the_slice_is_accepted():
