@@ -5,6 +5,8 @@ completions whatever the batch size or the prompt order (the number of hosts: te
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 
 import jax.numpy as jnp
@@ -13,7 +15,7 @@ import pytest
 
 from model_goldens import GOLDENS, TINY_LLAMA_DIR
 from simpo_worker.config import InferenceConfig
-from simpo_worker.engine import Engine
+from simpo_worker.engine import Completion, Engine
 from simpo_worker.errors import DataError
 from simpo_worker.hf_weights import load_hf_model
 from simpo_worker.pretrained import load_pretrained
@@ -208,3 +210,93 @@ def test_top_k_one_is_greedy(tiny):
     greedy = engine_for(tiny).generate(tiny, prompts, [0, 1], step=0, seed=0)
     top1 = engine_for(tiny, temperature=1.5, top_k=1).generate(tiny, prompts, [0, 1], step=0, seed=0)
     assert [c.token_ids for c in top1] == [c.token_ids for c in greedy]
+
+
+# ---- the model axis -----------------------------------------------------------------------------------------
+
+MODEL_AXIS_SCRIPT = """
+import json, sys
+from simpo_worker.config import InferenceConfig, MeshConfig
+from simpo_worker.engine import Engine
+from simpo_worker.mesh import make_mesh
+from simpo_worker.pretrained import load_pretrained
+
+source, mesh, cases = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+mesh = make_mesh(MeshConfig(**mesh))
+model = load_pretrained(source, mesh)  # the params as training holds them: fsdp x model over every device
+results = {}
+for name, case in cases.items():
+    engine = Engine(model.config, InferenceConfig(**case["settings"]), eos_token_ids=case["eos"], mesh=mesh)
+    completions = engine.generate(model, case["prompts"], list(range(len(case["prompts"]))), step=3, seed=1)
+    wq = engine._weights(model).layers[0].wq
+    results[name] = {"tokens": [c.token_ids for c in completions],
+                     "reasons": [c.finish_reason for c in completions],
+                     "wq_shards": sorted({tuple(s.data.shape) for s in wq.addressable_shards}),
+                     "engine_mesh": dict(engine.mesh.shape)}
+print("RESULTS " + json.dumps(results))
+"""
+
+
+def run_model_axis(source: str, devices: int, mesh: dict, cases: dict) -> dict:
+    """The cases on `devices` CPU devices (a fresh process: the device count is fixed when jax starts)."""
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    result = subprocess.run([sys.executable, "-c", MODEL_AXIS_SCRIPT, source, json.dumps(mesh), json.dumps(cases)],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    line = next(line for line in result.stdout.splitlines() if line.startswith("RESULTS "))
+    return json.loads(line.removeprefix("RESULTS "))
+
+
+def test_model_axis_generates_as_one_device_and_as_hf(tiny):
+    """4 CPU devices, the params on a training mesh of fsdp 2 x model 2 (loaded sharded): greedy decoding in both
+    placements matches HF's goldens and, like sampled decoding, gives the tokens of the replicated 1-device run.
+    host_data_parallel runs on a local data x model mesh of tensor_parallel 2 (heads split) and 4 (the 2 KV heads
+    cannot split 4 ways: k/v stay whole, the rest splits)."""
+    golden = generate_golden("tiny")
+    greedy = {"max_new_tokens": golden["max_new_tokens"], "max_prompt_len": 64, "batch_size": 4}
+    sampled_prompts = prompts_of([4, 9, 30, 12, 7, 19, 3, 25], tiny.config.vocab_size)
+    sampled = {"max_new_tokens": 20, "max_prompt_len": 32, "batch_size": 4, **SAMPLED}
+    cases = {}
+    for placement, extra in {"host_tp2": {"tensor_parallel": 2}, "host_tp4": {"tensor_parallel": 4},
+                             "global": {"mode": "global_mesh"}}.items():
+        cases[f"greedy_{placement}"] = {"settings": {**greedy, **extra}, "eos": golden["eos_token_ids"],
+                                        "prompts": golden["prompts"]}
+        cases[f"sampled_{placement}"] = {"settings": {**sampled, **extra}, "eos": [2], "prompts": sampled_prompts}
+    results = run_model_axis(str(TINY_LLAMA_DIR), 4, {"data": 1, "fsdp": 2, "model": 2}, cases)
+
+    one_device = {
+        "greedy": engine_for(tiny, eos=golden["eos_token_ids"], **greedy).generate(
+            tiny, golden["prompts"], list(range(len(golden["prompts"]))), step=3, seed=1),
+        "sampled": engine_for(tiny, **sampled).generate(
+            tiny, sampled_prompts, list(range(len(sampled_prompts))), step=3, seed=1)}
+    for name, result in results.items():
+        expected = one_device[name.split("_")[0]]
+        assert result["tokens"] == [c.token_ids for c in expected], name
+        assert result["reasons"] == [c.finish_reason for c in expected], name
+        if name.startswith("greedy"):
+            completions = [Completion(i, tokens, reason)
+                           for i, (tokens, reason) in enumerate(zip(result["tokens"], result["reasons"]))]
+            assert_matches_hf(completions, golden)
+    # wq [d 64, 4 heads x 24]: split by whole heads over `model`, and over `fsdp` (d) on the global mesh.
+    assert results["greedy_host_tp2"]["engine_mesh"] == {"data": 2, "model": 2}
+    assert results["greedy_host_tp2"]["wq_shards"] == [[64, 48]]
+    assert results["greedy_host_tp4"]["engine_mesh"] == {"data": 1, "model": 4}
+    assert results["greedy_host_tp4"]["wq_shards"] == [[64, 24]]
+    assert results["greedy_global"]["wq_shards"] == [[32, 48]]
+
+
+def test_model_axis_smollm2_greedy_equals_hf():
+    """SmolLM2 (9 heads, 3 KV heads, 1536 MLP units, vocab 49152) on a 3-way model axis, every one of them split:
+    greedy decoding still matches HF's goldens in both placements."""
+    golden = generate_golden("smollm2")
+    greedy = {"max_new_tokens": golden["max_new_tokens"], "max_prompt_len": 64, "batch_size": 4}
+    cases = {placement: {"settings": {**greedy, **extra}, "eos": golden["eos_token_ids"],
+                         "prompts": golden["prompts"]}
+             for placement, extra in {"host": {"tensor_parallel": 3}, "global": {"mode": "global_mesh"}}.items()}
+    results = run_model_axis("smollm2", 3, {"data": 1, "fsdp": 1, "model": 3}, cases)
+    for name, result in results.items():
+        completions = [Completion(i, tokens, reason)
+                       for i, (tokens, reason) in enumerate(zip(result["tokens"], result["reasons"]))]
+        assert_matches_hf(completions, golden)
+        check_finish(completions, golden["eos_token_ids"], golden["max_new_tokens"])
+        assert result["wq_shards"] == [[576, 192]], name  # 3 of the 9 heads (64 each) per device

@@ -1,5 +1,9 @@
 """The train step: microbatch accumulation and the device mesh do not change the result (within float
-tolerance); the step compiles once; FSDP really shards params and optimizer state."""
+tolerance); the step compiles once; FSDP and the model axis really shard params and optimizer state, each weight
+as mesh.PARAM_AXES declares."""
+
+import json
+from pathlib import Path
 
 import equinox as eqx
 import jax
@@ -10,7 +14,7 @@ from jax.sharding import PartitionSpec as P
 
 from simpo_worker.config import ArchitectureConfig, MeshConfig, OptimizerConfig, SimpoConfig, parse_worker_config
 from simpo_worker.errors import ConfigError
-from simpo_worker.mesh import fsdp_spec, make_mesh, place
+from simpo_worker.mesh import make_mesh, param_spec, place
 from simpo_worker.model import init_llama
 from simpo_worker.pretrained import load_model
 from simpo_worker.tokenizer import load_tokenizer
@@ -68,12 +72,42 @@ def test_bfloat16_compute_keeps_float32_params_and_tracks_float32():
     assert history16[0]["loss"] == pytest.approx(history32[0]["loss"], rel=2e-2)
 
 
-def test_fsdp_spec_shards_the_largest_divisible_dim():
-    assert fsdp_spec((30, 576, 1536), 4) == P(None, None, "fsdp")
-    assert fsdp_spec((49152, 576), 4) == P("fsdp", None)
-    assert fsdp_spec((30, 9, 7), 4) == P()  # nothing divisible: replicated
-    assert fsdp_spec((), 4) == P()
-    assert fsdp_spec((49152, 576), 1) == P()
+LLAMA3_8B = ArchitectureConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
+                               num_heads=32, num_kv_heads=8, tie_word_embeddings=False)
+
+
+def test_each_weight_is_laid_out_as_the_table_declares():
+    """Megatron over `model` (heads, MLP units, vocab), FSDP over `fsdp` (the width d), layers and norms whole."""
+    c, L, d, f, V = LLAMA3_8B, 32, 4096, 14336, 128256
+    mesh = {"data": 1, "fsdp": 4, "model": 4}
+    expected = {
+        "embed": ((V, d), P("model", "fsdp")),
+        "wq": ((L, d, 32 * 128), P(None, "fsdp", "model")),
+        "wk": ((L, d, 8 * 128), P(None, "fsdp", "model")),
+        "wo": ((L, 32 * 128, d), P(None, "model", "fsdp")),
+        "w_gate": ((L, d, f), P(None, "fsdp", "model")),
+        "w_down": ((L, f, d), P(None, "model", "fsdp")),
+        "attn_norm": ((L, d), P(None, None)),
+        "final_norm": ((d,), P(None)),
+        "lm_head": ((d, V), P("fsdp", "model")),
+    }
+    for name, (shape, spec) in expected.items():
+        assert param_spec(name, shape, c, mesh) == spec, name
+    # Per layer (the decode programs' layout): the same, without the layer axis.
+    assert param_spec("wq", (d, 32 * 128), c, mesh) == P("fsdp", "model")
+    # Pure FSDP (a v5p-32 as 16 x fsdp): d split 16 ways everywhere, nothing on `model`.
+    assert param_spec("w_up", (L, d, f), c, {"data": 1, "fsdp": 16, "model": 1}) == P(None, "fsdp", None)
+    # 16-way model axis: 32 query heads split, 8 KV heads cannot be (whole heads only): k/v stay whole on `model`.
+    assert param_spec("wk", (L, d, 8 * 128), c, {"model": 16}) == P(None, None, None)
+    assert param_spec("wq", (L, d, 32 * 128), c, {"model": 16}) == P(None, None, "model")
+    # SmolLM2's 9 heads on a 2-way model axis: whole; its 1536 MLP units and 49152-token vocab split.
+    smol = ArchitectureConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
+                              num_heads=9, num_kv_heads=3)
+    assert param_spec("wq", (30, 576, 576), smol, {"model": 2}) == P(None, None, None)
+    assert param_spec("w_gate", (30, 576, 1536), smol, {"model": 2}) == P(None, None, "model")
+    assert param_spec("embed", (49152, 576), smol, {"model": 2}) == P("model", None)
+    # An axis the mesh lacks (a host's local data x model mesh has no fsdp) splits nothing.
+    assert param_spec("wo", (L, 32 * 128, d), c, {"data": 2, "model": 2}) == P(None, "model", None)
     assert MeshConfig(data=-1, fsdp=2).resolve(8) == (4, 2, 1)
     with pytest.raises(ConfigError, match="trainer.mesh: data x fsdp x model = \\[2, 2, 1\\] needs 4 devices"):
         MeshConfig(data=2, fsdp=2).resolve(8)
@@ -88,12 +122,12 @@ def test_four_devices_fsdp_matches_one_device(tmp_path):
         for name in ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen", "grad_norm", "tokens"):
             assert b[name] == pytest.approx(a[name], rel=1e-4, abs=1e-5), (a["step"], name)
     assert train_records(four)[-1]["train_step_compilations"] == 1
-    # FSDP: the stored shards are halves of the arrays (embedding [49152, 32] split on its first dim).
+    # FSDP: the stored shards are halves of the arrays (embedding [49152, 32] split on the width d).
     shards = checkpoint_arrays(four, 7)
-    assert "process_0000_of_0001.npz/0.0-24576.0-32" in shards
-    assert "process_0000_of_0001.npz/0.24576-49152.0-32" in shards
-    assembled = np.concatenate([shards["process_0000_of_0001.npz/0.0-24576.0-32"],
-                                shards["process_0000_of_0001.npz/0.24576-49152.0-32"]])
+    assert "process_0000_of_0001.npz/0.0-49152.0-16" in shards
+    assert "process_0000_of_0001.npz/0.0-49152.16-32" in shards
+    assembled = np.concatenate([shards["process_0000_of_0001.npz/0.0-49152.0-16"],
+                                shards["process_0000_of_0001.npz/0.0-49152.16-32"]], axis=1)
     reference = checkpoint_arrays(one, 7)["process_0000_of_0001.npz/0.0-49152.0-32"]
     np.testing.assert_allclose(assembled, reference, rtol=1e-4, atol=1e-6)
     # The 4-device checkpoint restores onto this process's 1-device mesh, bit for bit.
@@ -101,3 +135,41 @@ def test_four_devices_fsdp_matches_one_device(tmp_path):
     trainer = Trainer(config, load_model(config.model), load_tokenizer("smollm2"))
     assert trainer.restore_latest() == 7 and trainer.step == 7 and trainer.data_position == 7
     assert np.array_equal(np.asarray(trainer.model.embed), assembled)
+
+
+def assembled_checkpoint(output_dir, step: int) -> dict[int, np.ndarray]:
+    """Every array of a checkpoint (params, optimizer state, step) whole, from its stored shards, by number."""
+    manifest = json.loads((Path(output_dir) / "checkpoints" / f"step_{step:08d}" / "manifest.json").read_text())
+    arrays = {n: np.zeros(spec["shape"], spec["dtype"]) for n, spec in enumerate(manifest["arrays"])}
+    covered = dict.fromkeys(arrays, 0)
+    for key, data in checkpoint_arrays(output_dir, step).items():
+        number, *bounds = key.split("/")[1].split(".")
+        arrays[int(number)][tuple(slice(*map(int, b.split("-"))) for b in bounds)] = data
+        covered[int(number)] += data.size
+    assert all(covered[n] == arrays[n].size for n in arrays)  # each element stored exactly once
+    return arrays
+
+
+@pytest.mark.parametrize("mesh", [{"data": 1, "fsdp": 2, "model": 2}, {"data": 1, "fsdp": 1, "model": 4}],
+                         ids=["fsdp2-model2", "model4"])
+def test_model_axis_matches_one_device(tmp_path, mesh):
+    """Tensor parallelism on 4 CPU devices trains as one device does: the same metrics at every step (gradient
+    norm included), and the same params and Adam moments after 7 steps, within float reassociation."""
+    one = straight_run()
+    run = tmp_path / "tp"
+    checked(run_worker(tiny_config(run, **{"trainer.mesh": mesh}), devices=4))
+    for a, b in zip(train_records(one), train_records(run), strict=True):
+        for name in ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen", "grad_norm", "tokens"):
+            assert b[name] == pytest.approx(a[name], rel=1e-5, abs=1e-6), (a["step"], name)
+    assert train_records(run)[-1]["train_step_compilations"] == 1
+    reference, ours = assembled_checkpoint(one, 7), assembled_checkpoint(run, 7)
+    assert reference.keys() == ours.keys() and len(reference) > 20  # params, both Adam moments, counts, step
+    for number in reference:
+        np.testing.assert_allclose(ours[number], reference[number], rtol=2e-5, atol=1e-7, err_msg=f"#{number}")
+    # Really split: wq (array #2, [L, d, heads * head_dim]) is stored in model-axis slices of whole heads.
+    model, fsdp = mesh["model"], mesh["fsdp"]
+    head_slices = {key.split(".")[-1] for key in checkpoint_arrays(run, 7) if key.split("/")[1].startswith("2.")}
+    width = 32 // model
+    assert head_slices == {f"{i * width}-{(i + 1) * width}" for i in range(model)}
+    d_slices = {key.split(".")[-2] for key in checkpoint_arrays(run, 7) if key.split("/")[1].startswith("2.")}
+    assert len(d_slices) == fsdp

@@ -7,8 +7,9 @@ Layout of one checkpoint:
 
 Every process writes the shards it owns (replica 0 of each of its addressable shards); a barrier; then the leader
 writes the manifest (step, data position, seed, the arrays' shapes and dtypes, the shard files). A checkpoint
-without a manifest is half-written and never restored. Restoring reads, for each shard a device needs, only the
-stored shards that overlap it, so the mesh may differ between save and restore.
+without a manifest is half-written and never restored. Restoring makes each array directly on its target
+sharding and reads, for each shard a device needs, only the stored shards that overlap it, so the mesh may differ
+between save and restore.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import numpy as np
 
 from simpo_worker import distributed
 from simpo_worker.errors import ConfigError, OutputError
+from simpo_worker.mesh import from_regions
 from simpo_worker.storage import exists, join, read_text, write_atomic
 
 MANIFEST = "manifest.json"
@@ -98,8 +100,27 @@ class Checkpointer:
             self._prune()
         self._barrier(f"{tag}-committed")
 
+    def info(self, step: int, template: Any) -> CheckpointInfo:
+        """The info saved at `step`, after checking that its arrays fit `template` (arrays or ShapeDtypeStructs)."""
+        return self._manifest(step, template)[0]
+
     def restore(self, step: int, template: Any, shardings: Any) -> tuple[Any, CheckpointInfo]:
-        """The arrays (structure of `template`, placed by `shardings`) and the info saved at `step`."""
+        """The arrays (structure, shapes and dtypes of `template`: arrays or ShapeDtypeStructs) made directly on
+        `shardings`, each process reading only the stored shards its devices' regions overlap; and the info saved
+        at `step`."""
+        info, files = self._manifest(step, template)
+        target = step_dir(self.directory, step)
+        leaves, treedef = jax.tree.flatten(template)
+        store = _ShardStore([join(target, name) for name in files])
+        try:
+            restored = [from_regions(leaf.shape, leaf.dtype, sharding, lambda index, n=n, leaf=leaf:
+                                     store.read(n, index, leaf.shape, leaf.dtype))
+                        for n, (leaf, sharding) in enumerate(zip(leaves, jax.tree.leaves(shardings)))]
+        finally:
+            store.close()
+        return jax.tree.unflatten(treedef, restored), info
+
+    def _manifest(self, step: int, template: Any) -> tuple[CheckpointInfo, list[str]]:
         target = step_dir(self.directory, step)
         manifest_url = join(target, MANIFEST)
         try:
@@ -109,7 +130,7 @@ class Checkpointer:
                                   seed=manifest["seed"])
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise OutputError(f"{manifest_url}: unreadable checkpoint manifest: {error!r}") from error
-        leaves, treedef = jax.tree.flatten(template)
+        leaves = jax.tree.leaves(template)
         expected = [{"shape": list(leaf.shape), "dtype": str(leaf.dtype)} for leaf in leaves]
         if specs != expected:
             mismatch = next(i for i in range(max(len(specs), len(expected)))
@@ -118,14 +139,7 @@ class Checkpointer:
                               f"stored {specs[mismatch] if mismatch < len(specs) else 'none'}, expected "
                               f"{expected[mismatch] if mismatch < len(expected) else 'none'}); was the config "
                               f"changed for an existing output_dir?")
-        store = _ShardStore([join(target, name) for name in files])
-        try:
-            restored = [jax.make_array_from_callback(leaf.shape, sharding, lambda index, n=n, leaf=leaf:
-                                                     store.read(n, index, leaf.shape, leaf.dtype))
-                        for n, (leaf, sharding) in enumerate(zip(leaves, jax.tree.leaves(shardings)))]
-        finally:
-            store.close()
-        return jax.tree.unflatten(treedef, restored), info
+        return info, files
 
     def _prune(self) -> None:
         """Keep the newest `keep` complete checkpoints; the manifest goes first so a partial delete is invisible."""

@@ -253,6 +253,11 @@ class InferenceConfig:
     mode: Literal["host_data_parallel", "global_mesh"] = setting(
         "host_data_parallel: each host decodes its own prompts on a local replica, no cross-host traffic; "
         "global_mesh: every host runs the sharded programs.", "host_data_parallel")
+    tensor_parallel: int = setting(
+        "host_data_parallel only: each host's devices form a local data x model mesh with this many devices on "
+        "`model`, which splits every replica's attention heads, MLP units and vocabulary (Megatron), so a replica "
+        "fits devices smaller than the model; must divide the devices per host. 1: a whole replica per device. "
+        "global_mesh decodes with the training params' own layout (trainer.mesh).", 1, **POSITIVE)
     prompts_file: Optional[str] = setting(
         "JSONL (chat messages or {\"prompt\": ...}) or plain-text prompts, local or gs://.", None, min_length=1)
     synthetic_prompt_count: Optional[int] = setting("This many generated prompts instead of a file.", None,
@@ -277,6 +282,12 @@ class InferenceConfig:
     @property
     def enabled(self) -> bool:
         return bool(self.eval_at_steps) or self.eval_every is not None
+
+    def check_host_devices(self, devices_per_host: int, path: str = "inference") -> None:
+        """host_data_parallel: tensor_parallel must divide each host's devices."""
+        if self.mode == "host_data_parallel" and devices_per_host % self.tensor_parallel:
+            raise ConfigError(f"{path}.tensor_parallel: {self.tensor_parallel} does not divide the "
+                              f"{devices_per_host} devices of each host")
 
     def schedule(self, num_train_steps: int) -> list[int]:
         """The steps after which to pause: eval_at_steps if given, else every eval_every steps."""

@@ -30,6 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from simpo_worker.config import ArchitectureConfig
 from simpo_worker.jit import counted_jit
+from simpo_worker.mesh import kv_heads_axis, param_spec
 from simpo_worker.model import (DecoderLayers, Llama, attention_inputs, decoder_layer_with_kv, mlp_residual,
                                 rms_norm, rotary_tables)
 from simpo_worker.sampling import SamplingParams, next_tokens, prompt_keys, token_keys
@@ -83,6 +84,18 @@ def decode_weights(model: Llama, dtype) -> DecodeWeights:
         layers=tuple(jax.tree.map(lambda a: a[i], layers) for i in range(model.config.num_layers)),
         final_norm=model.final_norm.astype(dtype),
         head=head.astype(dtype))
+
+
+def weight_shardings(weights: DecodeWeights, arch: ArchitectureConfig, mesh: Mesh) -> DecodeWeights:
+    """Where the decode weights live on `mesh`: each as its model param is laid out (mesh.PARAM_AXES; the head as
+    lm_head, which is also the tied embedding transposed), per layer."""
+    spec = lambda name, array: NamedSharding(mesh, param_spec(name, array.shape, arch, mesh.shape))  # noqa: E731
+    return DecodeWeights(
+        embed=spec("embed", weights.embed),
+        layers=tuple(jax.tree_util.tree_map_with_path(lambda path, array: spec(path[-1].name, array), layer)
+                     for layer in weights.layers),
+        final_norm=spec("final_norm", weights.final_norm),
+        head=spec("lm_head", weights.head))
 
 
 # ---- the programs -------------------------------------------------------------------------------------------
@@ -170,10 +183,16 @@ def _is_stop(spec: DecodeSpec, tokens):
 
 def _constrain(spec: DecodeSpec, state: DecodeState) -> DecodeState:
     """Keep the per-row flags on the batch sharding (replicated in global_mesh mode, so every host reads
-    the same values and takes the same branches)."""
+    the same values and takes the same branches), and the KV cache split by batch the same way and by KV head
+    as the k/v projections are (mesh.PARAM_AXES), so attention stays head-local."""
     sharding = NamedSharding(spec.mesh, spec.batch_spec)
     small = lambda s: (s.tokens, s.positions, s.counts, s.done, s.stopped, s.out)
-    return eqx.tree_at(small, state, jax.lax.with_sharding_constraint(small(state), sharding))
+    batch_axis = spec.batch_spec[0] if len(spec.batch_spec) else None
+    cache = NamedSharding(spec.mesh, P(batch_axis, kv_heads_axis(spec.arch, spec.mesh.shape)))
+    return eqx.tree_at(lambda s: (*small(s), s.k, s.v), state,
+                       (*jax.lax.with_sharding_constraint(small(state), sharding),
+                        jax.lax.with_sharding_constraint(state.k, cache),
+                        jax.lax.with_sharding_constraint(state.v, cache)))
 
 
 def _decode_forward(c: ArchitectureConfig, w: DecodeWeights, tokens, positions, k_cache, v_cache):

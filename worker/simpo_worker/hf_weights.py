@@ -5,8 +5,15 @@ HF stores linear weights [out, in] per layer; the model keeps [in, out] stacked 
 transposes and stacks, and saving undoes both (float32 in, float32 out: a save/load round trip is bit-identical).
 
 Tensors are read by a small safetensors reader of our own: the safetensors package's numpy backend has no bfloat16
-(the dtype of most published checkpoints), and byte-range reads of one tensor at a time keep host memory flat and
-work the same over gcsfs as on a local disk. Writing uses the safetensors package.
+(the dtype of most published checkpoints), and byte-range reads keep host memory flat and work the same over gcsfs
+as on a local disk. Writing uses the safetensors package.
+
+Sharded loading (`load_hf_model(source, shardings)`, what the worker does): every param is created directly on
+its target sharding (mesh.from_regions), and each process reads only the regions of the tensors its own devices
+hold, layer by layer, in byte ranges of at most READ_CHUNK_BYTES. A region is a block of rows of the stored
+[out, in] tensor (one contiguous byte range per chunk of rows) cut down to its columns: a param split on an HF
+column dimension (the model width d of q/k/v/gate/up, FSDP) reads its whole rows and keeps its columns, so host
+memory stays at this process's share of the model plus one chunk.
 
 The HF tensor names are the interchange layout: the GGUF loader maps its names onto them and reuses
 `llama_from_hf_tensors`.
@@ -15,6 +22,7 @@ The HF tensor names are the interchange layout: the GGUF loader maps its names o
 from __future__ import annotations
 
 import json
+import math
 import posixpath
 import struct
 from typing import Any, Callable
@@ -27,6 +35,7 @@ import safetensors.numpy
 from simpo_worker import schema
 from simpo_worker.config import ArchitectureConfig, RopeScaling
 from simpo_worker.errors import ConfigError, ModelError
+from simpo_worker.mesh import from_regions
 from simpo_worker.model import DecoderLayers, Llama
 
 CONFIG_FILE = "config.json"
@@ -53,6 +62,10 @@ SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "
 
 # Reads one tensor in HF orientation as float32, checking it exists and has `shape`; errors name the file.
 TensorReader = Callable[[str, tuple[int, ...]], np.ndarray]
+# Reads a region (one slice per dimension) of one tensor in HF orientation as float32, checked as above.
+RegionReader = Callable[[str, tuple[int, ...], tuple[slice, ...]], np.ndarray]
+# Largest single byte-range read of a sharded load (rows of a stored matrix at a time).
+READ_CHUNK_BYTES = 32 << 20
 
 
 def layer_tensor_name(layer: int, field: str) -> str:
@@ -100,6 +113,46 @@ def llama_from_hf_tensors(config: ArchitectureConfig, read: TensorReader) -> Lla
         embed=jnp.asarray(read(EMBED, shapes[EMBED])),
         layers=DecoderLayers(**stacked),
         final_norm=jnp.asarray(read(FINAL_NORM, shapes[FINAL_NORM])),
+        lm_head=lm_head,
+    )
+
+
+def sharded_llama_from_hf(config: ArchitectureConfig, read: RegionReader, shardings: Llama) -> Llama:
+    """A Llama whose every param is made on its sharding in `shardings` from the regions of HF-named tensors that
+    this process's devices hold (stacked layers: the layers of the region, each transposed to [in, out])."""
+    shapes = hf_tensor_shapes(config)
+
+    def matrix(name: str, index: tuple[slice, slice]) -> np.ndarray:
+        """Our [in, out] region of HF tensor `name` ([out, in])."""
+        return read(name, shapes[name], (index[1], index[0])).T
+
+    def stacked(field: str, shape: tuple[int, ...], index: tuple[slice, ...]) -> np.ndarray:
+        layers = range(*index[0].indices(shape[0]))
+        out = np.empty([len(range(*s.indices(n))) for s, n in zip(index, shape)], np.float32)
+        for row, i in enumerate(layers):
+            name = layer_tensor_name(i, field)
+            out[row] = matrix(name, index[1:]) if len(shape) == 3 else read(name, shapes[name], index[1:])
+        return out
+
+    c = config
+    d, L = c.hidden_size, c.num_layers
+    layers = {}
+    for field in LAYER_TENSORS:
+        hf_shape = shapes[layer_tensor_name(0, field)]
+        shape = (L, *(hf_shape[::-1]))
+        layers[field] = from_regions(shape, np.float32, getattr(shardings.layers, field),
+                                     lambda index, field=field, shape=shape: stacked(field, shape, index))
+    lm_head = None
+    if not c.tie_word_embeddings:
+        lm_head = from_regions((d, c.vocab_size), np.float32, shardings.lm_head,
+                               lambda index: matrix(LM_HEAD, index))
+    return Llama(
+        config=c,
+        embed=from_regions((c.vocab_size, d), np.float32, shardings.embed,
+                           lambda index: read(EMBED, shapes[EMBED], index)),
+        layers=DecoderLayers(**layers),
+        final_norm=from_regions((d,), np.float32, shardings.final_norm,
+                                lambda index: read(FINAL_NORM, shapes[FINAL_NORM], index)),
         lm_head=lm_head,
     )
 
@@ -250,6 +303,29 @@ class SafetensorsFile:
                                  f"{self.data_start + end}, the file has {size} bytes")
 
     def read(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        dtype, start = self._check(name, shape)
+        data = self.fs.cat_file(self.path, start=start, end=start + math.prod(shape) * np.dtype(dtype).itemsize)
+        return np.frombuffer(data, dtype).reshape(shape).astype(np.float32)
+
+    def read_region(self, name: str, shape: tuple[int, ...], index: tuple[slice, ...]) -> np.ndarray:
+        """Rows index[0] (and columns index[1]) of a 1-D or 2-D tensor, as float32: whole rows read in byte
+        ranges of at most READ_CHUNK_BYTES, each cut to the columns."""
+        dtype, start = self._check(name, shape)
+        itemsize = np.dtype(dtype).itemsize
+        rows = range(*index[0].indices(shape[0]))
+        columns = index[1] if len(shape) == 2 else slice(None)
+        width = shape[1] if len(shape) == 2 else 1
+        out = np.empty((len(rows), *([len(range(*columns.indices(width)))] if len(shape) == 2 else [])), np.float32)
+        chunk = max(1, READ_CHUNK_BYTES // (width * itemsize))
+        for first in range(0, len(rows), chunk):
+            a, b = rows.start + first, rows.start + min(first + chunk, len(rows))
+            data = self.fs.cat_file(self.path, start=start + a * width * itemsize, end=start + b * width * itemsize)
+            block = np.frombuffer(data, dtype)
+            out[first:first + b - a] = block.reshape(b - a, width)[:, columns] if len(shape) == 2 else block
+        return out
+
+    def _check(self, name: str, shape: tuple[int, ...]) -> tuple[Any, int]:
+        """The tensor's numpy dtype and first byte, after checking its shape and dtype."""
         info = self.tensors[name]
         if tuple(info["shape"]) != tuple(shape):
             raise ModelError(f"{self.label}: tensor {name} has shape {list(info['shape'])}, "
@@ -258,9 +334,7 @@ class SafetensorsFile:
         if dtype is None:
             raise ModelError(f"{self.label}: tensor {name} has dtype {info['dtype']}, "
                              f"supported: {', '.join(SAFETENSORS_DTYPES)}")
-        start, end = info["data_offsets"]
-        data = self.fs.cat_file(self.path, start=self.data_start + start, end=self.data_start + end)
-        return np.frombuffer(data, dtype).reshape(shape).astype(np.float32)
+        return dtype, self.data_start + info["data_offsets"][0]
 
 
 def _weight_files(fs: fsspec.AbstractFileSystem, root: str, source: str) -> dict[str, SafetensorsFile]:
@@ -307,19 +381,25 @@ def load_hf_config(source: str) -> ArchitectureConfig:
     return config_from_hf(_read_json(fs, path, f"{source}/{CONFIG_FILE}"), f"{source}/{CONFIG_FILE}")
 
 
-def load_hf_model(source: str) -> Llama:
-    """A Llama from an HF directory (local path or fsspec URL) with config.json and safetensors weights."""
+def load_hf_model(source: str, shardings: Llama | None = None) -> Llama:
+    """A Llama from an HF directory (local path or fsspec URL) with config.json and safetensors weights.
+
+    `shardings` (a Llama of NamedShardings: mesh.param_shardings): every param made on its sharding, this process
+    reading only its devices' regions (module docstring). None: the whole model, on the default device."""
     config = load_hf_config(source)
     fs, root = fsspec.core.url_to_fs(source)
     files = _weight_files(fs, root, source)
 
-    def read(name: str, shape: tuple[int, ...]) -> np.ndarray:
+    def file_of(name: str) -> SafetensorsFile:
         if name not in files:
             raise ModelError(f"{source}: tensor {name} is missing from the weight files "
                              f"({', '.join(sorted({f.label for f in files.values()}))})")
-        return files[name].read(name, shape)
+        return files[name]
 
-    return llama_from_hf_tensors(config, read)
+    if shardings is not None:
+        return sharded_llama_from_hf(
+            config, lambda name, shape, index: file_of(name).read_region(name, shape, index), shardings)
+    return llama_from_hf_tensors(config, lambda name, shape: file_of(name).read(name, shape))
 
 
 def save_hf_model(model: Llama, destination: str) -> None:

@@ -29,6 +29,7 @@ from simpo_worker.config import InferenceConfig, WorkerConfig
 from simpo_worker.distributed import barrier, is_leader
 from simpo_worker.engine import Completion, Engine
 from simpo_worker.errors import ConfigError
+from simpo_worker.mesh import make_mesh
 from simpo_worker.metrics import MetricsWriter
 from simpo_worker.pretrained import load_model
 from simpo_worker.progress import ProgressReporter, reporter_from_env
@@ -185,9 +186,11 @@ def build_run(config: WorkerConfig, reporter: ProgressReporter | None = None) ->
     outputs.check_writable(config.output_dir, jax.process_index())
     tokenizer = load_tokenizer(config.tokenizer or config.model.source)
     prompts = load_prompts(config.inference, tokenizer) if config.inference.enabled else PromptSet([], [])
-    model = load_model(config.model)
+    mesh = make_mesh(config.trainer.mesh)
+    model = load_model(config.model, mesh)  # every param made on its training sharding
     check_context(config.inference, model.config.max_position_embeddings, config.model.source)
-    trainer = Trainer(config, model, tokenizer)
+    trainer = Trainer(config, model, tokenizer, mesh)
+    del model  # donated into the training state
     engine = Engine(trainer.model.config, config.inference, tokenizer.eos_token_ids,
                     compute_dtype=COMPUTE_DTYPES[config.trainer.compute_dtype], mesh=trainer.mesh)
     return InterleavedRun(config, trainer, engine, tokenizer, prompts,

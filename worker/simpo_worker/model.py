@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from simpo_worker.config import ArchitectureConfig
+from simpo_worker.mesh import constrain_batch
 
 
 class DecoderLayers(eqx.Module):
@@ -54,7 +55,7 @@ class Llama(eqx.Module):
         """Final-normed hidden states [B, T, d] in compute_dtype."""
         c = self.config
         cos, sin = rotary_tables(c, positions)
-        x = self.embed.astype(compute_dtype)[tokens]
+        x = constrain_batch(self.embed.astype(compute_dtype)[tokens])
         layers = jax.tree.map(lambda w: w.astype(compute_dtype), self.layers)
         x, _ = jax.lax.scan(lambda x, w: (decoder_layer(c, w, x, positions, cos, sin), None), x, layers)
         return rms_norm(x, self.final_norm, c.rms_norm_eps)

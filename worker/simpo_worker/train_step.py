@@ -51,9 +51,22 @@ def decay_mask(params: Llama) -> Llama:
                        (False, False, False))
 
 
+def is_state_array(leaf) -> bool:
+    return eqx.is_array(leaf) or isinstance(leaf, jax.ShapeDtypeStruct)
+
+
 def init_state(model: Llama, optimizer: optax.GradientTransformation) -> TrainState:
     return TrainState(model=model, opt_state=optimizer.init(eqx.filter(model, eqx.is_array)),
                       step=jnp.zeros((), jnp.int32))
+
+
+def init_sharded_state(params: Llama, optimizer: optax.GradientTransformation, shardings: TrainState):
+    """The state's arrays made on their shardings (CompiledStep.state_shardings) under jit: the optimizer state is
+    created where it lives, never whole on one device, and `params` (already on their shardings) are donated
+    into the state."""
+    init = jax.jit(lambda params: eqx.filter(init_state(params, optimizer), eqx.is_array),
+                   out_shardings=shardings, donate_argnums=0)
+    return init(params)
 
 
 def simpo_step(state: TrainState, batch: dict[str, jax.Array], optimizer: optax.GradientTransformation,
@@ -95,14 +108,18 @@ class CompiledStep:
     """
 
     def __init__(self, state: TrainState, mesh: Mesh, optimizer, schedule, simpo: SimpoConfig, compute_dtype: str):
-        arrays, self.static = eqx.partition(state, eqx.is_array)
+        # Abstract leaves (jax.ShapeDtypeStruct) count as arrays too: the trainer builds the step from the state's
+        # shapes before any state exists (and `simpo-interleave plan` lowers it for a slice it does not have).
+        arrays, self.static = eqx.partition(state, is_state_array)
         self.state_shardings = state_shardings(arrays, mesh)
         self.batch_sharding = batch_sharding(mesh)
         dtype = COMPUTE_DTYPES[compute_dtype]
 
         def step(arrays, batch):
-            new_state, metrics = simpo_step(eqx.combine(arrays, self.static), batch, optimizer, schedule, simpo,
-                                            dtype)
+            # The mesh in context while tracing: the model pins its activations' layout to it (constrain_batch).
+            with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+                new_state, metrics = simpo_step(eqx.combine(arrays, self.static), batch, optimizer, schedule,
+                                                simpo, dtype)
             return eqx.filter(new_state, eqx.is_array), metrics
 
         self.program = counted_jit(step, in_shardings=(self.state_shardings, self.batch_sharding),

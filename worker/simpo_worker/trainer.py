@@ -20,7 +20,8 @@ from simpo_worker.mesh import host_rows, make_mesh, place
 from simpo_worker.model import Llama
 from simpo_worker.storage import join
 from simpo_worker.preference_data import PreferenceData
-from simpo_worker.train_step import BATCH_FIELDS, CompiledStep, init_state, make_optimizer
+from simpo_worker.train_step import (BATCH_FIELDS, CompiledStep, init_sharded_state, init_state,
+                                     make_optimizer)
 
 
 class Trainer:
@@ -32,10 +33,15 @@ class Trainer:
         self.pairs_per_microbatch = trainer.batch_size // trainer.microbatches
 
         optimizer, schedule = make_optimizer(config.optimizer, trainer.num_train_steps)
-        state = init_state(model, optimizer)
-        self._step_fn = CompiledStep(state, self.mesh, optimizer, schedule, config.simpo, trainer.compute_dtype)
-        self._arrays = place(eqx.filter(state, eqx.is_array), self._step_fn.state_shardings)
-        del state, model  # the host copies; the placed arrays are the state from here on
+        abstract = jax.eval_shape(lambda model: init_state(model, optimizer), model)
+        self._step_fn = CompiledStep(abstract, self.mesh, optimizer, schedule, config.simpo, trainer.compute_dtype)
+        shardings = self._step_fn.state_shardings
+        # The params on their shardings (a no-op for a model loaded onto this mesh, pretrained.load_model(.., mesh));
+        # the optimizer state is made under jit with its shardings, the params donated into the state.
+        params = jax.tree.map(_on_sharding, eqx.filter(model, eqx.is_array), shardings.model)
+        del model
+        self._arrays = init_sharded_state(params, optimizer, shardings)
+        del params
 
         self.data = PreferenceData(config.data, tokenizer, config.data.train_files, trainer.batch_size,
                                    trainer.seed)
@@ -79,10 +85,24 @@ class Trainer:
         step = latest_step(self.checkpointer.directory)
         if step is None:
             return None
-        arrays, info = self.checkpointer.restore(step, self._arrays, self._step_fn.state_shardings)
+        template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self._arrays)
+        info = self.checkpointer.info(step, template)
         if info.seed != self.config.trainer.seed:
             raise ConfigError(f"trainer.seed: {self.config.trainer.seed} differs from the seed {info.seed} of the "
                               f"checkpoint at step {step} in {self.checkpointer.directory}; the data order would "
                               f"change mid-run")
-        self._arrays, self.step, self.data_position = arrays, info.step, info.data_position
+        # Read straight into the state's shardings; the state it replaces goes first, so the two never coexist.
+        jax.tree.map(lambda x: x.delete(), self._arrays)
+        self._arrays, info = self.checkpointer.restore(step, template, self._step_fn.state_shardings)
+        self.step, self.data_position = info.step, info.data_position
         return step
+
+
+def _on_sharding(x, sharding):
+    """x on `sharding`: as it is if already there; else resharded (an array spread over processes) or placed from
+    the host copy every process holds."""
+    if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim):
+        return x
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return jax.device_put(x, sharding)
+    return place(x, sharding)
