@@ -69,6 +69,8 @@ GAPS = [
     (with_changes(tpu_job(type="v5p-32"), config__trainer__batch_size=8),
      r"^spec\.config\.trainer\.batch_size: each of the 1 microbatches holds 8 pairs, not divisible by the 16 "
      r"data-parallel devices"),
+    (with_changes(tpu_job(type="v5p-32"), config__trainer__batch_size=32, config__inference__tensor_parallel=8),
+     r"^spec\.config\.inference\.tensor_parallel: 8 does not divide the 4 devices of each host"),
     (make_job(resources={"limits": {"memory": "16 GB"}}),
      r"^spec\.resources\.limits\.memory: must be a Kubernetes quantity such as 500m, 4 or 16Gi, got '16 GB'"),
     (make_job(serviceAccountName="Worker_SA"), r"^spec\.serviceAccountName: must be a DNS-1123 subdomain"),
