@@ -31,8 +31,9 @@ from worker_runs import preference_files
 BIG = ArchitectureConfig(vocab_size=49152, hidden_size=1024, intermediate_size=4096, num_layers=14, num_heads=16,
                          num_kv_heads=8, tie_word_embeddings=False, max_position_embeddings=2048)
 MB = 1 << 20
-# What a process may hold beyond its share: one read chunk (64 MiB), one region of a stacked weight in host memory
-# while it is copied to its device (w_gate's half: 14 x 512 x 4096 float32 = 112 MiB), allocator slack.
+# What a process may hold beyond its share: a read chunk and a block of a region in host memory with its device copy
+# (32 MiB each: hf_weights.READ_CHUNK_BYTES, mesh.REGION_PIECE_BYTES), the small compiled programs that write the
+# blocks in place, and what the C allocator keeps of freed read buffers (about 150 MiB of the ~200 measured).
 CONSTANT = 256 * MB
 
 
