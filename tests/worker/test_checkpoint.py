@@ -61,7 +61,7 @@ def write_lines(path: Path, lines: list[str]) -> str:
 @pytest.mark.parametrize("case,code,message", [
     ("malformed_json", 11, "{file}:2: not valid JSON"),
     ("over_the_limit", 11, "{file}:1: .* response tokens exceed data.max_seq_len = 64 \\(data.overlength: error\\)"),
-    ("bad_config", 10, "trainer.microbatches: must divide batch_size \\(8\\), got 3"),
+    ("bad_config", 10, "trainer.microbatches: must divide batch_size \\(batch_size = 8, microbatches = 3\\)"),
     ("missing_model", 12, "{missing}"),
 ])
 def test_bad_input_exit_codes(tmp_path, case, code, message):
