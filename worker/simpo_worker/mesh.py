@@ -4,7 +4,9 @@ Axes: `data` (pure data parallel: replicated params), `fsdp` (data parallel with
 sharded on the model width d), `model` (tensor parallelism, Megatron style: attention heads, MLP hidden units and
 the vocabulary split over it). Which dimension of which weight goes where is declared once, in PARAM_AXES and
 RULES below; optimizer state follows its params. Batches split their pair axis over data x fsdp.
-The mesh spans jax.devices(), i.e. every device of every process.
+The mesh spans jax.devices(), i.e. every device of every process. On a multislice job the slices are joined by
+the data-center network, far slower than the links inside a slice: the slices split the outermost axis they
+divide (data before fsdp before model), so the other axes stay within a slice.
 """
 
 from __future__ import annotations
@@ -31,7 +33,21 @@ REGION_PIECE_BYTES = 32 << 20
 def make_mesh(config: MeshConfig, devices: list | None = None) -> Mesh:
     devices = jax.devices() if devices is None else devices
     shape = config.resolve(len(devices))
-    return Mesh(mesh_utils.create_device_mesh(shape, devices), AXES)
+    slices = len({getattr(device, "slice_index", 0) for device in devices})
+    if slices == 1:
+        return Mesh(mesh_utils.create_device_mesh(shape, devices), AXES)
+    across = slice_split(shape, slices)
+    within = tuple(size // split for size, split in zip(shape, across))
+    return Mesh(mesh_utils.create_hybrid_device_mesh(within, across, devices), AXES)
+
+
+def slice_split(shape: tuple[int, ...], slices: int) -> tuple[int, ...]:
+    """How many slices each mesh axis spans: the whole count on the outermost axis it divides."""
+    for axis, size in enumerate(shape):
+        if size % slices == 0:
+            return tuple(slices if a == axis else 1 for a in range(len(shape)))
+    raise ConfigError(f"trainer.mesh: no axis of data x fsdp x model = {list(shape)} is divisible by the "
+                      f"{slices} slices (each axis spans whole slices or stays within one)")
 
 
 # ---- the layout of every weight, in one place -------------------------------------------------------------
