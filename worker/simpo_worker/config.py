@@ -22,6 +22,12 @@ from simpo_worker.schema import Rule, from_data, setting, to_data
 SMOLLM2 = "smollm2"
 SMOLLM2_CONTEXT_LENGTH = 8192
 
+# The training step's memory defaults (trainer.attention_block_size, trainer.loss_chunk_tokens): sequences up to
+# 512 tokens (data.max_seq_len's default) take the plain path; longer ones never hold [T, T] attention scores or
+# [sequences, T, vocab] logits.
+DEFAULT_ATTENTION_BLOCK = 512
+DEFAULT_LOSS_CHUNK_TOKENS = 512
+
 POSITIVE = {"minimum": 0, "exclusive_minimum": True}
 NON_NEGATIVE = {"minimum": 0}
 UNIT_INTERVAL_OPEN_ABOVE = {"minimum": 0, "maximum": 1, "exclusive_maximum": True}
@@ -202,21 +208,22 @@ class TrainerConfig:
                                default_factory=MeshConfig)
     compute_dtype: Literal["float32", "bfloat16"] = setting(
         "The forward/backward runs in this; params and optimizer state stay float32.", "float32")
-    remat: Literal["none", "full", "dots"] = setting(
+    remat: Literal["auto", "none", "full", "dots"] = setting(
         "Rematerialisation of the decoder layers: what the backward pass keeps of each layer's forward. none: "
         "everything (fastest, most memory); full: only the layer's input, the layer runs again in the backward "
-        "(about a third more compute; the usual choice at 8B scale); dots: the outputs of the weight matmuls.",
-        "none")
+        "(about a third more compute; what makes an 8B model fit); dots: the outputs of the weight matmuls; "
+        "auto: full on TPUs and GPUs, none on CPUs.", "auto")
     attention: Literal["dense", "blockwise"] = setting(
         "Training attention. dense: the [T, T] scores at once; blockwise: flash-style online softmax over "
-        "blocks of attention_block_size tokens, no [T, T] tensor (same result within float rounding).", "dense")
+        "blocks of attention_block_size tokens, no [T, T] tensor (the same result within float rounding).",
+        "blockwise")
     attention_block_size: int = setting(
-        "Query and key block of blockwise attention; sequences no longer than this take the dense path.", 512,
-        **POSITIVE)
+        "Query and key block of blockwise attention; sequences no longer than this take the dense path.",
+        DEFAULT_ATTENTION_BLOCK, **POSITIVE)
     loss_chunk_tokens: int = setting(
         "The loss computes the vocabulary logits for this many positions of every sequence at a time (each "
-        "chunk recomputed in the backward), never the whole [sequences, length, vocab] float32 tensor; 0: all "
-        "at once.", 0, **NON_NEGATIVE)
+        "chunk recomputed in the backward), never the whole [sequences, length, vocab] float32 tensor; shorter "
+        "sequences in one piece; 0: always in one piece.", DEFAULT_LOSS_CHUNK_TOKENS, **NON_NEGATIVE)
     seed: int = setting("Data order and sampling seed.", 0)
     checkpoint: CheckpointConfig = setting("Checkpoint policy.", default_factory=CheckpointConfig)
 

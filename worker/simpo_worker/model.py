@@ -8,11 +8,20 @@ Layout choices, for speed and sharding:
 - Rotary embeddings use HF's rotate-half convention (GGUF's interleaved q/k layout is undone when loading).
 - Positions are explicit per token; sequences are right-padded, so the causal rule `key position <= query
   position` alone keeps real tokens from attending to padding.
+
+Memory (MemoryOptions, from the trainer config): the training forward can trade compute for memory without
+changing its result beyond float rounding: rematerialised decoder layers (the backward recomputes a layer's
+activations from its input instead of keeping them), blockwise attention (attention.py: no [T, T] scores), and
+per-token log-probs of the targets computed a chunk of positions at a time (no [sequences, T, vocab] float32
+logits, each chunk recomputed in the backward).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import equinox as eqx
@@ -20,8 +29,44 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from simpo_worker.config import ArchitectureConfig
+from simpo_worker.attention import blockwise_attention
+from simpo_worker.config import (DEFAULT_ATTENTION_BLOCK, DEFAULT_LOSS_CHUNK_TOKENS, ArchitectureConfig,
+                                  TrainerConfig)
 from simpo_worker.mesh import constrain_batch
+
+# What the backward pass keeps of a decoder layer's forward (jax.checkpoint policies); the rest is recomputed.
+REMAT_POLICIES = {
+    "full": None,  # only the layer's input: the whole layer runs again in the backward
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # the weight matmuls' outputs
+}
+
+
+@dataclass(frozen=True)
+class MemoryOptions:
+    """How the training forward trades compute for memory (see the module docstring). The defaults are the
+    trainer config's (`trainer.remat`, `attention`, `attention_block_size`, `loss_chunk_tokens`); PLAIN is the
+    path without any of it. Hashable: it is part of what fixes a compiled program."""
+
+    remat: str = "auto"  # "none" | a REMAT_POLICIES key | "auto" (see `resolve`)
+    attention_block: int = DEFAULT_ATTENTION_BLOCK  # 0: dense attention; else blockwise with this block size
+    loss_chunk_tokens: int = DEFAULT_LOSS_CHUNK_TOKENS  # 0: logits of every position at once; else per chunk
+
+    @classmethod
+    def from_config(cls, trainer: TrainerConfig) -> "MemoryOptions":
+        return cls(remat=trainer.remat,
+                   attention_block=trainer.attention_block_size if trainer.attention == "blockwise" else 0,
+                   loss_chunk_tokens=trainer.loss_chunk_tokens)
+
+    def resolve(self, platform: str) -> "MemoryOptions":
+        """remat "auto" made concrete for the devices the step runs on: "full" on accelerators (TPU, GPU), where
+        memory is what limits the model and batch and a third more compute is the usual price; "none" on CPU,
+        where host memory is plentiful and compute is the bottleneck."""
+        if self.remat != "auto":
+            return self
+        return dataclasses.replace(self, remat="none" if platform == "cpu" else "full")
+
+
+PLAIN = MemoryOptions(remat="none", attention_block=0, loss_chunk_tokens=0)
 
 
 class DecoderLayers(eqx.Module):
@@ -51,32 +96,84 @@ class Llama(eqx.Module):
         """Logits (float32) for every token."""
         return self.logits(self.hidden_states(tokens, positions, compute_dtype))
 
-    def hidden_states(self, tokens, positions, compute_dtype=jnp.float32):
+    def hidden_states(self, tokens, positions, compute_dtype=jnp.float32, memory: MemoryOptions = PLAIN):
         """Final-normed hidden states [B, T, d] in compute_dtype."""
         c = self.config
         cos, sin = rotary_tables(c, positions)
         x = constrain_batch(self.embed.astype(compute_dtype)[tokens])
         layers = jax.tree.map(lambda w: w.astype(compute_dtype), self.layers)
-        x, _ = jax.lax.scan(lambda x, w: (decoder_layer(c, w, x, positions, cos, sin), None), x, layers)
+
+        def layer(x, w):
+            return decoder_layer(c, w, x, positions, cos, sin, memory.attention_block)
+
+        if memory.remat == "auto":
+            raise ValueError("MemoryOptions.remat 'auto' must be resolved for a platform first (resolve())")
+        if memory.remat != "none":
+            # prevent_cse=False: inside a scan the recomputation cannot be merged with the forward anyway.
+            layer = jax.checkpoint(layer, policy=REMAT_POLICIES[memory.remat], prevent_cse=False)
+        x, _ = jax.lax.scan(lambda x, w: (layer(x, w), None), x, layers)
         return rms_norm(x, self.final_norm, c.rms_norm_eps)
 
+    @property
+    def head(self) -> Float[Array, "d V"]:
+        """The output head (float32 params; the embedding transposed when tied)."""
+        return self.embed.T if self.lm_head is None else self.lm_head
+
     def logits(self, hidden: Float[Array, "B T d"]) -> Float[Array, "B T V"]:
-        head = self.embed.T if self.lm_head is None else self.lm_head
-        return jnp.einsum("btd,dv->btv", hidden, head.astype(hidden.dtype)).astype(jnp.float32)
+        return _logits(hidden, self.head)
+
+    def target_logps(self, hidden: Float[Array, "B T d"], targets: Int[Array, "B T"],
+                     chunk_tokens: int = 0) -> Float[Array, "B T"]:
+        """log p(targets[b, t]) under the logits of hidden[b, t] (float32), without a [B, T, V] log-prob tensor.
+
+        With chunk_tokens > 0 (and T longer than that), the logits exist for chunk_tokens positions of every
+        sequence at a time: a scan over chunks whose body is checkpointed, so the backward recomputes each chunk's
+        logits rather than keeping them. The head enters each chunk as float32 params (cast inside), so its
+        gradient accumulates over chunks in float32."""
+        batch, length, width = hidden.shape
+        if not chunk_tokens or length <= chunk_tokens:
+            return _target_logps(self.logits(hidden), targets)
+        extra = -length % chunk_tokens
+        hidden = jnp.pad(hidden, [(0, 0), (0, extra), (0, 0)])
+        targets = jnp.pad(targets, [(0, 0), (0, extra)])
+        # [chunks, B, chunk_tokens, ...]: the batch axis (the sharded one) stays whole in every chunk.
+        hidden = jnp.moveaxis(hidden.reshape(batch, -1, chunk_tokens, width), 1, 0)
+        targets = jnp.moveaxis(targets.reshape(batch, -1, chunk_tokens), 1, 0)
+
+        @functools.partial(jax.checkpoint, prevent_cse=False)
+        def chunk(head, hidden, targets):
+            return _target_logps(_logits(hidden, head), targets)
+
+        _, logps = jax.lax.scan(lambda _, xs: (None, chunk(self.head, *xs)), None, (hidden, targets))
+        return jnp.moveaxis(logps, 0, 1).reshape(batch, -1)[:, :length]
 
 
-def decoder_layer(c: ArchitectureConfig, w: DecoderLayers, x, positions, cos, sin):
+def _logits(hidden, head):
+    return jnp.einsum("btd,dv->btv", hidden, head.astype(hidden.dtype)).astype(jnp.float32)
+
+
+def _target_logps(logits, targets):
+    """log_softmax at the target only: logit[target] - logsumexp(logits)."""
+    target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return target_logits - jax.nn.logsumexp(logits, axis=-1)
+
+
+def decoder_layer(c: ArchitectureConfig, w: DecoderLayers, x, positions, cos, sin, attention_block: int = 0):
     """One pre-norm Llama block. `w` holds a single layer's weights (no L axis)."""
-    return decoder_layer_with_kv(c, w, x, positions, cos, sin)[0]
+    return decoder_layer_with_kv(c, w, x, positions, cos, sin, attention_block)[0]
 
 
-def decoder_layer_with_kv(c: ArchitectureConfig, w: DecoderLayers, x, positions, cos, sin):
+def decoder_layer_with_kv(c: ArchitectureConfig, w: DecoderLayers, x, positions, cos, sin,
+                          attention_block: int = 0):
     """The block's output and the rotated keys and values it attended to (the inference engine's prefill
-    stores them in its KV cache)."""
+    stores them in its KV cache). attention_block > 0: blockwise attention for sequences longer than a block."""
     batch, length, _ = x.shape
     q, k, v = attention_inputs(c, w, x, cos, sin)
-    mask = positions[:, None, :] <= positions[:, :, None]  # [B, T(query), S(key)]
-    attn = grouped_query_attention(q, k, v, mask)
+    if 0 < attention_block < length:
+        attn = blockwise_attention(q, k, v, positions, positions, attention_block)
+    else:
+        mask = positions[:, None, :] <= positions[:, :, None]  # [B, T(query), S(key)]
+        attn = grouped_query_attention(q, k, v, mask)
     x = x + attn.reshape(batch, length, -1) @ w.wo
     return mlp_residual(c, w, x), k, v
 

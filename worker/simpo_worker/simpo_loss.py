@@ -16,21 +16,20 @@ import jax
 import jax.numpy as jnp
 
 from simpo_worker.config import SimpoConfig
-from simpo_worker.model import Llama
+from simpo_worker.model import PLAIN, Llama, MemoryOptions
 
 
-def response_logps(model: Llama, tokens, loss_mask, compute_dtype=jnp.float32):
+def response_logps(model: Llama, tokens, loss_mask, compute_dtype=jnp.float32,
+                   memory: MemoryOptions = PLAIN):
     """Sum of log p(token_t | tokens_<t) over response tokens, and their count, per sequence.
 
     tokens, loss_mask: [N, T]; loss_mask[n, t] = 1 where token t is a response token (a prediction target).
+    `memory`: remat, blockwise attention, chunked logits (model.MemoryOptions); the same result either way.
     """
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    logits = model(tokens[:, :-1], positions[:, :-1], compute_dtype=compute_dtype)
-    targets = tokens[:, 1:]
+    hidden = model.hidden_states(tokens[:, :-1], positions[:, :-1], compute_dtype, memory)
+    token_logps = model.target_logps(hidden, tokens[:, 1:], memory.loss_chunk_tokens)
     mask = loss_mask[:, 1:].astype(jnp.float32)
-    # log_softmax at the target only: logit[target] - logsumexp(logits), without a [N, T, V] log-prob tensor.
-    target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    token_logps = target_logits - jax.nn.logsumexp(logits, axis=-1)
     return jnp.sum(token_logps * mask, axis=-1), jnp.sum(mask, axis=-1)
 
 
@@ -60,7 +59,8 @@ def simpo_loss(chosen_avg_logps, rejected_avg_logps, simpo: SimpoConfig):
     return loss, metrics
 
 
-def batch_loss(model: Llama, tokens, loss_mask, lengths, simpo: SimpoConfig, compute_dtype=jnp.float32):
+def batch_loss(model: Llama, tokens, loss_mask, lengths, simpo: SimpoConfig, compute_dtype=jnp.float32,
+               memory: MemoryOptions = PLAIN):
     """SimPO loss of a batch of pairs. tokens, loss_mask: [B, 2, T], index 0 chosen, 1 rejected;
     lengths [B, 2]: non-padding tokens per sequence (for the `tokens` metric).
 
@@ -68,7 +68,7 @@ def batch_loss(model: Llama, tokens, loss_mask, lengths, simpo: SimpoConfig, com
     """
     pairs, _, length = tokens.shape
     sums, counts = response_logps(model, tokens.reshape(2 * pairs, length),
-                                  loss_mask.reshape(2 * pairs, length), compute_dtype)
+                                  loss_mask.reshape(2 * pairs, length), compute_dtype, memory)
     avg_logps = (sums / jnp.maximum(counts, 1.0)).reshape(pairs, 2)
     loss, metrics = simpo_loss(avg_logps[:, 0], avg_logps[:, 1], simpo)
     metrics["tokens"] = jnp.sum(lengths)

@@ -18,7 +18,7 @@ from jax.sharding import Mesh
 from simpo_worker.config import OptimizerConfig, SimpoConfig
 from simpo_worker.jit import counted_jit
 from simpo_worker.mesh import batch_sharding, state_shardings
-from simpo_worker.model import Llama
+from simpo_worker.model import PLAIN, Llama, MemoryOptions
 from simpo_worker.simpo_loss import batch_loss
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -70,12 +70,14 @@ def init_sharded_state(params: Llama, optimizer: optax.GradientTransformation, s
 
 
 def simpo_step(state: TrainState, batch: dict[str, jax.Array], optimizer: optax.GradientTransformation,
-               schedule: Callable, simpo: SimpoConfig, compute_dtype) -> tuple[TrainState, dict[str, jax.Array]]:
+               schedule: Callable, simpo: SimpoConfig, compute_dtype,
+               memory: MemoryOptions = PLAIN) -> tuple[TrainState, dict[str, jax.Array]]:
     """The pure step. batch arrays have a leading microbatch axis: [M, pairs, ...]."""
     microbatches = batch["tokens"].shape[0]
 
     def loss_fn(model, micro):
-        return batch_loss(model, micro["tokens"], micro["loss_mask"], micro["lengths"], simpo, compute_dtype)
+        return batch_loss(model, micro["tokens"], micro["loss_mask"], micro["lengths"], simpo, compute_dtype,
+                          memory)
 
     grad_fn = eqx.filter_value_and_grad(loss_fn, has_aux=True)
 
@@ -104,10 +106,14 @@ class CompiledStep:
     """simpo_step jitted over (state arrays, batch) with explicit shardings; the state is donated.
 
     `compilations` counts traces (a trace precedes every compile), for the no-recompilation checks; `program` is
-    the counted jit itself (`program.lower(...)` lowers the step without running it).
+    the counted jit itself (`program.lower(...)` lowers the step without running it). `memory`: remat, blockwise
+    attention and chunked logits (`MemoryOptions.from_config(config.trainer)`; the default is the trainer
+    config's default), resolved for the platform of the mesh's devices.
     """
 
-    def __init__(self, state: TrainState, mesh: Mesh, optimizer, schedule, simpo: SimpoConfig, compute_dtype: str):
+    def __init__(self, state: TrainState, mesh: Mesh, optimizer, schedule, simpo: SimpoConfig, compute_dtype: str,
+                 memory: MemoryOptions = MemoryOptions()):
+        self.memory = memory.resolve(mesh.devices.flat[0].platform)
         # Abstract leaves (jax.ShapeDtypeStruct) count as arrays too: the trainer builds the step from the state's
         # shapes before any state exists (and `simpo-interleave plan` lowers it for a slice it does not have).
         arrays, self.static = eqx.partition(state, is_state_array)
@@ -119,7 +125,7 @@ class CompiledStep:
             # The mesh in context while tracing: the model pins its activations' layout to it (constrain_batch).
             with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
                 new_state, metrics = simpo_step(eqx.combine(arrays, self.static), batch, optimizer, schedule,
-                                                simpo, dtype)
+                                                simpo, dtype, self.memory)
             return eqx.filter(new_state, eqx.is_array), metrics
 
         self.program = counted_jit(step, in_shardings=(self.state_shardings, self.batch_sharding),

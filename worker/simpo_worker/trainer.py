@@ -17,7 +17,7 @@ from simpo_worker.checkpoint import Checkpointer, CheckpointInfo, latest_step
 from simpo_worker.config import WorkerConfig
 from simpo_worker.errors import ConfigError
 from simpo_worker.mesh import host_rows, make_mesh, place
-from simpo_worker.model import Llama
+from simpo_worker.model import Llama, MemoryOptions
 from simpo_worker.storage import join
 from simpo_worker.preference_data import PreferenceData
 from simpo_worker.train_step import (BATCH_FIELDS, CompiledStep, init_sharded_state, init_state,
@@ -34,7 +34,8 @@ class Trainer:
 
         optimizer, schedule = make_optimizer(config.optimizer, trainer.num_train_steps)
         abstract = jax.eval_shape(lambda model: init_state(model, optimizer), model)
-        self._step_fn = CompiledStep(abstract, self.mesh, optimizer, schedule, config.simpo, trainer.compute_dtype)
+        self._step_fn = CompiledStep(abstract, self.mesh, optimizer, schedule, config.simpo, trainer.compute_dtype,
+                                     MemoryOptions.from_config(trainer))
         shardings = self._step_fn.state_shardings
         # The params on their shardings (a no-op for a model loaded onto this mesh, pretrained.load_model(.., mesh));
         # the optimizer state is made under jit with its shardings, the params donated into the state.
