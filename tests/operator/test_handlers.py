@@ -149,7 +149,8 @@ def test_invalid_config_is_failed_without_children_and_a_fixed_spec_revives_it(k
         bad["spec"]["config"]["trainer"]["microbatches"] = 4
         kube.create_job(bad)
         status = phase_is(kube, "bad", "Failed", "InvalidSpec")
-        assert status["message"] == "spec.config.trainer.microbatches: must divide batch_size (6), got 4"
+        assert status["message"] == ("spec.config.trainer.microbatches: must divide batch_size "
+                                     "(batch_size = 6, microbatches = 4)")
         # A good job next to it is served: the bad one neither crashed nor blocked the operator.
         kube.create_job(make_job("good"))
         phase_is(kube, "good", "Pending")
