@@ -20,7 +20,10 @@ from simpo_worker.mesh import make_mesh, place
 from simpo_worker.model import PLAIN, MemoryOptions, grouped_query_attention, init_llama
 from simpo_worker.simpo_loss import batch_loss
 from simpo_worker.train_step import CompiledStep, init_state, make_optimizer
-from worker_runs import tiny_config
+from simpo_worker.pretrained import load_model
+from simpo_worker.tokenizer import load_tokenizer
+from simpo_worker.trainer import Trainer
+from worker_runs import checkpoint_arrays, checked, run_worker, tiny_config, train_records
 
 RTOL = 1e-5
 TINY = ArchitectureConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
@@ -241,3 +244,32 @@ def test_inference_replica_is_gathered_in_the_compute_dtype(monkeypatch):
     for got, expected in zip(jax.tree.leaves(weights), jax.tree.leaves(decode_weights(model, jnp.bfloat16))):
         assert got.dtype == jnp.bfloat16
         assert np.array_equal(np.asarray(got), np.asarray(expected))
+
+
+# Sequences of 64 tokens (tiny_config's data.max_seq_len): 63 positions, four attention blocks and four loss chunks.
+EVERY_OPTION = {"trainer.remat": "full", "trainer.attention": "blockwise", "trainer.attention_block_size": 16,
+                "trainer.loss_chunk_tokens": 16}
+
+
+def test_trainer_builds_its_step_with_the_configured_options(tmp_path):
+    config = parse_worker_config(tiny_config(tmp_path, **EVERY_OPTION))
+    trainer = Trainer(config, load_model(config.model), load_tokenizer("smollm2"))
+    assert trainer._step_fn.memory == MemoryOptions("full", 16, 16)
+
+
+def test_resume_with_every_option_is_bit_identical(tmp_path):
+    """The options change how the step computes, not whether it is deterministic: a run stopped after step 3 and
+    restarted from its checkpoint ends bit for bit where a straight run does."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    checked(run_worker(tiny_config(straight, **EVERY_OPTION)))
+    config = tiny_config(resumed, **EVERY_OPTION)
+    checked(run_worker(config, "--stop-at-step", "3"))
+    checked(run_worker(config))
+    expected, actual = train_records(str(straight)), train_records(str(resumed))
+    assert [r["step"] for r in actual] == list(range(1, 8))
+    for a, b in zip(expected, actual):
+        assert {k: v for k, v in a.items() if k != "step_time"} == {k: v for k, v in b.items() if k != "step_time"}
+    want, got = checkpoint_arrays(str(straight), 7), checkpoint_arrays(str(resumed), 7)
+    assert want.keys() == got.keys() and len(want) > 10
+    for key in want:
+        assert np.array_equal(want[key], got[key]), key
