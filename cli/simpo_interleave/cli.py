@@ -17,6 +17,7 @@ COMMANDS = {
     "local": ("simpo_interleave.local_runner", "run a SimpoInterleaveJob YAML as N local host processes"),
     "worker": ("simpo_worker.main", "run one host's worker (what each pod runs)"),
     "render": ("simpo_operator.render", "print the ConfigMap and JobSet the operator creates for a job YAML"),
+    "plan": ("simpo_interleave.plan", "compile a job for its TPU slice without one: does it fit, how fast will it run"),
     "operator": ("simpo_operator.main", "run the kopf operator"),
     "crd": ("simpo_operator.crd", "print the generated CustomResourceDefinition YAML"),
 }

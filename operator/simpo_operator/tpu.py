@@ -34,7 +34,7 @@ class ChipFigures:
     source: str  # the page the three published figures come from
     # What XLA lets a program use on one chip: libtpu's own out-of-memory message reports it as "available HBM"
     # (libtpu 0.0.42; the published capacity minus what the runtime keeps). The fit verdict is against this;
-    # tests/worker/test_plan.py checks it against the installed libtpu.
+    # tests/local/test_plan.py checks it against the installed libtpu.
     compiler_hbm_bytes: int
 
 

@@ -50,6 +50,12 @@ def train_step_flops(a: ArchitectureConfig, pairs: int, seq_len: int) -> float:
     return 3.0 * forward_flops(a, 2 * pairs, positions, positions)
 
 
+def layers_forward_flops(a: ArchitectureConfig, pairs: int, seq_len: int) -> float:
+    """The decoder layers' forward of a train step's sequences, head excluded: what full rematerialisation runs a
+    second time in the backward (hardware FLOPs beyond the model FLOPs above)."""
+    return forward_flops(a, 2 * pairs, seq_len - 1, 0)
+
+
 def prefill_flops(a: ArchitectureConfig, rows: int, prompt_length: int) -> float:
     """The prompt forward of `rows` padded prompts; the head only at each row's last prompt token."""
     return forward_flops(a, rows, prompt_length, 1)

@@ -1,0 +1,204 @@
+"""`simpo-interleave plan`: the worker's own programs compiled for a TPU slice this machine does not have (libtpu's
+compile-only topologies, the `tpu` extra), their memory per chip against the chip's, FLOPs and the roofline."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import yaml
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from simpo_operator import tpu
+from simpo_worker import aot  # sets ALLOW_MULTIPLE_LIBTPU_LOAD before libtpu loads in this process
+from simpo_worker.api import ExitCode
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLE_8B = REPO / "manifests" / "examples" / "llama3-8b-m11-v5p-32.yaml"
+LLAMA3_8B_CONFIG = json.loads((REPO / "bench" / "llama3-8b-config.json").read_text())
+GIB = 2**30
+
+
+def run_plan(job: dict, tmp_path: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job, sort_keys=False))
+    return subprocess.run([sys.executable, "-m", "simpo_interleave.cli", "plan", str(path), *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def tiny_job(**tpu_or_hosts) -> dict:
+    job = yaml.safe_load(EXAMPLE_8B.read_text())
+    spec = job["spec"]
+    spec.pop("tpu")
+    spec.update(tpu_or_hosts)
+    spec["config"]["model"] = {"architecture": {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
+                                                "num_layers": 2, "num_heads": 4, "num_kv_heads": 2}}
+    spec["config"]["tokenizer"] = "smollm2"
+    spec["config"]["data"]["max_seq_len"] = 128
+    spec["config"]["trainer"]["batch_size"] = 8
+    spec["config"]["inference"].update(synthetic_prompt_count=8, max_new_tokens=64, max_prompt_len=64, batch_size=8)
+    return job
+
+
+# ---- the 8B example at full width, fewer layers: what CI can afford to compile ------------------------------
+
+LAYERS = 2
+
+
+@pytest.fixture(scope="module")
+def plan_8b_narrow(tmp_path_factory) -> tuple[dict, int]:
+    folder = tmp_path_factory.mktemp("llama3-8b")
+    (folder / "config.json").write_text(json.dumps({**LLAMA3_8B_CONFIG, "num_hidden_layers": LAYERS}))
+    job = yaml.safe_load(EXAMPLE_8B.read_text())
+    job["spec"]["config"]["model"]["source"] = str(folder)
+    result = run_plan(job, folder, "--json")
+    assert result.returncode in (0, ExitCode.BAD_CONFIG), result.stderr[-4000:]
+    return json.loads(result.stdout), result.returncode
+
+
+@pytest.mark.slow
+def test_plan_json_has_every_program_and_the_keys_users_script_against(plan_8b_narrow):
+    plan, code = plan_8b_narrow
+    assert isinstance(plan["fits"], bool)
+    assert code == (0 if plan["fits"] else ExitCode.BAD_CONFIG)
+    names = [p["name"] for p in plan["programs"]]
+    for kind in ("train", "prefill", "decode"):
+        assert any(kind in name for name in names), f"no {kind} program in {names}"
+    for program in plan["programs"]:
+        assert program["peak_bytes_per_chip"] > 0 and program["capacity_bytes_per_chip"] > 0
+        assert program["flops"] >= 0
+    assert plan["estimates"]["seconds"]["workflow"] > 0
+    assert plan["estimates"]["seconds"]["train_step"] > 0
+
+
+@pytest.mark.slow
+def test_plan_per_chip_memory_agrees_with_a_hand_computation(plan_8b_narrow):
+    plan, _ = plan_8b_narrow
+    c = {**LLAMA3_8B_CONFIG, "num_hidden_layers": LAYERS}
+    d, f, v, layers = c["hidden_size"], c["intermediate_size"], c["vocab_size"], c["num_hidden_layers"]
+    kv_width = c["num_key_value_heads"] * d // c["num_attention_heads"]
+    params = layers * (2 * d * d + 2 * d * kv_width + 3 * d * f + 2 * d) + 2 * v * d + d
+    chips = 16  # v5p-32: 16 chips, FSDP over all of them (the example's trainer.mesh)
+    by_name = {p["name"]: p for p in plan["programs"]}
+    train = by_name["train_step"]
+    # float32 params and two float32 AdamW moments, each split 16 ways.
+    assert train["params_bytes_per_chip"] == pytest.approx(4 * params / chips, rel=0.1)
+    assert train["optimizer_bytes_per_chip"] == pytest.approx(8 * params / chips, rel=0.1)
+    assert plan["capacity_bytes_per_chip"] == tpu.generation(tpu.shape_for_type("v5p-32")).chip.compiler_hbm_bytes
+    # Inference: the training state stays resident; the host's bfloat16 copy of the weights is on top.
+    decode = by_name["decode"]
+    assert decode["optimizer_bytes_per_chip"] == pytest.approx(8 * params / chips, rel=0.1)
+    assert decode["params_bytes_per_chip"] == pytest.approx(4 * params / chips + 2 * params, rel=0.1)
+    # The KV cache at the full window: 32 rows over a host's 4 chips, 512 + 2048 - 1 tokens rounded up to 128 slots.
+    window = math.ceil((512 + 2048 - 1) / 128) * 128
+    assert plan["inference"]["full_window"] == window
+    cache = 2 * layers * (32 / 4) * window * kv_width * 2
+    assert decode["kv_cache_bytes_per_chip"] == pytest.approx(cache, rel=0.1)
+    for program in plan["programs"]:
+        parts = sum(program[f"{kind}_bytes_per_chip"] for kind in ("params", "optimizer", "input", "kv_cache",
+                                                                    "output", "temp", "code"))
+        assert program["peak_bytes_per_chip"] == parts
+
+
+@pytest.mark.slow
+def test_plan_flops_and_roofline_follow_the_shapes(plan_8b_narrow):
+    plan, _ = plan_8b_narrow
+    train = next(p for p in plan["programs"] if p["name"] == "train_step")
+    c = {**LLAMA3_8B_CONFIG, "num_hidden_layers": LAYERS}
+    d, f, v = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
+    kv_width = c["num_key_value_heads"] * d // c["num_attention_heads"]
+    matmul_params = LAYERS * (2 * d * d + 2 * d * kv_width + 3 * d * f) + d * v
+    tokens = 32 * 2 * (2048 - 1)
+    assert train["flops"] == pytest.approx(6 * matmul_params * tokens, rel=0.15)  # plus attention
+    peak = plan["estimates"]["hardware"]["peak_bf16_flops_per_chip"]
+    assert plan["estimates"]["seconds"]["train_step"] >= train["flops"] / 16 / peak * 0.999
+
+
+# ---- jobs that cannot fit ------------------------------------------------------------------------------------
+
+def test_a_job_that_cannot_fit_its_slice_fails_at_plan_naming_need_and_capacity(tmp_path):
+    job = tiny_job(tpu={"type": "v5litepod-1"})
+    # 1.07 B params, nearly all in an untied 524288 x 1024 embedding and head: float32 params, gradients and two
+    # AdamW moments are 16 GiB, past the one v5e chip's 15.75 GiB whatever the activations. No inference pause:
+    # only the train step compiles.
+    job["spec"]["config"]["model"]["architecture"].update(vocab_size=524288, hidden_size=1024, num_heads=8,
+                                                          num_kv_heads=2, tie_word_embeddings=False)
+    job["spec"]["config"]["inference"]["eval_at_steps"] = []
+    result = run_plan(job, tmp_path)
+    assert result.returncode == ExitCode.BAD_CONFIG, result.stderr[-4000:]
+    capacity = tpu.generation(tpu.shape_for_type("v5litepod-1")).chip.compiler_hbm_bytes / GIB
+    assert "train_step does not fit: needs " in result.stderr
+    assert f"GiB per chip against {capacity:.2f} GiB" in result.stderr
+    assert "spec.tpu: a larger slice or more slices" in result.stderr, "names a knob that would help"
+    assert "NO" in result.stdout, "the table marks it"
+
+
+def test_a_cpu_pool_is_held_to_its_memory_limit(tmp_path):
+    job = tiny_job(hosts=2, resources={"limits": {"memory": "1Mi"}})
+    result = run_plan(job, tmp_path, "--json")
+    assert result.returncode == ExitCode.BAD_CONFIG, result.stderr[-4000:]
+    plan = json.loads(result.stdout)
+    assert plan["target"]["platform"] == "cpu" and plan["target"]["chips"] == 2
+    assert plan["capacity_bytes_per_chip"] == 2**20
+    assert "does not fit: needs" in result.stderr and "against 0.00 GiB" in result.stderr
+    roomy = tiny_job(hosts=2, resources={"limits": {"memory": "8Gi"}})
+    assert run_plan(roomy, tmp_path).returncode == 0
+
+
+def test_a_job_that_fits_prints_the_table_and_exits_0(tmp_path):
+    result = run_plan(tiny_job(tpu={"type": "v5p-8"}), tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    for words in ("memory per chip, GiB", "train_step", "prefill", "decode", "roofline estimate on v5p",
+                  "https://cloud.google.com/tpu/docs/v5p", "221.8 s", "compile time"):
+        assert words in result.stdout, words
+
+
+# ---- the slice table against libtpu --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", tpu.SHAPES, ids=lambda s: s.accelerator_type)
+def test_every_slice_in_the_table_is_a_topology_libtpu_compiles_for(shape):
+    slices = 2 if shape.chips <= 256 else 1  # multislice too, where the device count stays small
+    topology = tpu.libtpu_topology(shape, slices)
+    target = aot.tpu_target(topology.topology_name, topology.chip_config_name, topology.chips_per_host_bounds,
+                            topology.num_slices)
+    assert len(target.devices) == shape.chips * slices
+    assert target.process_count == shape.hosts * slices
+    assert len(target.host_devices) == shape.chips_per_host
+
+
+@pytest.mark.parametrize("generation", tpu.GENERATIONS, ids=lambda g: g.name)
+def test_the_compiler_hbm_in_the_table_is_what_libtpu_allows(generation):
+    shape = next(s for s in tpu.SHAPES if s.generation == generation.name and s.hosts == 1)
+    topology = tpu.libtpu_topology(shape)
+    target = aot.tpu_target(topology.topology_name, topology.chip_config_name, topology.chips_per_host_bounds)
+    one_chip = NamedSharding(Mesh(np.array(target.devices[:1]), ("x",)), P())
+    # A program needing 1 TiB on one chip: XLA refuses it and says what the chip has.
+    too_big = jax.jit(lambda x: jnp.concatenate([x, x + 1]), in_shardings=one_chip, out_shardings=one_chip)
+    with pytest.raises(Exception) as refused:
+        too_big.lower(jax.ShapeDtypeStruct((2**37,), jnp.float32)).compile()
+    need, available = aot.out_of_memory_need(str(refused.value))
+    assert need > available
+    assert available == pytest.approx(generation.chip.compiler_hbm_bytes, rel=0.001)
+
+
+def test_a_multislice_mesh_keeps_the_inner_axes_within_a_slice():
+    from simpo_worker.config import MeshConfig
+    from simpo_worker.mesh import make_mesh
+
+    topology = tpu.libtpu_topology(tpu.shape_for_type("v5p-16"), slices=2)
+    target = aot.tpu_target(topology.topology_name, topology.chip_config_name, topology.chips_per_host_bounds,
+                            topology.num_slices)
+    by_data = make_mesh(MeshConfig(data=2, fsdp=-1), list(target.devices))
+    for replica in by_data.devices:  # [data, fsdp, model]: each data-parallel replica is one whole slice
+        assert len({device.slice_index for device in replica.flat}) == 1
+    fsdp_only = make_mesh(MeshConfig(data=1, fsdp=-1), list(target.devices))
+    halves = fsdp_only.devices.reshape(2, -1)  # fsdp spans both slices, one contiguous half each
+    assert [len({device.slice_index for device in half}) for half in halves] == [1, 1]
