@@ -7,7 +7,8 @@ the programs are the worker's own, compiled by XLA for the job's TPU topology (l
 roofline estimate uses the generation's published figures (simpo_operator.tpu) (simpo_worker.roofline).
 
 Exit codes: 0 every program fits; 10 one does not (stderr names the program, its need against the capacity, and
-the config knobs that would shrink it), or the job is invalid; 2 libtpu cannot describe the slice.
+the config knobs that would shrink it), or the job is invalid; 2 no verdict: libtpu cannot describe the slice, or
+XLA fails to compile a program for a reason other than memory.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     job = validate_job(load_job(args.job))
     try:
         result = plan_job(job)
-    except aot.TopologyUnavailable as error:
+    except (aot.TopologyUnavailable, aot.CompileFailed) as error:
         print(f"simpo-interleave plan: {error}", file=sys.stderr)
         return 2
     print(json.dumps(result, indent=2) if args.json else render(result))
@@ -62,9 +63,8 @@ def plan_job(job: Job) -> dict[str, Any]:
     _start_jax(job)
     arch = load_architecture(config.model)
     if job.shape is not None:
-        topology = tpu.libtpu_topology(job.shape, job.slices)
-        target = aot.tpu_target(topology.topology_name, topology.chip_config_name, topology.chips_per_host_bounds,
-                                topology.num_slices)
+        target = aot.tpu_target(tpu.libtpu_topology(job.shape, job.slices),
+                                tpu.libtpu_topology(tpu.host_block(job.shape)))
         chip = tpu.generation(job.shape).chip
         capacity, capacity_source = chip.compiler_hbm_bytes, "HBM XLA lets one program use per chip"
     else:
@@ -182,6 +182,9 @@ def knobs(config: WorkerConfig, job: Job, program: str, plan) -> list[str]:
                      f"cache and activations scale with the rows)")
         found.append(f"inference.max_new_tokens: {inference.max_new_tokens} / inference.max_prompt_len: "
                      f"{inference.max_prompt_len} (the cache window is their sum)")
+        if inference.mode == "host_data_parallel" and inference.tensor_parallel < plan.chips_per_host:
+            found.append(f"inference.tensor_parallel: {inference.tensor_parallel} -> {plan.chips_per_host} (each "
+                         f"host's copy of the weights split over its {plan.chips_per_host} chips)")
         if inference.mode == "host_data_parallel":
             found.append("inference.mode: host_data_parallel -> global_mesh (the weights stay sharded over every "
                          "chip instead of a whole copy per host)")

@@ -159,6 +159,15 @@ class LibtpuTopology:
     num_slices: int
 
 
+def host_block(shape: TpuShape) -> TpuShape:
+    """The single-host slice made of one host's chips (2x2 of a multi-host slice): what a host-data-parallel
+    replica runs on, as a slice of its own."""
+    if shape.hosts == 1:
+        return shape
+    side = "2x2x1" if len(shape.topology.split("x")) == 3 else "2x2"
+    return shape_for_topology(shape.generation, side)
+
+
 def libtpu_topology(shape: TpuShape, slices: int = 1) -> LibtpuTopology:
     """How libtpu names `slices` x `shape` for a compile-only topology (devices numbered as on the real slice,
     with one process per host)."""

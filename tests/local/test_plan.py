@@ -164,21 +164,30 @@ def test_a_job_that_fits_prints_the_table_and_exits_0(tmp_path):
 # ---- the slice table against libtpu --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("shape", tpu.SHAPES, ids=lambda s: s.accelerator_type)
-def test_every_slice_in_the_table_is_a_topology_libtpu_compiles_for(shape):
+def test_every_slice_in_the_table_is_a_topology_libtpu_describes(shape):
     slices = 2 if shape.chips <= 256 else 1  # multislice too, where the device count stays small
-    topology = tpu.libtpu_topology(shape, slices)
-    target = aot.tpu_target(topology.topology_name, topology.chip_config_name, topology.chips_per_host_bounds,
-                            topology.num_slices)
+    target = aot.tpu_target(tpu.libtpu_topology(shape, slices), tpu.libtpu_topology(tpu.host_block(shape)))
     assert len(target.devices) == shape.chips * slices
     assert target.process_count == shape.hosts * slices
     assert len(target.host_devices) == shape.chips_per_host
+    assert len([d for d in target.devices if d.process_index == target.devices[0].process_index]) == \
+        shape.chips_per_host
+
+
+@pytest.mark.parametrize("accelerator", ["v5p-32", "v6e-16", "v5litepod-16"])
+def test_one_hosts_chips_compile_a_collective_as_the_engine_does(accelerator):
+    shape = tpu.shape_for_type(accelerator)
+    target = aot.tpu_target(tpu.libtpu_topology(shape), tpu.libtpu_topology(tpu.host_block(shape)))
+    mesh = Mesh(np.array(target.host_devices), ("data",))
+    # The decode loop's condition: every row done? An all-reduce over the host's chips.
+    all_done = jax.jit(lambda done: jnp.all(done), in_shardings=NamedSharding(mesh, P("data")))
+    all_done.lower(jax.ShapeDtypeStruct((32,), jnp.bool_)).compile()
 
 
 @pytest.mark.parametrize("generation", tpu.GENERATIONS, ids=lambda g: g.name)
 def test_the_compiler_hbm_in_the_table_is_what_libtpu_allows(generation):
     shape = next(s for s in tpu.SHAPES if s.generation == generation.name and s.hosts == 1)
-    topology = tpu.libtpu_topology(shape)
-    target = aot.tpu_target(topology.topology_name, topology.chip_config_name, topology.chips_per_host_bounds)
+    target = aot.tpu_target(tpu.libtpu_topology(shape))
     one_chip = NamedSharding(Mesh(np.array(target.devices[:1]), ("x",)), P())
     # A program needing 1 TiB on one chip: XLA refuses it and says what the chip has.
     too_big = jax.jit(lambda x: jnp.concatenate([x, x + 1]), in_shardings=one_chip, out_shardings=one_chip)
@@ -193,9 +202,7 @@ def test_a_multislice_mesh_keeps_the_inner_axes_within_a_slice():
     from simpo_worker.config import MeshConfig
     from simpo_worker.mesh import make_mesh
 
-    topology = tpu.libtpu_topology(tpu.shape_for_type("v5p-16"), slices=2)
-    target = aot.tpu_target(topology.topology_name, topology.chip_config_name, topology.chips_per_host_bounds,
-                            topology.num_slices)
+    target = aot.tpu_target(tpu.libtpu_topology(tpu.shape_for_type("v5p-16"), slices=2))
     by_data = make_mesh(MeshConfig(data=2, fsdp=-1), list(target.devices))
     for replica in by_data.devices:  # [data, fsdp, model]: each data-parallel replica is one whole slice
         assert len({device.slice_index for device in replica.flat}) == 1

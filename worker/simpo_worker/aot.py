@@ -22,8 +22,9 @@ What is reported per program and per chip, and where each number comes from:
 - temporaries and generated code: XLA's memory analysis;
 - peak: the sum of the above, an upper bound on what is live at once;
 - FLOPs: flops.py's count (XLA's cost analysis skips loop bodies; its figure is kept as xla_flops_per_chip).
-When XLA refuses to compile for lack of memory (RESOURCE_EXHAUSTED), the program is reported with the need from
-XLA's message as its temporaries (temporaries and outputs together) and `refused` holding the message.
+When XLA refuses to compile for lack of memory (RESOURCE_EXHAUSTED), its message states the program's whole need
+(arguments, outputs and temporaries: what it calls "HLO temporaries"); the program is reported with the arguments
+counted above and the rest of that need as temporaries, and `refused` holding the message.
 """
 
 from __future__ import annotations
@@ -65,6 +66,10 @@ class TopologyUnavailable(RuntimeError):
     """libtpu cannot describe the slice (not installed, or a name it does not know)."""
 
 
+class CompileFailed(RuntimeError):
+    """XLA failed to compile a program for a reason other than memory: plan cannot give a verdict."""
+
+
 @dataclass(frozen=True)
 class Target:
     """The devices a job runs on: every device (all hosts, all slices, in jax.devices() order), and the first
@@ -76,22 +81,30 @@ class Target:
     process_count: int
 
 
-def tpu_target(topology_name: str, chip_config_name: str, chips_per_host_bounds: tuple[int, int, int],
-               num_slices: int = 1) -> Target:
-    """A TPU slice (or identical slices) as libtpu describes it, without one."""
+def _topology_devices(topology) -> tuple:
     from jax.experimental import topologies
 
     try:
-        topology = topologies.get_topology_desc(platform="tpu", topology_name=topology_name,
-                                                chip_config_name=chip_config_name,
-                                                chips_per_host_bounds=chips_per_host_bounds, num_slices=num_slices)
+        return tuple(topologies.get_topology_desc(
+            platform="tpu", topology_name=topology.topology_name, chip_config_name=topology.chip_config_name,
+            chips_per_host_bounds=topology.chips_per_host_bounds, num_slices=topology.num_slices).devices)
     except Exception as error:  # noqa: BLE001 - libtpu missing or the name unknown to it
-        raise TopologyUnavailable(f"cannot describe TPU topology {topology_name} x {num_slices} slice(s) "
-                                  f"({type(error).__name__}: {error}); is the `tpu` extra (libtpu) "
+        raise TopologyUnavailable(f"cannot describe TPU topology {topology.topology_name} x {topology.num_slices} "
+                                  f"slice(s) ({type(error).__name__}: {error}); is the `tpu` extra (libtpu) "
                                   f"installed?") from error
-    devices = tuple(topology.devices)
-    return Target("tpu", devices, tuple(d for d in devices if d.process_index == devices[0].process_index),
-                  len({d.process_index for d in devices}))
+
+
+def tpu_target(topology, host_topology=None) -> Target:
+    """A TPU slice (or identical slices) as libtpu describes it, without one. `topology` and `host_topology` have
+    get_topology_desc's arguments as attributes (simpo_operator.tpu.LibtpuTopology). `host_topology`: one host's
+    chips as a single-host slice of their own, for the host-data-parallel programs (libtpu's compile-only path
+    refuses collectives over one host's chips inside a larger v5e/v6e topology, whose device ids are not
+    contiguous: 0, 1, 4, 5); default: the first host's devices of `topology`."""
+    devices = _topology_devices(topology)
+    first = devices[0].process_index
+    host = (_topology_devices(host_topology) if host_topology is not None
+            else tuple(d for d in devices if d.process_index == first))
+    return Target("tpu", devices, host, len({d.process_index for d in devices}))
 
 
 def cpu_target(hosts: int) -> Target:
@@ -179,14 +192,15 @@ def out_of_memory_need(message: str) -> Optional[tuple[int, int]]:
     return None
 
 
-def _compile(lowered):
+def _compile(name: str, lowered):
     """(compiled or None, seconds, refusal message or None)."""
     started = time.perf_counter()
     try:
         compiled = lowered.compile()
-    except Exception as error:  # noqa: BLE001 - jax raises JaxRuntimeError; only out-of-memory is expected
+    except Exception as error:  # noqa: BLE001 - jax raises JaxRuntimeError
         if not is_out_of_memory(error):
-            raise
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise CompileFailed(f"{name}: XLA could not compile it for this target: {first}") from error
         return None, time.perf_counter() - started, str(error).strip()
     return compiled, time.perf_counter() - started, None
 
@@ -197,13 +211,15 @@ def _report(name: str, lowered, *, params: int, optimizer: int, kv_args: int, fl
     """Compile `lowered` and account its memory per chip. `kv_out(output shardings, or None if XLA refused)`: the
     KV cache bytes among its outputs; `resident` = (params, optimizer) bytes that live on the chip beside the
     program without being its arguments."""
-    compiled, seconds, refused = _compile(lowered)
+    compiled, seconds, refused = _compile(name, lowered)
     if compiled is None:
+        # XLA states the program's whole need (arguments, outputs and temporaries together).
         need = out_of_memory_need(refused)
-        report = ProgramReport(name, params + resident[0], optimizer + resident[1], 0, kv_args, 0,
-                               need[0] if need else 0, 0, flop_count, None, seconds, refused,
-                               ["compile refused for lack of memory: temporaries is XLA's stated need (temporaries "
-                                "and outputs); inputs not counted"])
+        rest = max(0, need[0] - params - optimizer - kv_args) if need else 0
+        report = ProgramReport(name, params + resident[0], optimizer + resident[1], 0, kv_args, 0, rest, 0,
+                               flop_count, None, seconds, refused,
+                               ["XLA refused to compile it for lack of memory: temporaries is the rest of XLA's "
+                                "stated need (temporaries, outputs and the other inputs)"])
         return report, None
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
