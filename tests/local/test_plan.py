@@ -3,7 +3,6 @@ compile-only topologies, the `tpu` extra), their memory per chip against the chi
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import subprocess
