@@ -9,6 +9,7 @@ from functools import cache
 from pathlib import Path
 
 import numpy as np
+import pytest
 import yaml
 
 from simpo_worker.make_preference_data import main as make_preference_data
@@ -87,3 +88,12 @@ def straight_run() -> str:
     output_dir = Path(tempfile.mkdtemp(prefix="simpo-straight-")) / "run"
     checked(run_worker(tiny_config(output_dir)))
     return str(output_dir)
+
+
+def assert_steps_match_straight_run(output_dir, rel: float, abs_tol: float) -> None:
+    """A run's per-step metrics against the 1-process, 1-device run of the same config (`straight_run`)."""
+    one, other = train_records(straight_run()), train_records(output_dir)
+    assert [r["step"] for r in other] == list(range(1, 8))
+    for a, b in zip(one, other):
+        for name in ("loss", "rewards/margins", "grad_norm", "tokens"):
+            assert b[name] == pytest.approx(a[name], rel=rel, abs=abs_tol), (a["step"], name)
