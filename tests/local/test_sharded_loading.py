@@ -132,5 +132,7 @@ def test_each_host_holds_only_its_share_while_loading(tmp_path_factory, tmp_path
         assert 3 * share <= figures["state"]["held"] < 3 * share * 1.01
         assert loaded < share + CONSTANT, report[-1]
         assert state < 3 * share + CONSTANT, report[-1]
-        assert loaded < 0.7 * model_bytes, report[-1]
+        # A loader that reads the whole model on each host peaks at model_bytes or more. (share + CONSTANT is
+        # 0.71 of this model: a tighter bound here would contradict the constant above.)
+        assert loaded < 0.75 * model_bytes, report[-1]
     print("\n".join(report))

@@ -179,6 +179,8 @@ def from_regions(shape: tuple[int, ...], dtype, sharding: NamedSharding,
             piece = np.asarray(read((slice(first, min(first + block, stop)), *rest)), dtype)
             for device in devices:
                 buffers[device] = _write_rows(buffers[device], jax.device_put(piece, device), first - start)
+            # Wait for the writes: with asynchronous dispatch, reads could run ahead and queue pieces in memory.
+            jax.block_until_ready([buffers[device] for device in devices])
             del piece
     return jax.make_array_from_single_device_arrays(shape, sharding, [buffers[device] for device in index_map])
 
