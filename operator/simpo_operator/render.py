@@ -3,8 +3,9 @@
 `simpo-interleave render JOB.yaml` prints them. The JobSet has one replicated job `worker` with one Job per slice
 (`replicas = slices`), each Job a slice's hosts (`parallelism = completions = hosts`, Indexed). A Job never retries
 a pod (`backoffLimit: 0`): any failure fails the Job, and the JobSet either fails at once (the worker's
-non-retryable exit codes, through the pod failure policy) or restarts every pod (`failurePolicy.maxRestarts`),
-and the worker resumes from its newest checkpoint.
+non-retryable exit codes, through the pod failure policy), restarts every pod without spending a restart (a pod
+disrupted by preemption, maintenance or eviction: the DisruptionTarget condition), or restarts every pod
+(`failurePolicy.maxRestarts`); the worker resumes from its newest checkpoint.
 """
 
 from __future__ import annotations
@@ -31,8 +32,11 @@ TOPOLOGY_LABEL = "cloud.google.com/gke-tpu-topology"
 # Multislice: each slice's Job gets a node pool of its own.
 EXCLUSIVE_TOPOLOGY_ANNOTATION = "alpha.jobset.sigs.k8s.io/exclusive-topology"
 NODE_POOL_LABEL = "cloud.google.com/gke-nodepool"
-# JobSet records this reason on a Job that a pod failure policy rule failed.
+# The Job controller's reason on a Job that a pod failure policy rule failed, and its message when the rule matched
+# a pod condition ("Pod NS/NAME has condition DisruptionTarget matching FailJob rule at index N"). JobSet v0.12 can
+# tell the two FailJob rules apart only by the message (the per-rule reasons of KEP-4443 are not in Kubernetes yet).
 POD_FAILURE_POLICY_REASON = "PodFailurePolicy"
+DISRUPTION_MESSAGE_PATTERN = "has condition DisruptionTarget matching FailJob rule"
 
 
 def configmap_name(job_name: str) -> str:
@@ -98,8 +102,13 @@ def render_jobset(job: Job) -> dict[str, Any]:
             "successPolicy": {"operator": "All", "targetReplicatedJobs": [REPLICATED_JOB]},
             "failurePolicy": {
                 "maxRestarts": job.spec.maxRestarts,
+                # The first matching rule applies. JobSet's webhook allows letters, digits and `_,:` in rule names.
                 "rules": [{
-                    # JobSet's webhook allows letters, digits and `_,:` in rule names (no `-`).
+                    "name": "restart_on_disruption",
+                    "action": "RestartJobSetAndIgnoreMaxRestarts",
+                    "onJobFailureReasons": [POD_FAILURE_POLICY_REASON],
+                    "onJobFailureMessagePatterns": [DISRUPTION_MESSAGE_PATTERN],
+                }, {
                     "name": "fail_on_non_retryable_exit_code",
                     "action": "FailJobSet",
                     "onJobFailureReasons": [POD_FAILURE_POLICY_REASON],
@@ -120,9 +129,13 @@ def _job_spec(job: Job) -> dict[str, Any]:
         "completions": job.hosts_per_slice,
         "completionMode": "Indexed",
         "backoffLimit": 0,
+        # The first matching rule applies: a non-retryable exit code fails the job even on a disrupted pod.
         "podFailurePolicy": {"rules": [{
             "action": "FailJob",
             "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": list(NON_RETRYABLE_EXIT_CODES)},
+        }, {
+            "action": "FailJob",
+            "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
         }]},
         "template": {"metadata": {"labels": _labels(job)}, "spec": _pod_spec(job)},
     }
@@ -132,6 +145,8 @@ def _pod_spec(job: Job) -> dict[str, Any]:
     spec: dict[str, Any] = {
         # The JobSet webhook would default this to OnFailure; restarts happen at the JobSet level.
         "restartPolicy": "Never",
+        # SIGTERM to SIGKILL: the worker finishes its step and checkpoints in between (simpo_worker.preemption).
+        "terminationGracePeriodSeconds": job.spec.terminationGracePeriodSeconds,
         "serviceAccountName": job.spec.serviceAccountName,
         "containers": [_container(job)],
         "volumes": [{"name": "config", "configMap": {"name": configmap_name(job.name)}}],

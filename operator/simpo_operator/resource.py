@@ -25,6 +25,8 @@ from simpo_worker.schema import Rule, from_data, setting
 MAX_NAME_LENGTH = 40
 DEFAULT_SERVICE_ACCOUNT = "simpo-worker"
 DEFAULT_MAX_RESTARTS = 3
+# A train step plus a checkpoint of the 8B reference (~24 GB per host to object storage) fits with room to spare.
+DEFAULT_TERMINATION_GRACE_PERIOD_S = 300
 
 PHASES = ("Pending", "Running", "Restarting", "Succeeded", "Failed", "Suspended")
 FINISHED_PHASES = ("Succeeded", "Failed")
@@ -104,6 +106,10 @@ class JobSpec:
     suspend: bool = setting("Suspend the JobSet (and delete its pods); false resumes from the checkpoint.", False)
     maxRestarts: int = setting("Whole-JobSet restarts (resuming from the newest checkpoint) before the job is "
                                "Failed.", DEFAULT_MAX_RESTARTS, minimum=0, immutable=True)
+    terminationGracePeriodSeconds: int = setting(
+        "From a worker's termination notice (SIGTERM: preemption, maintenance, eviction) to SIGKILL. The worker "
+        "finishes its train step, checkpoints and exits in between: allow a step plus a checkpoint write.",
+        DEFAULT_TERMINATION_GRACE_PERIOD_S, minimum=0)
     ttlSecondsAfterFinished: Optional[int] = setting(
         "Delete the resource (and everything it created) this long after it finished.", None, minimum=0)
 

@@ -36,14 +36,21 @@ def host_envs(hosts: int, devices_per_host: int = 1, config: dict[str, Any] | No
     return [pod.env for pod in pods]
 
 
-def run_workers(config: dict[str, Any], processes: int, devices_per_process: int, *args: str,
-                timeout: int = 300) -> list[subprocess.CompletedProcess]:
+def start_workers(config: dict[str, Any], processes: int, devices_per_process: int,
+                  *args: str) -> list[subprocess.Popen]:
     """The job's pods as local processes running the container's own command (the worker), each with its own
-    stdout/stderr; extra `args` go to every worker."""
+    stdout/stderr; extra `args` go to every worker. Unlike the local runner, nothing stops the others when one
+    exits: each host lives or dies by itself."""
     base = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}"}
     pods = local_pods(validate_job(cpu_job(processes, config)), Path(tempfile.mkdtemp(prefix="simpo-hosts-")), base)
-    running = [subprocess.Popen([*pod.argv, *args], env=pod.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True) for pod in pods]
+    return [subprocess.Popen([*pod.argv, *args], env=pod.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True) for pod in pods]
+
+
+def run_workers(config: dict[str, Any], processes: int, devices_per_process: int, *args: str,
+                timeout: int = 300) -> list[subprocess.CompletedProcess]:
+    """start_workers, waited for."""
+    running = start_workers(config, processes, devices_per_process, *args)
     results = []
     for process in running:
         stdout, stderr = process.communicate(timeout=timeout)

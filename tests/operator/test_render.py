@@ -97,11 +97,18 @@ def test_failure_policy_fails_fast_on_non_retryable_codes_and_restarts_otherwise
     policy = jobset["spec"]["failurePolicy"]
     assert policy["maxRestarts"] == 5
     # Only jobs failed by the pod failure policy fail the JobSet; any other failure restarts it.
-    assert policy["rules"] == [{"name": "fail_on_non_retryable_exit_code", "action": "FailJobSet",
+    # A disrupted pod (the Job controller's message names the DisruptionTarget rule) restarts without counting.
+    assert policy["rules"] == [{"name": "restart_on_disruption", "action": "RestartJobSetAndIgnoreMaxRestarts",
+                                "onJobFailureReasons": ["PodFailurePolicy"],
+                                "onJobFailureMessagePatterns": ["has condition DisruptionTarget matching FailJob rule"]},
+                               {"name": "fail_on_non_retryable_exit_code", "action": "FailJobSet",
                                 "onJobFailureReasons": ["PodFailurePolicy"]}]
-    _, job_spec, _ = pod_of(jobset)
-    assert job_spec["podFailurePolicy"] == {"rules": [{"action": "FailJob", "onExitCodes": {
-        "containerName": "worker", "operator": "In", "values": [10, 11, 12, 13, 14]}}]}
+    _, job_spec, pod = pod_of(jobset)
+    assert job_spec["podFailurePolicy"] == {"rules": [
+        {"action": "FailJob", "onExitCodes": {"containerName": "worker", "operator": "In",
+                                              "values": [10, 11, 12, 13, 14]}},
+        {"action": "FailJob", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}]}
+    assert pod["terminationGracePeriodSeconds"] == 300
     assert tuple(job_spec["podFailurePolicy"]["rules"][0]["onExitCodes"]["values"]) == NON_RETRYABLE_EXIT_CODES
 
 

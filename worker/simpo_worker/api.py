@@ -72,6 +72,7 @@ class ExitCode(enum.IntEnum):
 
     DONE = 0
     RETRYABLE = 1
+    PREEMPTED = 3
     BAD_CONFIG = 10
     BAD_DATA = 11
     BAD_MODEL = 12
@@ -82,6 +83,8 @@ class ExitCode(enum.IntEnum):
 EXIT_CODE_MEANINGS = {
     ExitCode.DONE: "done",
     ExitCode.RETRYABLE: "retryable failure (the JobSet restarts and every host resumes from its checkpoint)",
+    ExitCode.PREEMPTED: "stopped on a termination notice (SIGTERM: preemption, maintenance) after checkpointing; "
+                        "the restart resumes there",
     ExitCode.BAD_CONFIG: "bad config",
     ExitCode.BAD_DATA: "bad data (preference data, prompts)",
     ExitCode.BAD_MODEL: "bad or missing model (weights, tokenizer)",

@@ -25,12 +25,14 @@ from jax.experimental import multihost_utils
 
 from simpo_worker import outputs, storage
 from simpo_worker.api import Progress
+from simpo_worker.checkpoint import latest_step
 from simpo_worker.config import InferenceConfig, WorkerConfig
 from simpo_worker.distributed import barrier, is_leader
 from simpo_worker.engine import Completion, Engine
 from simpo_worker.errors import ConfigError
 from simpo_worker.mesh import make_mesh
 from simpo_worker.metrics import MetricsWriter
+from simpo_worker.preemption import Preempted, TerminationNotice
 from simpo_worker.pretrained import load_model
 from simpo_worker.progress import ProgressReporter, reporter_from_env
 from simpo_worker.prompts import PromptSet, host_shard, load_prompts
@@ -43,7 +45,7 @@ log = logging.getLogger(__name__)
 
 class InterleavedRun:
     def __init__(self, config: WorkerConfig, trainer: Trainer, engine: Engine, tokenizer, prompts: PromptSet,
-                 reporter: ProgressReporter, metrics: MetricsWriter):
+                 reporter: ProgressReporter, metrics: MetricsWriter, notice: TerminationNotice | None = None):
         self.config = config
         self.trainer = trainer
         self.engine = engine
@@ -53,6 +55,7 @@ class InterleavedRun:
         self.metrics = metrics
         self.schedule = set(config.inference.schedule(config.trainer.num_train_steps))
         self.timeout_s = config.distributed.barrier_timeout_s
+        self.notice = notice or TerminationNotice()
 
     def run(self, stop_at: int | None = None) -> None:
         """Train to the last step (or to `stop_at`, checkpointed there: a preemption drill), pausing on schedule."""
@@ -74,8 +77,13 @@ class InterleavedRun:
                          record["rewards/accuracies"], record["step_time"])
             self._report(Progress(stage="train", step=trainer.step, totalSteps=total))
             durable_pause = config.trainer.checkpoint.at_eval and trainer.step in self.schedule
-            if durable_pause or (every is not None and trainer.step % every == 0) or trainer.step == last:
+            saved = durable_pause or (every is not None and trainer.step % every == 0) or trainer.step == last
+            if saved:
                 trainer.save_checkpoint()
+            if self.notice.received_anywhere():
+                if not saved:
+                    trainer.save_checkpoint()
+                raise Preempted(f"after step {trainer.step}", trainer.step)
 
     def pause_for_inference(self, step: int) -> None:
         """Steps 2-5 of a pause (module docstring). Every host runs the same barriers and the one allgather, in
@@ -103,6 +111,10 @@ class InterleavedRun:
         total_steps = self.config.trainer.num_train_steps
 
         def progress(done: int, tokens: int) -> None:
+            # Called after every decode chunk; global_mesh hosts decode together, so they stop together.
+            if self.notice.received_anywhere() if self.config.inference.mode == "global_mesh" else self.notice.received:
+                raise Preempted(f"during the inference pause at step {step}",
+                                latest_step(self.trainer.checkpointer.directory))
             # While decoding, hosts do not talk: the leader reports its own shard; the totals come at the end.
             if not is_leader():
                 log.info("inference at step %d: %d/%d prompts done, %d tokens", step, done, len(indices), tokens)
@@ -181,7 +193,8 @@ def check_context(inference: InferenceConfig, context: int, source: str | None) 
                           f"(max_position_embeddings {context})")
 
 
-def build_run(config: WorkerConfig, reporter: ProgressReporter | None = None) -> InterleavedRun:
+def build_run(config: WorkerConfig, reporter: ProgressReporter | None = None,
+              notice: TerminationNotice | None = None) -> InterleavedRun:
     """Everything a host needs, checked before the first train step: output dir, tokenizer, prompts, model."""
     outputs.check_writable(config.output_dir, jax.process_index())
     tokenizer = load_tokenizer(config.tokenizer or config.model.source)
@@ -194,4 +207,4 @@ def build_run(config: WorkerConfig, reporter: ProgressReporter | None = None) ->
     engine = Engine(trainer.model.config, config.inference, tokenizer.eos_token_ids,
                     compute_dtype=COMPUTE_DTYPES[config.trainer.compute_dtype], mesh=trainer.mesh)
     return InterleavedRun(config, trainer, engine, tokenizer, prompts,
-                          reporter or reporter_from_env(), MetricsWriter(config.output_dir))
+                          reporter or reporter_from_env(), MetricsWriter(config.output_dir), notice)

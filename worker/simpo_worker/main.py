@@ -1,7 +1,7 @@
 """`simpo-interleave worker`: what each pod runs. Trains from a YAML config, pausing for inference on schedule,
 resuming from the newest complete checkpoint after a restart.
 
-Exit codes: 0 done; 10 bad config, 11 bad data, 12 bad or missing model, 13 output dir unusable, 14 out of device
+Exit codes: 0 done; 3 stopped on SIGTERM after checkpointing (simpo_worker.preemption); 10 bad config, 11 bad data, 12 bad or missing model, 13 output dir unusable, 14 out of device
 memory (no restart can fix these); anything else is retryable and the restarted worker resumes from its newest
 complete checkpoint.
 """
@@ -20,6 +20,7 @@ from simpo_worker.config import load_worker_config
 from simpo_worker.distributed import exit_now, initialize_from_env
 from simpo_worker.errors import ConfigError, NonRetryableError, is_out_of_memory
 from simpo_worker.interleave import build_run
+from simpo_worker.preemption import Preempted, TerminationNotice, disable_jax_preemption_service
 
 log = logging.getLogger(__name__)
 
@@ -36,14 +37,19 @@ def run(args: argparse.Namespace) -> int:
     if not args.config:
         raise ConfigError("no worker config: pass --config or set SIMPO_CONFIG")
     config = load_worker_config(args.config)
+    disable_jax_preemption_service()
     initialize_from_env(config.distributed.init_timeout_s)
+    notice = TerminationNotice().install()
     try:
-        interleaved = build_run(config)
+        interleaved = build_run(config, notice=notice)
         resumed = interleaved.trainer.restore_latest()
         interleaved.metrics.discard_after(resumed or 0)
         log.info("host %d of %d: training from step %d to %d", jax.process_index(), jax.process_count(),
                  interleaved.trainer.step, config.trainer.num_train_steps)
         interleaved.run(stop_at=args.stop_at_step)
+    except Preempted as error:
+        log.warning("host %d: %s (exit %d)", jax.process_index(), error, ExitCode.PREEMPTED)
+        exit_now(ExitCode.PREEMPTED)
     except NonRetryableError as error:
         log.error("%s: %s", type(error).__name__, error)
         exit_now(error.exit_code)
