@@ -4,8 +4,8 @@
   owner references; an existing child owned by this job is adopted, never duplicated), apply spec.suspend to the
   JobSet, and set the status. An invalid spec is reported as Failed/InvalidSpec and nothing is created.
 - JobSet events: recompute the phase of the owning job and patch its status subresource (never status.progress,
-  which the worker leader writes), with a Kubernetes event on every transition. A JobSet failed by the pod
-  failure policy gets the worker's exit code and its meaning in the message (read from the Job it names).
+  which the worker leader writes), with a Kubernetes event on every transition. A failed JobSet gets the failing
+  host, its pod, its exit code and that code's meaning in the message (from the Job it names and its pods).
 The phase fields are written from one place per situation, so two handlers never race on them: `reconcile` only
 for a spec it rejects (nothing is created then), `jobset_changed` from the JobSet's state otherwise.
 - ttlSecondsAfterFinished: the finished job is deleted; its children follow through owner references.
@@ -120,8 +120,11 @@ def jobset_changed(body: kopf.Body, type: Optional[str], logger: logging.Logger,
     phase = state.phase_of(jobset, bool(job.get("spec", {}).get("suspend")))
     failed_job = state.first_failed_job(phase) if state.is_transition(current, phase) else None
     if failed_job is not None:
-        # Which exit code failed it, and what that means (out of memory, bad data ...), from the Job it names.
-        phase = state.with_exit_code(phase, state.failed_exit_code(kube.get_batch_job(namespace, failed_job)))
+        # Which host failed it, with which exit code and what that means (bad data, out of memory ...): from the
+        # Job it names and that Job's pods.
+        batch_job = kube.get_batch_job(namespace, failed_job)
+        pods = kube.list_job_pods(batch_job) if batch_job is not None else []
+        phase = state.with_failed_host(phase, state.failed_host(batch_job, pods), state.slice_count(jobset))
     patch = _phase_patch(job, current, phase, jobset.get("status", {}).get("restarts") or 0)
     if patch is not None:
         logger.info(f"{KIND} {owner['name']}: {current.get('phase')} -> {phase.phase} ({phase.reason})")

@@ -64,6 +64,13 @@ def get_batch_job(namespace: str, name: str) -> Optional[dict[str, Any]]:
     return api_client().sanitize_for_serialization(job)
 
 
+def list_job_pods(job: dict[str, Any]) -> list[dict[str, Any]]:
+    """The pods of a batch/v1 Job (its own selector), to tell which host failed it."""
+    labels = ",".join(f"{key}={value}" for key, value in job["spec"]["selector"]["matchLabels"].items())
+    pods = _core().list_namespaced_pod(job["metadata"]["namespace"], label_selector=labels)
+    return api_client().sanitize_for_serialization(pods)["items"]
+
+
 def get_configmap(namespace: str, name: str) -> Optional[dict[str, Any]]:
     try:
         configmap = _core().read_namespaced_config_map(name, namespace)

@@ -18,6 +18,8 @@ import re
 from dataclasses import dataclass, replace
 from typing import Any, Optional
 
+from simpo_operator.pod_env import COMPLETION_INDEX_ANNOTATION, JOB_INDEX_ANNOTATION
+from simpo_operator.render import CONTAINER
 from simpo_operator.resource import FINISHED_PHASES
 from simpo_worker.api import EXIT_CODE_MEANINGS, ExitCode
 
@@ -39,6 +41,10 @@ def _condition(jobset: dict[str, Any], kind: str) -> Optional[dict[str, Any]]:
     return None
 
 
+def slice_count(jobset: dict[str, Any]) -> int:
+    return sum(rj.get("replicas", 1) for rj in jobset.get("spec", {}).get("replicatedJobs", []))
+
+
 def phase_of(jobset: dict[str, Any], suspend: bool) -> Phase:
     """The phase a JobSet stands for; `suspend` is the job's spec.suspend (the JobSet may lag behind it)."""
     for kind, phase in (("Completed", "Succeeded"), ("Failed", "Failed")):
@@ -51,7 +57,7 @@ def phase_of(jobset: dict[str, Any], suspend: bool) -> Phase:
     replicated = {rj.get("name"): rj for rj in status.get("replicatedJobsStatus") or []}
     expected = {rj["name"]: rj.get("replicas", 1) for rj in jobset.get("spec", {}).get("replicatedJobs", [])}
     ready = sum(replicated.get(name, {}).get("ready", 0) for name in expected)
-    total = sum(expected.values())
+    total = slice_count(jobset)
     restarts = status.get("restarts") or 0
     if total and ready >= total:
         return Phase("Running", "AllHostsReady", f"all {total} slice job(s) have every worker pod ready")
@@ -104,10 +110,22 @@ def event_type(phase: Phase) -> str:
 
 
 # JobSet names the Job that failed it ("... (first failed job: NAME)"); that Job's Failed condition, set by the pod
-# failure policy, names the exit code ("Container worker for pod NS/POD failed with exit code 14 matching FailJob
-# rule at index 0"). Neither message is an API field, hence the patterns; a mismatch only loses the explanation.
+# failure policy, names the pod and its exit code ("Container worker for pod NS/POD failed with exit code 14 matching
+# FailJob rule at index 0"). Neither message is an API field, hence the patterns; a mismatch only loses detail. A Job
+# failed another way (backoffLimit, after a retryable exit) names neither: its pods' container states tell.
 _FIRST_FAILED_JOB = re.compile(r"\(first failed job: ([a-z0-9.-]+)\)")
-_EXIT_CODE = re.compile(r"failed with exit code (\d+)")
+_FAILED_POD = re.compile(r"for pod [a-z0-9.-]+/([a-z0-9.-]+) failed with exit code (\d+)")
+
+
+@dataclass(frozen=True)
+class FailedHost:
+    """The worker behind a failed Job: its exit code, and which host it was where its pod is still there."""
+
+    exit_code: int
+    pod: Optional[str] = None
+    host: Optional[int] = None  # the pod's completion index: the host within its slice
+    slice: Optional[int] = None  # the JobSet job index
+    termination_reason: Optional[str] = None  # the kubelet's, e.g. OOMKilled
 
 
 def first_failed_job(phase: Phase) -> Optional[str]:
@@ -116,14 +134,43 @@ def first_failed_job(phase: Phase) -> Optional[str]:
     return match.group(1) if match else None
 
 
-def failed_exit_code(job: Optional[dict[str, Any]]) -> Optional[int]:
-    """The worker exit code that failed a batch/v1 Job through its pod failure policy, if that is how it failed."""
+def _failure_policy_match(job: Optional[dict[str, Any]]) -> Optional[re.Match]:
     for condition in ((job or {}).get("status") or {}).get("conditions") or []:
         if condition.get("type") == "Failed" and condition.get("status") == "True":
-            match = _EXIT_CODE.search(condition.get("message") or "")
+            match = _FAILED_POD.search(condition.get("message") or "")
             if match:
-                return int(match.group(1))
+                return match
     return None
+
+
+def _terminated(pod: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """The worker container's terminated state, if it exited non-zero."""
+    for container in (pod.get("status") or {}).get("containerStatuses") or []:
+        terminated = (container.get("state") or {}).get("terminated")
+        if container.get("name") == CONTAINER and terminated and terminated.get("exitCode"):
+            return terminated
+    return None
+
+
+def _index(pod: dict[str, Any], key: str) -> Optional[int]:
+    value = (pod["metadata"].get("annotations") or {}).get(key)
+    return int(value) if value is not None and value.isdigit() else None
+
+
+def failed_host(job: Optional[dict[str, Any]], pods: list[dict[str, Any]]) -> Optional[FailedHost]:
+    """Which worker failed the batch/v1 Job `job` (`pods`: its pods), and with which exit code: the pod its pod
+    failure policy names, else the first of its pods to exit non-zero. None if neither the Job nor a pod says."""
+    match = _failure_policy_match(job)
+    failed = sorted((pod for pod in pods if _terminated(pod) and (match is None or
+                                                                   pod["metadata"]["name"] == match.group(1))),
+                    key=lambda pod: (_terminated(pod).get("finishedAt") or "",
+                                     _index(pod, COMPLETION_INDEX_ANNOTATION) or 0))
+    if not failed:
+        return FailedHost(int(match.group(2)), pod=match.group(1)) if match else None
+    pod, terminated = failed[0], _terminated(failed[0])
+    return FailedHost(int(match.group(2)) if match else terminated["exitCode"], pod=pod["metadata"]["name"],
+                      host=_index(pod, COMPLETION_INDEX_ANNOTATION), slice=_index(pod, JOB_INDEX_ANNOTATION),
+                      termination_reason=terminated.get("reason"))
 
 
 def exit_code_meaning(code: int) -> str:
@@ -133,8 +180,17 @@ def exit_code_meaning(code: int) -> str:
         return "not one of the worker's exit codes"
 
 
-def with_exit_code(phase: Phase, code: Optional[int]) -> Phase:
-    """The phase with the worker exit code behind it, and what that code means, added to its message."""
-    if code is None:
+def with_failed_host(phase: Phase, failed: Optional[FailedHost], slices: int) -> Phase:
+    """The phase with the worker that failed it added to its message: which host (and slice, for multislice),
+    its pod, its exit code and what that means."""
+    if failed is None:
         return phase
-    return replace(phase, message=f"worker exit code {code}: {exit_code_meaning(code)}; {phase.message}")
+    who = "worker"
+    if failed.host is not None:
+        who = f"slice {failed.slice} host {failed.host}" if slices > 1 else f"host {failed.host}"
+    if failed.pod is not None:
+        who += f" (pod {failed.pod})"
+    code = f"exited {failed.exit_code}"
+    if failed.termination_reason not in (None, "Error"):
+        code += f" ({failed.termination_reason})"
+    return replace(phase, message=f"{who} {code}: {exit_code_meaning(failed.exit_code)}; {phase.message}")

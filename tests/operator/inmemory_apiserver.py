@@ -40,6 +40,7 @@ KINDS = (
     Kind("", "v1", "namespaces", "Namespace", False, True),
     Kind("", "v1", "configmaps", "ConfigMap", True, False),
     Kind("", "v1", "events", "Event", True, False),
+    Kind("", "v1", "pods", "Pod", True, True),
     Kind("apiextensions.k8s.io", "v1", "customresourcedefinitions", "CustomResourceDefinition", False, True),
     Kind("jobset.x-k8s.io", "v1alpha2", "jobsets", "JobSet", True, True),
     Kind("batch", "v1", "jobs", "Job", True, True),

@@ -98,6 +98,12 @@ class Kube:
         batch.patch_namespaced_job_status(job["metadata"]["name"], self.namespace, {"status": job["status"]},
                                           _content_type=kube.MERGE_PATCH)
 
+    def create_pod(self, pod: dict[str, Any]) -> None:
+        """Play the Job controller and the kubelet: a pod of a Job, then its status (which a create ignores)."""
+        self.core.create_namespaced_pod(self.namespace, {**pod, "status": None})
+        self.core.patch_namespaced_pod_status(pod["metadata"]["name"], self.namespace, {"status": pod["status"]},
+                                             _content_type=kube.MERGE_PATCH)
+
     def create_configmap(self, configmap: dict[str, Any]) -> None:
         self.core.create_namespaced_config_map(self.namespace, configmap)
 

@@ -28,6 +28,7 @@ OPERATOR_RULES = {
     ("simpo.dev", "simpointerleavejobs/status"): {"get", "patch"},
     ("jobset.x-k8s.io", "jobsets"): {"get", "list", "watch", "create", "patch"},
     ("batch", "jobs"): {"get"},
+    ("", "pods"): {"list"},
     ("", "configmaps"): {"get", "create"},
     ("", "events"): {"create"},
 }

@@ -104,24 +104,46 @@ def test_jobset_failure_reports_failed_with_the_jobset_reason(kube_client):
         assert any(e["reason"] == "Failed" and e["type"] == "Warning" for e in kube.events("fails"))
 
 
-def test_a_failure_policy_failure_names_the_worker_exit_code_and_its_meaning(kube_client):
+def worker_pod(name, host, code, controller_uid):
+    """A worker pod of an Indexed Job as the Job controller labels it and the kubelet leaves it."""
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "labels": {"batch.kubernetes.io/controller-uid": controller_uid},
+                         "annotations": {"batch.kubernetes.io/job-completion-index": str(host),
+                                         "jobset.sigs.k8s.io/job-index": "0"}},
+            "spec": {"containers": [{"name": "worker", "image": "w"}], "restartPolicy": "Never"},
+            "status": {"phase": "Failed" if code else "Running", "containerStatuses": [
+                {"name": "worker", "image": "w", "imageID": "", "ready": False, "restartCount": 0,
+                 "state": {"terminated": {"exitCode": code, "reason": "Error", "finishedAt": "2030-01-01T00:00:05Z"}}
+                 if code else {"running": {}}}]}}
+
+
+def test_a_failure_policy_failure_names_the_host_its_exit_code_and_its_meaning(kube_client):
     kube = kube_client
     with operator(kube.namespace):
-        kube.create_job(make_job("oom"))
+        kube.create_job(make_job("oom", hosts=2))
         phase_is(kube, "oom", "Pending")
-        # What the Job controller writes when the pod failure policy's FailJob rule matches, and what JobSet then says.
+        # What the Job controller writes when the pod failure policy's FailJob rule matches, the pods it selects
+        # (another Job's failed pod too, which its selector leaves out), and what JobSet then says.
         kube.create_batch_job({"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "oom-worker-0"},
-                               "spec": {"template": {"spec": {"containers": [{"name": "worker", "image": "w"}],
+                               "spec": {"selector": {"matchLabels": {"batch.kubernetes.io/controller-uid": "u0"}},
+                                        "template": {"spec": {"containers": [{"name": "worker", "image": "w"}],
                                                               "restartPolicy": "Never"}}},
                                "status": {"conditions": [condition(
-                                   "Failed", "PodFailurePolicy", "Container worker for pod jobs/oom-worker-0-0-x "
+                                   "Failed", "PodFailurePolicy", "Container worker for pod jobs/oom-worker-0-1-x "
                                    "failed with exit code 14 matching FailJob rule at index 0")]}})
+        for pod in (worker_pod("oom-worker-0-0-w", 0, None, "u0"), worker_pod("oom-worker-0-1-x", 1, 14, "u0"),
+                    worker_pod("other-worker-0-0-z", 0, 11, "u-other")):
+            kube.create_pod(pod)
         kube.set_jobset_status("oom", {"conditions": [condition(
             "Failed", "FailJobSetFailurePolicyAction",
             "applying FailJobSet failure policy action (first failed job: oom-worker-0)")]})
         status = phase_is(kube, "oom", "Failed", "FailJobSetFailurePolicyAction")
-        assert status["message"].startswith(f"worker exit code 14: {EXIT_CODE_MEANINGS[ExitCode.OUT_OF_MEMORY]}")
-        assert "(first failed job: oom-worker-0)" in status["message"]
+        assert status["message"] == (f"host 1 (pod oom-worker-0-1-x) exited 14: "
+                                     f"{EXIT_CODE_MEANINGS[ExitCode.OUT_OF_MEMORY]}; applying FailJobSet failure "
+                                     "policy action (first failed job: oom-worker-0)")
+        event = wait_for(lambda: next((e for e in kube.events("oom") if e["reason"] == "Failed"), None),
+                         "the Failed event")
+        assert "host 1 (pod oom-worker-0-1-x) exited 14" in event["message"]
 
 
 def test_suspend_and_resume_reach_the_jobset(kube_client):

@@ -41,25 +41,72 @@ def test_failed_message_comes_from_the_jobset():
     assert phase == state.Phase("Failed", "ReachedMaxRestarts", "reached max restarts")
 
 
-def test_a_failure_policy_failure_names_the_exit_code_and_what_it_means():
+def pod(name, host, code, finished="2030-01-01T00:00:05Z", slice_index=0, reason="Error"):
+    """A worker pod as the Job controller and the kubelet leave it (code None: still running)."""
+    state_ = ({"terminated": {"exitCode": code, "reason": reason, "finishedAt": finished}} if code is not None
+              else {"running": {}})
+    return {"metadata": {"name": name, "annotations": {"batch.kubernetes.io/job-completion-index": str(host),
+                                                        "jobset.sigs.k8s.io/job-index": str(slice_index)}},
+            "status": {"containerStatuses": [{"name": "worker", "state": state_}]}}
+
+
+FAIL_JOB = {"status": {"conditions": [true("Failed", "PodFailurePolicy", "Container worker for pod ns/m11-worker-0-3-x "
+                                                                         "failed with exit code 14 matching FailJob "
+                                                                         "rule at index 0")]}}
+
+
+def test_a_failure_policy_failure_names_the_host_its_exit_code_and_what_it_means():
     failed = state.phase_of(jobset(conditions=[true(
         "Failed", "FailJobSetFailurePolicyAction",
         "applying FailJobSet failure policy action (first failed job: m11-worker-0)")]), False)
     assert state.first_failed_job(failed) == "m11-worker-0"
-    job = {"status": {"conditions": [true("Failed", "PodFailurePolicy", "Container worker for pod ns/m11-worker-0-0-x "
-                                                                        "failed with exit code 14 matching FailJob "
-                                                                        "rule at index 0")]}}
-    code = state.failed_exit_code(job)
-    assert code == ExitCode.OUT_OF_MEMORY
-    explained = state.with_exit_code(failed, code)
-    assert explained.message == (f"worker exit code 14: {EXIT_CODE_MEANINGS[ExitCode.OUT_OF_MEMORY]}; "
-                                 f"{failed.message}")
+    # Another host failed earlier, but the pod failure policy names the one that failed the Job.
+    pods = [pod("m11-worker-0-0-a", 0, 0), pod("m11-worker-0-1-b", 1, 1, finished="2030-01-01T00:00:01Z"),
+            pod("m11-worker-0-2-c", 2, None), pod("m11-worker-0-3-x", 3, 14)]
+    host = state.failed_host(FAIL_JOB, pods)
+    assert host == state.FailedHost(14, pod="m11-worker-0-3-x", host=3, slice=0, termination_reason="Error")
+    explained = state.with_failed_host(failed, host, slices=1)
+    assert explained.message == (f"host 3 (pod m11-worker-0-3-x) exited 14: "
+                                 f"{EXIT_CODE_MEANINGS[ExitCode.OUT_OF_MEMORY]}; {failed.message}")
     assert "out of device memory" in explained.message
-    # Without a readable code (a Job failed another way, or gone) the JobSet's own message stands.
-    assert state.with_exit_code(failed, state.failed_exit_code(None)) == failed
-    assert state.failed_exit_code({"status": {"conditions": [true("Failed", "BackoffLimitExceeded")]}}) is None
+
+
+def test_multislice_names_the_slice_of_the_failed_host():
+    failed = state.Phase("Failed", "FailJobSetFailurePolicyAction", "(first failed job: m11-worker-1)")
+    job = {"status": {"conditions": [true("Failed", "PodFailurePolicy", "Container worker for pod ns/m11-worker-1-2-y "
+                                                                        "failed with exit code 11 matching FailJob "
+                                                                        "rule at index 0")]}}
+    host = state.failed_host(job, [pod("m11-worker-1-2-y", 2, 11, slice_index=1)])
+    assert state.with_failed_host(failed, host, slices=2).message.startswith(
+        f"slice 1 host 2 (pod m11-worker-1-2-y) exited 11: {EXIT_CODE_MEANINGS[ExitCode.BAD_DATA]}; ")
+
+
+def test_a_job_failed_by_its_backoff_limit_names_the_first_pod_to_fail():
+    # After retryable exits (maxRestarts used up) the Job's condition names no pod: its pods' states tell.
+    failed = state.Phase("Failed", "ReachedMaxRestarts", "jobset failed due to reaching max number of restarts "
+                                                         "(first failed job: m11-worker-0)")
+    job = {"status": {"conditions": [true("Failed", "BackoffLimitExceeded", "Job has reached the specified backoff "
+                                                                            "limit")]}}
+    pods = [pod("m11-worker-0-0-a", 0, 1, finished="2030-01-01T00:00:09Z"),
+            pod("m11-worker-0-1-b", 1, 137, finished="2030-01-01T00:00:02Z", reason="OOMKilled"),
+            pod("m11-worker-0-2-c", 2, 0, finished="2030-01-01T00:00:01Z")]
+    message = state.with_failed_host(failed, state.failed_host(job, pods), slices=1).message
+    assert message == ("host 1 (pod m11-worker-0-1-b) exited 137 (OOMKilled): not one of the worker's exit codes; "
+                       f"{failed.message}")
+
+
+def test_without_its_pods_the_job_still_gives_the_pod_and_exit_code():
+    failed = state.Phase("Failed", "FailJobSetFailurePolicyAction", "(first failed job: m11-worker-0)")
+    host = state.failed_host(FAIL_JOB, [])
+    assert host == state.FailedHost(14, pod="m11-worker-0-3-x")
+    assert state.with_failed_host(failed, host, slices=1).message.startswith(
+        f"worker (pod m11-worker-0-3-x) exited 14: {EXIT_CODE_MEANINGS[ExitCode.OUT_OF_MEMORY]}; ")
+    # Neither the Job (gone, or failed another way) nor a pod says: the JobSet's own message stands.
+    assert state.failed_host(None, []) is None
+    assert state.failed_host({"status": {"conditions": [true("Failed", "BackoffLimitExceeded")]}},
+                             [pod("m11-worker-0-0-a", 0, 0)]) is None
+    assert state.with_failed_host(failed, None, slices=1) == failed
     assert state.first_failed_job(state.Phase("Running", "AllHostsReady", "")) is None
-    assert "not one of the worker's exit codes" in state.with_exit_code(failed, 99).message
 
 
 def test_status_patch_times_and_conditions():
