@@ -17,14 +17,17 @@ def test_resume_after_a_restart_is_bit_identical(tmp_path):
     straight = straight_run()
     resumed = tmp_path / "resumed"
     config = tiny_config(resumed)
-    checked(run_worker(config, "--stop-at-step", "3"))
+    first = checked(run_worker(config, "--stop-at-step", "3"))
     assert complete_steps(str(resumed / "checkpoints")) == [2, 3]
+    assert "stage='done'" not in first.stderr  # a drill's stop is not the end of the run
     # A crash while writing step 5 leaves a checkpoint without its manifest: it must never be restored.
     half = resumed / "checkpoints" / "step_00000005"
     half.mkdir()
     (half / "process_0000_of_0001.npz").write_bytes(b"truncated")
     second = checked(run_worker(config))
     assert "training from step 3 to 7" in second.stderr
+    # The leader's last report (the log reporter here; status.progress in a pod).
+    assert "progress: Progress(stage='done', step=7, totalSteps=7," in second.stderr
 
     expected, actual = train_records(straight), train_records(resumed)
     assert [r["step"] for r in actual] == list(range(1, 8))

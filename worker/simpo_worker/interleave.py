@@ -80,10 +80,12 @@ class InterleavedRun:
             saved = durable_pause or (every is not None and trainer.step % every == 0) or trainer.step == last
             if saved:
                 trainer.save_checkpoint()
-            if self.notice.received_anywhere():
+            if trainer.step < last and self.notice.received_anywhere():  # the same branch on every host
                 if not saved:
                     trainer.save_checkpoint()
                 raise Preempted(f"after step {trainer.step}", trainer.step)
+        if trainer.step >= total:  # not after a drill's stop_at
+            self._report(Progress(stage="done", step=trainer.step, totalSteps=total))
 
     def pause_for_inference(self, step: int) -> None:
         """Steps 2-5 of a pause (module docstring). Every host runs the same barriers and the one allgather, in
