@@ -203,9 +203,13 @@ class ControlPlane:
                              for c in self.get("crd", name).get("status", {}).get("conditions") or []),
                  timeout_s, f"CRD {name} to be established")
 
+    def token(self, service_account: str, namespace: str) -> str:
+        """A fresh bound token of a service account, from the TokenRequest API (as the kubelet gets a pod's)."""
+        return self.kubectl("create", "token", service_account, "-n", namespace, "--duration=2h").stdout.strip()
+
     def token_kubeconfig(self, service_account: str, namespace: str, name: str | None = None) -> Path:
         """A kubeconfig that authenticates as a service account with a fresh bound token (as a pod would)."""
-        token = self.kubectl("create", "token", service_account, "-n", namespace, "--duration=2h").stdout.strip()
+        token = self.token(service_account, namespace)
         path = self.workdir / f"{name or namespace + '-' + service_account}.kubeconfig"
         path.write_text(yaml.safe_dump(kubeconfig(self.server, self.ca.pem, {"token": token})))
         return path

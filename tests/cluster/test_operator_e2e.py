@@ -4,11 +4,15 @@ with kwok playing the TPU hosts (the worker image's tag tells it what the fake w
 """
 import copy
 import json
+import logging
 import re
 import signal
 import subprocess
 import time
+import urllib.error
+import urllib.request
 import uuid
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -18,7 +22,8 @@ from operator_process import JOBS_NAMESPACE, RELEASE_NAMESPACE, REPO
 from control_plane import wait_for
 from simpo_interleave.local_runner import local_pods
 from simpo_operator.resource import validate_job
-from simpo_worker.api import EXIT_CODE_MEANINGS, ExitCode
+from simpo_worker.api import ENV_JOB_NAME, ENV_JOB_NAMESPACE, EXIT_CODE_MEANINGS, ExitCode, Progress
+from simpo_worker.progress import KubernetesStatusReporter, reporter_from_env
 
 REFERENCE_JOB = REPO / "manifests/examples/reference-m11-v5p-32.yaml"
 FAKE_WORKER = "simpo-interleave/fake-worker"
@@ -38,6 +43,10 @@ def reference_job(image_tag: str, **spec) -> dict:
 
 def get_job(cluster, name: str) -> dict:
     return cluster.get("sij", name, "-n", JOBS_NAMESPACE)
+
+
+def get_job_in(cluster, job: dict) -> dict:
+    return cluster.get("sij", job["metadata"]["name"], "-n", job["metadata"]["namespace"])
 
 
 def wait_phase(cluster, operator, name: str, phases: tuple[str, ...], timeout_s: float = 120) -> dict:
@@ -153,6 +162,20 @@ def test_restart_budget_exhausted_fails_with_the_reason(cluster, operator):
     assert status["phase"] == "Failed" and status["restarts"] == 1
     assert status["reason"] == "ReachedMaxRestarts", status
     assert status["completionTime"]
+    # The Job failed by its backoff limit names no pod: the operator found the failed host among its pods.
+    assert_names_a_failed_host(cluster, job["metadata"]["name"], status["message"], 42)
+
+
+def assert_names_a_failed_host(cluster, name: str, message: str, code: int) -> None:
+    """`message` starts with "host H (pod P) exited CODE: <meaning>", P a pod of the job that exited CODE, H its
+    completion index."""
+    match = re.match(r"host (\d+) \(pod ([a-z0-9.-]+)\) exited (\d+): ", message)
+    assert match, message
+    meaning = EXIT_CODE_MEANINGS[ExitCode(code)] if code in EXIT_CODE_MEANINGS else "not one of the worker's exit codes"
+    assert message[match.end():].startswith(meaning) and int(match.group(3)) == code, message
+    [pod] = [p for p in pods_of(cluster, name) if p["metadata"]["name"] == match.group(2)]
+    assert pod["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] == match.group(1)
+    assert pod["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] == code
 
 
 @pytest.mark.parametrize("code", [ExitCode.BAD_DATA, ExitCode.OUT_OF_MEMORY])
@@ -164,8 +187,9 @@ def test_non_retryable_exit_code_fails_at_once(cluster, operator, code):
     assert status["phase"] == "Failed" and status["restarts"] == 0, status
     # JobSet's FailJobSet action, from the operator's rule for the pod failure policy's FailJob.
     assert status["reason"] == "FailJobSetFailurePolicyAction", status
-    # The operator read the exit code from the failed Job (the Job controller's condition) and says what it means.
-    assert status["message"].startswith(f"worker exit code {int(code)}: {EXIT_CODE_MEANINGS[code]}"), status
+    # The operator read the failed host and its exit code from the failed Job (the Job controller's condition) and
+    # its pods, and says what the code means.
+    assert_names_a_failed_host(cluster, job["metadata"]["name"], status["message"], code)
 
 
 def test_suspend_and_resume(cluster, operator):
@@ -426,6 +450,59 @@ def test_worker_token_patches_progress_and_nothing_else(cluster, operator):
     cluster.kubectl("patch", "sij", name, "-n", JOBS_NAMESPACE, "--type=merge", "-p", '{"spec":{"suspend":true}}')
     suspended = wait_phase(cluster, operator, name, ("Suspended",))
     assert suspended["status"]["progress"] == progress
+    cluster.kubectl("delete", "sij", name, "-n", JOBS_NAMESPACE, "--wait=false")
+
+
+def test_worker_reporter_patches_progress_with_its_own_token_and_is_refused_elsewhere(cluster, chart, namespace,
+                                                                                     tmp_path, caplog):
+    """The worker leader's own reporter (simpo_worker.progress), set up from a pod's environment and service-account
+    files holding a token that the TokenRequest API minted for the chart's worker ServiceAccount."""
+    job = reference_job("run-1s", suspend=True)
+    other = copy.deepcopy(job)  # a job of another namespace, which the worker's RoleBinding does not reach
+    other["metadata"]["namespace"] = namespace
+    cluster.apply([job, other])
+    name = job["metadata"]["name"]
+    token = cluster.token(job["spec"]["serviceAccountName"], JOBS_NAMESPACE)
+    account = tmp_path / "serviceaccount"
+    account.mkdir()
+    (account / "token").write_text(token)
+    (account / "ca.crt").write_bytes(cluster.ca.pem)
+    host, port = cluster.server.removeprefix("https://").rsplit(":", 1)
+    pod_env = {ENV_JOB_NAME: name, ENV_JOB_NAMESPACE: JOBS_NAMESPACE, "KUBERNETES_SERVICE_HOST": host,
+               "KUBERNETES_SERVICE_PORT": port}
+    reporter = reporter_from_env(pod_env, service_account_dir=str(account))
+    assert isinstance(reporter, KubernetesStatusReporter)
+
+    before = datetime.now(timezone.utc).replace(microsecond=0)
+    reporter.report(Progress(stage="done", step=7, totalSteps=7))
+    progress = get_job(cluster, name)["status"]["progress"]
+    stamped = datetime.strptime(progress.pop("updateTime"), "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+    assert progress == {"stage": "done", "step": 7, "totalSteps": 7}
+    assert before <= stamped <= datetime.now(timezone.utc)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+
+    # The same reporter and token for the other namespace's job: refused, and the refusal is logged (not raised).
+    reporter_from_env({**pod_env, ENV_JOB_NAMESPACE: namespace}, service_account_dir=str(account)).report(
+        Progress(stage="train", step=1, totalSteps=7))
+    [refused] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "HTTP 403: " in refused and 'cannot patch resource "simpointerleavejobs/status"' in refused, refused
+    assert "progress" not in (get_job_in(cluster, other).get("status") or {})
+
+    def status_code(method: str, path: str, body: dict | None = None) -> int:
+        request = urllib.request.Request(f"{cluster.server}{path}", method=method, headers={
+            "Authorization": f"Bearer {token}", "Content-Type": "application/merge-patch+json"},
+            data=json.dumps(body).encode() if body is not None else None)
+        try:
+            with urllib.request.urlopen(request, timeout=10, context=reporter.context) as response:
+                return response.status
+        except urllib.error.HTTPError as error:
+            return error.code
+    job_path = reporter.url.removeprefix(cluster.server).removesuffix("/status")
+    assert status_code("GET", f"{job_path}/status") == 200  # its grant: get and patch its job's status
+    assert status_code("PATCH", job_path, {"spec": {"suspend": False}}) == 403  # the spec
+    assert status_code("GET", f"/api/v1/namespaces/{JOBS_NAMESPACE}/secrets") == 403  # another resource
+    assert status_code("GET", f"/api/v1/namespaces/{JOBS_NAMESPACE}/pods") == 403
+    assert get_job(cluster, name)["spec"]["suspend"] is True
     cluster.kubectl("delete", "sij", name, "-n", JOBS_NAMESPACE, "--wait=false")
 
 

@@ -7,6 +7,7 @@ status subresource with its pod's service-account token (the worker Role allows 
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import os
@@ -54,8 +55,19 @@ class KubernetesStatusReporter:
         try:
             with urllib.request.urlopen(request, timeout=self.timeout_s, context=self.context) as response:
                 response.read()
-        except (urllib.error.URLError, OSError) as error:
+        except urllib.error.HTTPError as error:
+            log.warning("could not report progress to %s: HTTP %d: %s", self.url, error.code, _refusal(error))
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as error:
             log.warning("could not report progress to %s: %s", self.url, error)
+
+
+def _refusal(error: urllib.error.HTTPError) -> str:
+    """Why the API server refused (its Status message: e.g. which verb on which resource was forbidden)."""
+    body = error.read().decode("utf-8", errors="replace")
+    try:
+        return json.loads(body)["message"]
+    except (ValueError, KeyError, TypeError):
+        return body or str(error.reason)
 
 
 def reporter_from_env(env: Mapping[str, str] = os.environ,
@@ -64,7 +76,11 @@ def reporter_from_env(env: Mapping[str, str] = os.environ,
     name, namespace = env.get(api.ENV_JOB_NAME), env.get(api.ENV_JOB_NAMESPACE)
     host, port = env.get("KUBERNETES_SERVICE_HOST"), env.get("KUBERNETES_SERVICE_PORT")
     token_file = os.path.join(service_account_dir, "token")
-    if not (name and namespace and host and port and os.path.exists(token_file)):
+    if not (name and namespace and host and port):
+        return LogReporter()
+    if not os.path.exists(token_file):
+        log.warning("no service-account token at %s (automountServiceAccountToken off?): status.progress of %s/%s "
+                    "is not updated, progress goes to the log only", token_file, namespace, name)
         return LogReporter()
     with open(token_file, encoding="utf-8") as handle:
         token = handle.read().strip()
