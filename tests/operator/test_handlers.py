@@ -247,6 +247,12 @@ def test_worker_progress_reaches_the_status_and_is_never_overwritten(kube_client
         kube.set_jobset_status("progress", ready(kube.jobset("progress")))
         status = phase_is(kube, "progress", "Running")
         assert status["progress"] == {**progress, "updateTime": status["progress"]["updateTime"]}
+        # The last report of a run, and the operator's Succeeded next to it (kubectl's STAGE column shows done).
+        reporter.report(Progress(stage="done", step=7, totalSteps=7))
+        kube.set_jobset_status("progress", {"conditions": [condition("Completed", "AllJobsCompleted")]})
+        status = phase_is(kube, "progress", "Succeeded")
+        assert status["progress"] == {"stage": "done", "step": 7, "totalSteps": 7,
+                                      "updateTime": status["progress"]["updateTime"]}
 
 
 def test_ttl_deletes_a_finished_job_and_its_children(kube_client):
