@@ -15,7 +15,8 @@ PROGRESS = Progress(stage="train", step=3, totalSteps=7)
 
 
 def warnings(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "simpo_worker.progress" and r.levelno == logging.WARNING]
+    return [r.getMessage() for r in caplog.records
+            if r.name == "simpo_worker.progress" and r.levelno == logging.WARNING]
 
 
 def test_a_refused_report_is_logged_with_the_api_servers_reason(kube_client, caplog):
@@ -43,7 +44,8 @@ def test_a_pod_reports_to_its_api_server_with_its_token(tmp_path):
     (tmp_path / "token").write_text("the-token\n")
     reporter = reporter_from_env(POD_ENV, service_account_dir=str(tmp_path))
     assert isinstance(reporter, KubernetesStatusReporter) and reporter.token == "the-token"
-    assert reporter.url == "https://10.0.0.1:443/apis/simpo.dev/v1alpha1/namespaces/jobs/simpointerleavejobs/tiny/status"
+    assert reporter.url == ("https://10.0.0.1:443/apis/simpo.dev/v1alpha1/namespaces/jobs/simpointerleavejobs/tiny/"
+                            "status")
     ipv6 = reporter_from_env({**POD_ENV, "KUBERNETES_SERVICE_HOST": "fd00::1"}, service_account_dir=str(tmp_path))
     assert ipv6.url.startswith("https://[fd00::1]:443/")
 
