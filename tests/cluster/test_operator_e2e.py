@@ -166,6 +166,26 @@ def test_restart_budget_exhausted_fails_with_the_reason(cluster, operator):
     assert_names_a_failed_host(cluster, job["metadata"]["name"], status["message"], 42)
 
 
+@pytest.mark.parametrize("disrupted", [True, False], ids=["disrupted", "not_disrupted"])
+def test_a_disrupted_pod_restarts_the_jobset_without_spending_max_restarts(cluster, operator, disrupted):
+    """A worker stopped by preemption or maintenance exits PREEMPTED on a pod with the DisruptionTarget condition:
+    the JobSet restarts and the restart does not count (maxRestarts 0 would fail it). The same exit without the
+    condition is an ordinary, counted failure."""
+    tag = f"run-1s-exit-{int(ExitCode.PREEMPTED)}{'-disrupted' if disrupted else ''}-until-attempt-1"
+    job = reference_job(tag, maxRestarts=0)
+    cluster.apply(job)
+    name = job["metadata"]["name"]
+    done = wait_phase(cluster, operator, name, ("Succeeded", "Failed"), timeout_s=180)
+    jobset = cluster.get("jobset", name, "-n", JOBS_NAMESPACE)
+    if disrupted:
+        assert done["status"]["phase"] == "Succeeded", done["status"]
+        assert jobset["status"]["restarts"] == 1, jobset["status"]
+        assert jobset["status"].get("restartsCountTowardsMax", 0) == 0, jobset["status"]
+    else:
+        assert done["status"]["phase"] == "Failed" and done["status"]["reason"] == "ReachedMaxRestarts", done
+        assert_names_a_failed_host(cluster, name, done["status"]["message"], int(ExitCode.PREEMPTED))
+
+
 def assert_names_a_failed_host(cluster, name: str, message: str, code: int) -> None:
     """`message` starts with "host H (pod P) exited CODE: <meaning>", P a pod of the job that exited CODE, H its
     completion index."""
