@@ -7,9 +7,8 @@ Runs are cached per configuration for the module, since several checks read the 
 from __future__ import annotations
 
 import glob
-import io
-import json
 import os
+import re
 import signal
 import threading
 import time
@@ -20,14 +19,18 @@ import pytest
 import yaml
 
 from gcs_emulator import BUCKET, gcs_emulator
+from local_hosts import run_workers, start_workers
 from simpo_interleave.local_runner import run_job_file
 from simpo_worker import outputs, storage
+from simpo_worker.api import ExitCode
 from simpo_worker.make_preference_data import generate, write_jsonl
+from worker_runs import checked
 
 pytestmark = pytest.mark.multiprocess
 
 NUM_PROMPTS = 10  # not a multiple of 4: uneven host shards
 STEPS = 7
+BARRIER_TIMEOUT_S = 30
 
 
 @pytest.fixture(scope="module")
@@ -158,56 +161,67 @@ def test_resume_is_exact(runs):
     assert outputs.read_manifest(twice, 5) is not None
 
 
-def test_killed_host_fails_cleanly_and_restart_matches(runs, workdir):
-    out = str(workdir / "fault")
-    job = write_job(workdir, "fault", job_config(workdir, out, max_new_tokens=200,
-                                                 batch_size=2, ignore_eos=True), 2)
-    killed = threading.Event()
+def test_host_killed_while_decoding_is_detected_by_the_others_and_the_rerun_resumes_from_the_pause(runs, workdir):
+    """The kill drill. 3 hosts, 5 prompts decoded one at a time (shards of 2, 2 and 1), 200 tokens each. Host 1 is
+    SIGKILLed while decoding: after it reported a decode chunk, once host 2 (one prompt) has written its shard.
+    Nothing else is stopped: hosts 0 and 2 must find out by themselves (the pause's barrier names the absent host)
+    and exit retryable in bounded time. The rerun resumes from the pause's checkpoint at step 2 (its logs say so;
+    steps 1-2 are not trained again) and ends with the outputs and params of an uninterrupted run."""
+    prompts = workdir / "five_prompts.jsonl"
+    prompts.write_text("".join(line + "\n" for line in (workdir / "prompts.jsonl").read_text().splitlines()[:5]))
+    inference = {"prompts_file": str(prompts), "max_new_tokens": 200, "batch_size": 1, "ignore_eos": True}
+    out = workdir / "kill-drill"
+    config = job_config(workdir, str(out), **inference)
+    config["distributed"]["barrier_timeout_s"] = BARRIER_TIMEOUT_S
+    hosts = start_workers(config, 3, 1)
+    logs: list[list[str]] = [[] for _ in hosts]
+    decoded_a_chunk = threading.Event()
 
-    def kill_host_1_during_inference():
+    def read(host: int) -> None:
+        for line in hosts[host].stderr:
+            logs[host].append(line)
+            if host == 1 and re.search(r"inference at step 2: \d+/2 prompts done, [1-9]\d* tokens", line):
+                decoded_a_chunk.set()
+    readers = [threading.Thread(target=read, args=(host,), daemon=True) for host in range(3)]
+    for reader in readers:
+        reader.start()
+    try:
         deadline = time.monotonic() + 600
-        while time.monotonic() < deadline and not killed.is_set():
-            if storage.exists(outputs.host_shard_path(out, 2, 0, 2)) or _inference_started(out):
-                pid = _worker_pid(job, host=1)
-                if pid:
-                    os.kill(pid, signal.SIGKILL)
-                    killed.set()
-                    return
+        while not (decoded_a_chunk.is_set() and storage.exists(outputs.host_shard_path(str(out), 2, 2, 3))):
+            assert time.monotonic() < deadline and hosts[1].poll() is None, "host 1 never decoded past host 2's shard"
             time.sleep(0.05)
+        assert not storage.exists(outputs.host_shard_path(str(out), 2, 1, 3)), "host 1 finished before the kill"
+        hosts[1].send_signal(signal.SIGKILL)
+        killed_at = time.monotonic()
+        codes = {host: hosts[host].wait(timeout=BARRIER_TIMEOUT_S + 120) for host in (0, 2)}
+        detected_s = time.monotonic() - killed_at
+    finally:
+        for host in hosts:
+            if host.poll() is None:
+                host.kill()
+    for reader in readers:
+        reader.join(timeout=10)
+    survivors = {host: "".join(logs[host]) for host in (0, 2)}
+    for host, code in codes.items():
+        assert code == ExitCode.RETRYABLE, f"host {host} exit {code}\n{survivors[host][-3000:]}"
+        assert "host(s) [1] did not arrive" in survivors[host], survivors[host][-3000:]
+    assert detected_s < BARRIER_TIMEOUT_S + 60
+    print(f"kill drill: the surviving hosts exited {detected_s:.1f}s after the kill (barrier timeout "
+          f"{BARRIER_TIMEOUT_S}s)")
+    assert outputs.read_manifest(str(out), 2) is None, "an interrupted inference step must not look complete"
 
-    killer = threading.Thread(target=kill_host_1_during_inference, daemon=True)
-    killer.start()
-    started = time.monotonic()
-    code = run_job_file(str(job), timeout_s=900)
-    killer.join(timeout=5)
-    assert killed.is_set(), "host 1 was never seen in inference"
-    assert code != 0
-    assert time.monotonic() - started < 600
-    assert outputs.read_manifest(out, 2) is None, "an interrupted inference step must not look complete"
-
-    assert run_job_file(str(job), timeout_s=900) == 0
-    reference = runs.get("fault-reference", 2, max_new_tokens=200, batch_size=2, ignore_eos=True)
-    assert completions(out) == completions(reference)
-    assert train_losses(out) == train_losses(reference)
-
-
-def _inference_started(output_dir: str) -> bool:
-    return storage.exists(storage.join(output_dir, "checkpoints", f"step_{2:08d}", "manifest.json"))
-
-
-def _worker_pid(job: Path, host: int) -> int | None:
-    """The local worker process of `host` for this job (found by its environment)."""
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/environ", "rb") as handle:
-                env = dict(item.split(b"=", 1) for item in handle.read().split(b"\0") if b"=" in item)
-        except OSError:
-            continue
-        if env.get(b"SIMPO_JOB_NAME") == job.stem.encode() and env.get(b"JAX_PROCESS_ID") == str(host).encode():
-            return int(entry)
-    return None
+    rerun = [checked(result) for result in run_workers(config, 3, 1)]
+    for result in rerun:
+        assert "training from step 2 to 7" in result.stderr, result.stderr[-3000:]
+    assert [r["step"] for r in storage.read_jsonl(storage.join(str(out), "metrics.jsonl")) if r["event"] == "train"] \
+        == list(range(1, STEPS + 1))
+    reference = runs.get("kill-drill-reference", 3, **inference)
+    assert completions(str(out)) == completions(reference)
+    assert train_losses(str(out)) == train_losses(reference)
+    mine, theirs = final_params(str(out)), final_params(reference)
+    assert mine.keys() == theirs.keys()
+    for key in theirs:
+        assert np.array_equal(mine[key], theirs[key]), key
 
 
 def test_outputs_to_gcs(workdir):

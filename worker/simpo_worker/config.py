@@ -190,8 +190,10 @@ class MeshConfig:
 class CheckpointConfig:
     """When training state is made durable (a restart resumes from the newest complete checkpoint)."""
 
-    every: Optional[int] = setting("Save every N steps; null: only at inference pauses and at the end.", None,
-                                   **POSITIVE)
+    every: Optional[int] = setting(
+        "Save every N steps (and at inference pauses, at the end, and on a termination notice); null: not "
+        "periodically. The default bounds the work a crash loses to minutes at the reference's step times without "
+        "making checkpoint writes a large share of the run.", 200, **POSITIVE)
     keep: int = setting("Checkpoints kept.", 2, **POSITIVE)
     at_eval: bool = setting("Save before each inference pause.", True)
 
