@@ -325,6 +325,7 @@ def test_every_cel_rule_rejects_what_it_should(cluster, operator):
         ("must be < 0.5", changed(base, "spec.config.simpo.label_smoothing", 0.5)),
         ("steps must be positive", changed(base, "spec.config.inference.eval_at_steps", [0])),
         ("steps must be unique", changed(base, "spec.config.inference.eval_at_steps", [2, 2])),
+        ("stop strings must not be empty", changed(base, "spec.config.inference.stop_tokens", ["\n", ""])),
         ("set exactly one of `prompts_file` or `synthetic_prompt_count`",
          changed(base, "spec.config.inference.prompts_file", "/p.jsonl")),
         ("set exactly one of `source` (pretrained weights) or `architecture`",

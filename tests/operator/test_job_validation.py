@@ -47,6 +47,8 @@ CASES = [
     (with_config(trainer__learning_rate=1.0), r"^spec\.config\.trainer\.learning_rate: unknown key"),
     (with_config(inference__eval_at_steps=[9]),
      r"^spec\.config\.inference\.eval_at_steps: a step is beyond the run \(trainer\.num_train_steps = 3\)"),
+    (with_config(inference__stop_tokens=["\n", ""]),
+     r"^spec\.config\.inference\.stop_tokens: stop strings must not be empty"),
 ]
 
 

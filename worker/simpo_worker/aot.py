@@ -29,6 +29,7 @@ counted above and the rest of that need as temporaries, and `refused` holding th
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -291,9 +292,10 @@ def _prompts_per_call(config: WorkerConfig, hosts: int) -> Optional[int]:
 def _plan_inference(plan: Plan, config: WorkerConfig, arch: ArchitectureConfig, target: Target, train_mesh: Mesh,
                     model_arrays, compute_dtype, resident: tuple[int, int]) -> None:
     inference = config.inference
-    # The stop ids come from the tokenizer at run time; they change no shape.
-    engine = Engine(arch, inference, arch.eos_token_ids or [0], compute_dtype=compute_dtype, mesh=train_mesh,
-                    local_devices=list(target.host_devices))
+    # The stop ids come from the tokenizer at run time, and stop strings are matched on the host: neither changes
+    # a program.
+    engine = Engine(arch, dataclasses.replace(inference, stop_tokens=[]), arch.eos_token_ids or [0],
+                    compute_dtype=compute_dtype, mesh=train_mesh, local_devices=list(target.host_devices))
     spec = engine.spec
     prompts = _prompts_per_call(config, target.process_count)
     wave = engine.largest_wave(prompts)

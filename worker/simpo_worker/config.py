@@ -278,7 +278,12 @@ class InferenceConfig:
     top_k: int = setting("0: off.", 0, **NON_NEGATIVE)
     top_p: float = setting("Nucleus sampling; 1: off.", 1.0, minimum=0, maximum=1, exclusive_minimum=True)
     ignore_eos: bool = setting("Generate exactly max_new_tokens (fixed-size benchmarks).", False)
-    stop_tokens: list[str] = setting("Extra stop strings.", default_factory=list)
+    stop_tokens: list[str] = setting(
+        "Stop strings, besides the tokenizer's end-of-generation tokens: a completion ends at the first token after "
+        "which its text (special tokens left out) contains one of them; its text is cut just after that string "
+        "(the string included; the tokens keep the one that completed it) and its finish_reason is stop.",
+        default_factory=list, rules=(
+            Rule("self.all(s, size(s) > 0)", lambda strings: all(strings), "stop strings must not be empty"),))
     seed: Optional[int] = setting("Sampling seed; default trainer.seed.", None)
 
     RULES: ClassVar = (

@@ -5,12 +5,13 @@ How a call runs:
 - The prompts are cut into waves of at most `inference.batch_size` slots. A wave is right-padded to a length
   bucket and prefilled in one forward; then a `lax.while_loop` decodes up to `CHUNK_STEPS` tokens per call and
   stops early once every sequence has finished. Between chunks the host only reads a few flags (and reports
-  progress). A wave ends when its longest sequence ends. Once at most half of its rows still decode, the
-  finished rows' results are kept and the batch is compacted to the next smaller bucket (cache rows included),
-  so a long tail costs the compute and memory of its own rows, not of the whole wave. Waves, not continuous
-  refill: `row_steps` counts the batch rows x steps run, so generated tokens / row_steps bounds what refilling
-  finished slots could win back (bench/README.md has the measured share), and in the reference workflow each
-  host holds a single wave anyway.
+  progress); with inference.stop_tokens it also reads the new tokens, and a row whose text now holds a stop string
+  is marked finished as on EOS (stop_strings.py). A wave ends when its longest sequence ends. Once at most half of
+  its rows still decode, the finished rows' results are kept and the batch is compacted to the next smaller bucket
+  (cache rows included), so a long tail costs the compute and memory of its own rows, not of the whole wave.
+  Waves, not continuous refill: `row_steps` counts the batch rows x steps run, so generated tokens / row_steps
+  bounds what refilling finished slots could win back (bench/README.md has the measured share), and in the
+  reference workflow each host holds a single wave anyway.
 - Every shape is bucketed (batch: power of two up to batch_size; prompt length: multiples of PROMPT_BUCKET;
   attention window: see WINDOW_BUCKET), so a second call with similar prompts compiles nothing.
   `compilations` counts traces of the engine's jitted programs.
@@ -33,6 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -46,6 +48,8 @@ from simpo_worker.errors import ConfigError, DataError
 from simpo_worker.mesh import state_shardings
 from simpo_worker.model import Llama
 from simpo_worker.sampling import SamplingParams
+from simpo_worker.stop_strings import StopStringMatcher
+from simpo_worker.tokenizer import Tokenizer
 
 # Decode steps per jitted call: the host checks for "all finished" and reports progress this often.
 CHUNK_STEPS = 64
@@ -61,9 +65,13 @@ WINDOW_ROW_SLOTS = 2048
 @dataclass
 class Completion:
     global_prompt_index: int
-    # Generated tokens, including the stop token when finish_reason is "stop" (as HF generate and vLLM).
+    # Generated tokens, including the stop token when finish_reason is "stop" (as HF generate and vLLM), or the
+    # token that completed a stop string.
     token_ids: list[int]
     finish_reason: str  # "stop" | "length"
+    # The text of token_ids (special tokens left out), ending with the stop string if one stopped the row
+    # (stop_strings.py); None from an engine without a tokenizer.
+    text: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -82,12 +90,17 @@ class WaveShapes:
 
 class Engine:
     def __init__(self, arch: ArchitectureConfig, inference: InferenceConfig, eos_token_ids: list[int],
-                 compute_dtype=jnp.float32, mesh: Optional[Mesh] = None, local_devices: Optional[list] = None):
+                 compute_dtype=jnp.float32, mesh: Optional[Mesh] = None, local_devices: Optional[list] = None,
+                 tokenizer: Optional[Tokenizer] = None):
         """`local_devices`: this host's devices (default jax.local_devices()); `simpo-interleave plan` passes
-        one host's devices of the slice it compiles for."""
+        one host's devices of the slice it compiles for. `tokenizer`: gives completions their text, and is
+        needed for inference.stop_tokens."""
         self.arch = arch
         self.inference = inference
         self.compute_dtype = compute_dtype
+        if inference.stop_tokens and tokenizer is None:
+            raise ConfigError("inference.stop_tokens: stop strings need the engine to have the tokenizer")
+        self.tokenizer = tokenizer
         stop_ids = tuple(sorted(set(eos_token_ids)))
         if not stop_ids and not inference.ignore_eos:
             raise ConfigError("inference: no EOS / stop token ids for the engine; set ignore_eos or give the "
@@ -218,12 +231,15 @@ class Engine:
         state = self._prefill(self.spec, weights, put(tokens), put(lengths), put(global_index), put(active),
                               jnp.int32(step), jnp.int32(seed), window=window)
         rows = np.arange(slots)  # the wave row (prompt) that each batch row holds
+        matchers = [StopStringMatcher(self.tokenizer, inf.stop_tokens) for _ in range(n)] if inf.stop_tokens else []
         results: dict[int, Completion] = {}
         stepped_rows, stepped_from = slots, 0  # the prefill sampled one token in every slot
         while True:
             generated, done, counts = _to_host(state.generated), _to_host(state.done), _to_host(state.counts)
             self.row_steps += stepped_rows * (int(generated) - stepped_from)
             real = rows < n
+            if matchers:
+                state, done, counts = self._stop_on_strings(state, rows, real, matchers, done, counts)
             held = set(rows[real].tolist())
             progress(len(set(results) - held) + int((done & real).sum()),
                      sum(len(c.token_ids) for r, c in results.items() if r not in held) + int(counts[real].sum()))
@@ -234,7 +250,7 @@ class Engine:
             if smaller < len(rows):
                 # At most half the rows still decode: keep the finished ones' results and go on with a smaller
                 # batch (finished rows would otherwise cost a full row of compute and cache every step).
-                self._collect(state, rows, done & real, indices, results)
+                self._collect(state, rows, done & real, indices, matchers, results)
                 keep = np.concatenate([live, np.flatnonzero(done)[:smaller - len(live)]]).astype(np.int32)
                 state = self._compact(self.spec, state, self._place(keep, P()))
                 self.compactions += 1
@@ -247,17 +263,42 @@ class Engine:
             stepped_rows, stepped_from = len(rows), int(generated)
             state = self._decode(self.spec, weights, state, jnp.int32(stop_at))
 
-        self._collect(state, rows, rows < n, indices, results)
+        self._collect(state, rows, rows < n, indices, matchers, results)
         return [results[row] for row in range(n)]
 
-    @staticmethod
-    def _collect(state: DecodeState, rows: np.ndarray, mask: np.ndarray, indices, results: dict) -> None:
+    def _stop_on_strings(self, state: DecodeState, rows: np.ndarray, real: np.ndarray,
+                         matchers: list[StopStringMatcher], done: np.ndarray, counts: np.ndarray):
+        """Feeds each row's new tokens to its matcher. A row whose text now holds a stop string ends at the token
+        that completed it (tokens after it in the chunk are dropped) and is marked done and stopped on the
+        device, so it leaves the batch as on EOS. In global_mesh mode every host computes the same marks from the
+        same (replicated) tokens."""
+        out = _to_host(state.out)
+        hit = np.zeros(len(rows), bool)
+        counts = counts.copy()
+        for b in np.flatnonzero(real):
+            matcher = matchers[rows[b]]
+            if matcher.text_end is None and matcher.feed(out[b, matcher.tokens:counts[b]].tolist()):
+                hit[b] = True
+                counts[b] = matcher.tokens
+        if not hit.any():
+            return state, done, counts
+        done, stopped = done | hit, _to_host(state.stopped) | hit
+        state = eqx.tree_at(lambda s: (s.counts, s.done, s.stopped), state,
+                            (self._place(counts), self._place(done), self._place(stopped)))
+        return state, done, counts
+
+    def _collect(self, state: DecodeState, rows: np.ndarray, mask: np.ndarray, indices,
+                 matchers: list[StopStringMatcher], results: dict) -> None:
         """Completions of the batch rows in `mask`, keyed by their wave row."""
         out, counts, stopped = _to_host(state.out), _to_host(state.counts), _to_host(state.stopped)
         for b in np.flatnonzero(mask):
-            results[int(rows[b])] = Completion(global_prompt_index=int(indices[rows[b]]),
-                                               token_ids=out[b, :counts[b]].tolist(),
-                                               finish_reason="stop" if stopped[b] else "length")
+            row = int(rows[b])
+            token_ids = out[b, :counts[b]].tolist()
+            text = None if self.tokenizer is None else self.tokenizer.decode(token_ids, skip_special_tokens=True)
+            if matchers and matchers[row].text_end is not None:
+                text = text[:matchers[row].text_end]
+            results[row] = Completion(global_prompt_index=int(indices[row]), token_ids=token_ids,
+                                      finish_reason="stop" if stopped[b] else "length", text=text)
 
     def _window(self, longest_prompt: int, generated_by: int, rows: int) -> int:
         """Cache slots needed until `generated_by` tokens exist (the last one fed sits at position

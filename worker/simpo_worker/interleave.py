@@ -44,12 +44,11 @@ log = logging.getLogger(__name__)
 
 
 class InterleavedRun:
-    def __init__(self, config: WorkerConfig, trainer: Trainer, engine: Engine, tokenizer, prompts: PromptSet,
+    def __init__(self, config: WorkerConfig, trainer: Trainer, engine: Engine, prompts: PromptSet,
                  reporter: ProgressReporter, metrics: MetricsWriter, notice: TerminationNotice | None = None):
         self.config = config
         self.trainer = trainer
         self.engine = engine
-        self.tokenizer = tokenizer
         self.prompts = prompts
         self.reporter = reporter
         self.metrics = metrics
@@ -136,7 +135,7 @@ class InterleavedRun:
             "process_count": process_count,
             "global_prompt_index": c.global_prompt_index,
             "prompt": self.prompts.texts[c.global_prompt_index],
-            "completion": self.tokenizer.decode(c.token_ids, skip_special_tokens=True),
+            "completion": c.text,
             "completion_tokens": len(c.token_ids),
             "finish_reason": c.finish_reason,
         } for c in sorted(completions, key=lambda c: c.global_prompt_index)]
@@ -207,6 +206,7 @@ def build_run(config: WorkerConfig, reporter: ProgressReporter | None = None,
     trainer = Trainer(config, model, tokenizer, mesh)
     del model  # donated into the training state
     engine = Engine(trainer.model.config, config.inference, tokenizer.eos_token_ids,
-                    compute_dtype=COMPUTE_DTYPES[config.trainer.compute_dtype], mesh=trainer.mesh)
-    return InterleavedRun(config, trainer, engine, tokenizer, prompts,
+                    compute_dtype=COMPUTE_DTYPES[config.trainer.compute_dtype], mesh=trainer.mesh,
+                    tokenizer=tokenizer)
+    return InterleavedRun(config, trainer, engine, prompts,
                           reporter or reporter_from_env(), MetricsWriter(config.output_dir), notice)
