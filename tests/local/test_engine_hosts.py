@@ -1,5 +1,6 @@
 """The inference engine across real local host processes: the same completions on 1, 2 or 4 hosts, with one or two
-devices per host, in both placements, from params FSDP-sharded the way training holds them."""
+devices per host, in both placements, from params FSDP-sharded the way training holds them, and with stop
+strings."""
 
 from __future__ import annotations
 
@@ -13,6 +14,10 @@ import pytest
 from local_hosts import host_envs
 from model_goldens import TINY_LLAMA_DIR
 from simpo_interleave.host_processes import run_host_processes
+from simpo_worker.config import InferenceConfig
+from simpo_worker.engine import Engine
+from simpo_worker.hf_weights import load_hf_model
+from simpo_worker.tokenizer import load_tokenizer
 
 SAMPLED = {"temperature": 0.9, "top_k": 50, "top_p": 0.95}
 
@@ -31,6 +36,7 @@ HOST_SCRIPT = textwrap.dedent("""
     from simpo_worker.hf_weights import load_hf_model
     from simpo_worker.mesh import make_mesh, place, state_shardings
     from simpo_worker.prompts import host_shard
+    from simpo_worker.tokenizer import load_tokenizer
 
     mode, out_dir, model_dir = sys.argv[1], sys.argv[2], sys.argv[3]
     settings = json.loads(sys.argv[4])
@@ -39,7 +45,9 @@ HOST_SCRIPT = textwrap.dedent("""
     mesh = make_mesh(MeshConfig(data=1, fsdp=-1))
     # The params as training holds them: FSDP-sharded over every device of every host.
     model = place(model, state_shardings(model, mesh))
-    engine = Engine(model.config, InferenceConfig(mode=mode, **settings), eos_token_ids=[2], mesh=mesh)
+    tokenizer = load_tokenizer("smollm2") if settings.get("stop_tokens") else None
+    engine = Engine(model.config, InferenceConfig(mode=mode, **settings), eos_token_ids=[2], mesh=mesh,
+                    tokenizer=tokenizer)
     if mode == "global_mesh":
         indices = list(range(len(prompts)))
     else:
@@ -49,7 +57,7 @@ HOST_SCRIPT = textwrap.dedent("""
                                   progress=lambda prompts_done, tokens: done.append(prompts_done))
     assert done[-1:] == ([len(indices)] if indices else []), done
     with open(f"{out_dir}/host_{jax.process_index()}.json", "w") as f:
-        json.dump({c.global_prompt_index: [c.token_ids, c.finish_reason] for c in completions}, f)
+        json.dump({c.global_prompt_index: [c.token_ids, c.finish_reason, c.text] for c in completions}, f)
 """)
 
 
@@ -95,3 +103,31 @@ def test_same_completions_on_1_2_4_hosts_and_both_placements(tmp_path):
     # Two local devices per host: the replica's batch is split over them.
     assert run_hosts(tmp_path, "host_data_parallel", 2, 2, settings, prompts) == one
     assert run_hosts(tmp_path, "global_mesh", 2, 1, settings, prompts) == one
+
+
+@pytest.mark.multiprocess
+def test_stop_strings_end_the_same_rows_on_every_host(tmp_path):
+    """Stop strings are matched on the host, between chunks: in global_mesh mode every host must end the same rows
+    at the same token (or their programs part ways). 2 hosts against one process, the tiny model's sampled tokens
+    read as SmolLM2 text."""
+    model, tokenizer = load_hf_model(str(TINY_LLAMA_DIR)), load_tokenizer("smollm2")
+    prompts = prompts_of([4, 9, 30, 12, 7, 19], 256)
+    settings = {"max_new_tokens": 20, "max_prompt_len": 32, "batch_size": 4, **SAMPLED}
+
+    def one_process(stop_tokens: list[str]) -> dict:
+        engine = Engine(model.config, InferenceConfig(**settings, stop_tokens=stop_tokens), eos_token_ids=[2],
+                        tokenizer=tokenizer)
+        completions = engine.generate(model, prompts, list(range(len(prompts))), step=4, seed=11)
+        return {str(c.global_prompt_index): [c.token_ids, c.finish_reason, c.text] for c in completions}
+
+    plain = one_process([])
+    # Two printable ASCII characters from the second half of two completions' texts.
+    stops = [next(text[i:i + 2] for i in range(len(text) // 2, len(text) - 1)
+                  if text[i:i + 2].isascii() and text[i:i + 2].isprintable())
+             for text in (plain["0"][2], plain["1"][2])]
+    stopped = one_process(stops)
+    for row, (token_ids, reason, text) in stopped.items():
+        assert plain[row][0][:len(token_ids)] == token_ids
+        assert (reason, text) == (plain[row][1], plain[row][2]) or (reason == "stop" and text.endswith(tuple(stops)))
+    assert stopped["0"][2] != plain["0"][2] and stopped["1"][2] != plain["1"][2]
+    assert run_hosts(tmp_path, "global_mesh", 2, 1, {**settings, "stop_tokens": stops}, prompts) == stopped

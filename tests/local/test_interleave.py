@@ -130,6 +130,7 @@ def test_flow_covers_every_prompt_once(runs, hosts, mode):
     assert sorted(row["global_prompt_index"] for row in rows) == list(range(NUM_PROMPTS))
     assert all(row["finish_reason"] in ("stop", "length") and 0 < row["completion_tokens"] <= 12 for row in rows)
     assert all(row["finish_reason"] == "stop" or row["completion_tokens"] == 12 for row in rows)
+    assert all(isinstance(row["completion"], str) for row in rows)  # the engine's text
     assert manifest["completion_tokens"] == sum(row["completion_tokens"] for row in rows)
     assert sum(manifest["finish_reasons"].values()) == NUM_PROMPTS
     assert sum(host["prompts"] for host in manifest["per_host"]) == NUM_PROMPTS
