@@ -52,14 +52,21 @@ def write_config(config: dict) -> Path:
     return path
 
 
-def run_worker(config: dict, *args: str, devices: int = 1, timeout: int = 300,
-               env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    path = write_config(config)
+def worker_command(config: dict, *args: str) -> list[str]:
+    return [sys.executable, "-m", "simpo_interleave.cli", "worker", "--config", str(write_config(config)), *args]
+
+
+def worker_env(devices: int = 1, env: dict[str, str] | None = None) -> dict[str, str]:
     # The device count is fixed when jax starts, hence a process per mesh size.
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", **(env or {})}
     env.pop("JAX_NUM_PROCESSES", None)
-    return subprocess.run([sys.executable, "-m", "simpo_interleave.cli", "worker", "--config", str(path), *args],
-                          env=env, capture_output=True, text=True, timeout=timeout)
+    return env
+
+
+def run_worker(config: dict, *args: str, devices: int = 1, timeout: int = 300,
+               env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(worker_command(config, *args), env=worker_env(devices, env), capture_output=True,
+                          text=True, timeout=timeout)
 
 
 def checked(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:

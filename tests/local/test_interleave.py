@@ -163,18 +163,18 @@ def test_resume_is_exact(runs):
 
 
 def test_host_killed_while_decoding_is_detected_by_the_others_and_the_rerun_resumes_from_the_pause(runs, workdir):
-    """The kill drill. 3 hosts, 5 prompts decoded one at a time (shards of 2, 2 and 1), 200 tokens each. Host 1 is
-    SIGKILLed while decoding: after it reported a decode chunk, once host 2 (one prompt) has written its shard.
-    Nothing else is stopped: hosts 0 and 2 must find out by themselves (the pause's barrier names the absent host)
+    """The kill drill. 4 hosts, 7 prompts decoded one at a time (shards of 2, 2, 2 and 1), 200 tokens each. Host 1
+    is SIGKILLed while decoding: after it reported a decode chunk, once host 3 (one prompt) has written its shard.
+    Nothing else is stopped: hosts 0, 2 and 3 must find out by themselves (the pause's barrier names the absent host)
     and exit retryable in bounded time. The rerun resumes from the pause's checkpoint at step 2 (its logs say so;
     steps 1-2 are not trained again) and ends with the outputs and params of an uninterrupted run."""
     prompts = workdir / "five_prompts.jsonl"
-    prompts.write_text("".join(line + "\n" for line in (workdir / "prompts.jsonl").read_text().splitlines()[:5]))
+    prompts.write_text("".join(line + "\n" for line in (workdir / "prompts.jsonl").read_text().splitlines()[:7]))
     inference = {"prompts_file": str(prompts), "max_new_tokens": 200, "batch_size": 1, "ignore_eos": True}
     out = workdir / "kill-drill"
     config = job_config(workdir, str(out), **inference)
     config["distributed"]["barrier_timeout_s"] = BARRIER_TIMEOUT_S
-    hosts = start_workers(config, 3, 1)
+    hosts = start_workers(config, 4, 1)
     logs: list[list[str]] = [[] for _ in hosts]
     decoded_a_chunk = threading.Event()
 
@@ -183,18 +183,18 @@ def test_host_killed_while_decoding_is_detected_by_the_others_and_the_rerun_resu
             logs[host].append(line)
             if host == 1 and re.search(r"inference at step 2: \d+/2 prompts done, [1-9]\d* tokens", line):
                 decoded_a_chunk.set()
-    readers = [threading.Thread(target=read, args=(host,), daemon=True) for host in range(3)]
+    readers = [threading.Thread(target=read, args=(host,), daemon=True) for host in range(4)]
     for reader in readers:
         reader.start()
     try:
         deadline = time.monotonic() + 600
-        while not (decoded_a_chunk.is_set() and storage.exists(outputs.host_shard_path(str(out), 2, 2, 3))):
-            assert time.monotonic() < deadline and hosts[1].poll() is None, "host 1 never decoded past host 2's shard"
+        while not (decoded_a_chunk.is_set() and storage.exists(outputs.host_shard_path(str(out), 2, 3, 4))):
+            assert time.monotonic() < deadline and hosts[1].poll() is None, "host 1 never decoded past host 3's shard"
             time.sleep(0.05)
-        assert not storage.exists(outputs.host_shard_path(str(out), 2, 1, 3)), "host 1 finished before the kill"
+        assert not storage.exists(outputs.host_shard_path(str(out), 2, 1, 4)), "host 1 finished before the kill"
         hosts[1].send_signal(signal.SIGKILL)
         killed_at = time.monotonic()
-        codes = {host: hosts[host].wait(timeout=BARRIER_TIMEOUT_S + 120) for host in (0, 2)}
+        codes = {host: hosts[host].wait(timeout=BARRIER_TIMEOUT_S + 120) for host in (0, 2, 3)}
         detected_s = time.monotonic() - killed_at
     finally:
         for host in hosts:
@@ -202,21 +202,25 @@ def test_host_killed_while_decoding_is_detected_by_the_others_and_the_rerun_resu
                 host.kill()
     for reader in readers:
         reader.join(timeout=10)
-    survivors = {host: "".join(logs[host]) for host in (0, 2)}
+    survivors = {host: "".join(logs[host]) for host in (0, 2, 3)}
+    # The first to time out at the pause's barrier exits RETRYABLE naming the absent; when that is the leader, the
+    # coordination service it hosts goes with it and JAX aborts the rest (SIGABRT: 134 in a pod, also retryable).
     for host, code in codes.items():
-        assert code == ExitCode.RETRYABLE, f"host {host} exit {code}\n{survivors[host][-3000:]}"
-        assert "host(s) [1] did not arrive" in survivors[host], survivors[host][-3000:]
+        assert code in (ExitCode.RETRYABLE, -signal.SIGABRT), f"host {host} exit {code}\n{survivors[host][-3000:]}"
+    named = [host for host in codes if re.search(r"host\(s\) \[[0-9, ]*\b1\b[0-9, ]*\] did not arrive",
+                                                    survivors[host])]
+    assert named and all(codes[host] == ExitCode.RETRYABLE for host in named), survivors
     assert detected_s < BARRIER_TIMEOUT_S + 60
     print(f"kill drill: the surviving hosts exited {detected_s:.1f}s after the kill (barrier timeout "
-          f"{BARRIER_TIMEOUT_S}s)")
+          f"{BARRIER_TIMEOUT_S}s), codes {codes}, host(s) {named} named host 1")
     assert outputs.read_manifest(str(out), 2) is None, "an interrupted inference step must not look complete"
 
-    rerun = [checked(result) for result in run_workers(config, 3, 1)]
+    rerun = [checked(result) for result in run_workers(config, 4, 1, timeout=900)]
     for result in rerun:
         assert "training from step 2 to 7" in result.stderr, result.stderr[-3000:]
     assert [r["step"] for r in storage.read_jsonl(storage.join(str(out), "metrics.jsonl")) if r["event"] == "train"] \
         == list(range(1, STEPS + 1))
-    reference = runs.get("kill-drill-reference", 3, **inference)
+    reference = runs.get("kill-drill-reference", 4, **inference)
     assert completions(str(out)) == completions(reference)
     assert train_losses(str(out)) == train_losses(reference)
     mine, theirs = final_params(str(out)), final_params(reference)

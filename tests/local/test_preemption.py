@@ -5,6 +5,7 @@ AdamW moments, each host's shards) is array-equal, and so is every loss."""
 from __future__ import annotations
 
 import signal
+import subprocess
 import tempfile
 import threading
 from functools import cache
@@ -14,8 +15,10 @@ import numpy as np
 import pytest
 
 from local_hosts import run_workers, start_workers
+from simpo_worker import outputs, storage
 from simpo_worker.api import ExitCode
-from worker_runs import checked, checkpoint_arrays, tiny_config, train_records
+from worker_runs import (checked, checkpoint_arrays, run_worker, tiny_config, train_records, worker_command,
+                         worker_env)
 
 pytestmark = pytest.mark.multiprocess
 
@@ -32,7 +35,7 @@ def config(output_dir) -> dict:
 @cache
 def straight_two_hosts() -> Path:
     out = Path(tempfile.mkdtemp(prefix="simpo-straight-2-")) / "run"
-    for result in run_workers(config(out), 2, 2):
+    for result in run_workers(config(out), 2, 2, timeout=900):
         checked(result)
     return out
 
@@ -48,9 +51,9 @@ def assert_equals_straight_run(out: Path) -> None:
 
 def test_stopped_and_restarted_equals_straight(tmp_path):
     out = tmp_path / "run"
-    for result in run_workers(config(out), 2, 2, "--stop-at-step", "3"):
+    for result in run_workers(config(out), 2, 2, "--stop-at-step", "3", timeout=900):
         checked(result)
-    for result in run_workers(config(out), 2, 2):
+    for result in run_workers(config(out), 2, 2, timeout=900):
         checked(result)
         assert f"training from step 3 to {STEPS}" in result.stderr
     assert_equals_straight_run(out)
@@ -72,7 +75,7 @@ def test_sigterm_mid_train_checkpoints_exits_retryable_and_resumes_exactly(tmp_p
     watcher = threading.Thread(target=signal_host_1_after_step_2, daemon=True)
     watcher.start()
     try:
-        codes = [host.wait(timeout=300) for host in hosts]
+        codes = [host.wait(timeout=900) for host in hosts]
     finally:
         for host in hosts:
             if host.poll() is None:
@@ -87,8 +90,50 @@ def test_sigterm_mid_train_checkpoints_exits_retryable_and_resumes_exactly(tmp_p
     assert [r["step"] for r in train_records(out)] == list(range(1, stopped + 1))
     assert (out / "checkpoints" / f"step_{stopped:08d}" / "manifest.json").exists()
 
-    for result in run_workers(config(out), 2, 2):
+    for result in run_workers(config(out), 2, 2, timeout=900):
         checked(result)
         assert f"training from step {stopped} to {STEPS}" in result.stderr
     assert_equals_straight_run(out)
 
+
+
+def test_sigterm_during_an_inference_pause_stops_decoding_and_the_rerun_redoes_the_pause(tmp_path):
+    """One process, SIGTERM once decoding at the step-2 pause has reported progress: decoding stops at the next
+    chunk, the exit is PREEMPTED, and the pause's own checkpoint is the resume point; the rerun redoes the pause
+    whole and ends like a run that was never stopped."""
+    inference = {"eval_at_steps": [2], "synthetic_prompt_count": 3, "max_new_tokens": 512, "ignore_eos": True,
+                 "batch_size": 1, "max_prompt_len": 64}
+
+    def paused_config(out):
+        return tiny_config(out, **{"inference": inference, "trainer.checkpoint": {"every": None}})
+    out = tmp_path / "run"
+    worker = subprocess.Popen(worker_command(paused_config(out)), env=worker_env(), stderr=subprocess.PIPE, text=True)
+    log = []
+    try:
+        for line in worker.stderr:
+            log.append(line)
+            if "stage='infer'" in line and worker.poll() is None:
+                worker.send_signal(signal.SIGTERM)
+                break
+        log += worker.stderr.readlines()
+        code = worker.wait(timeout=900)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    text = "".join(log)
+    assert code == ExitCode.PREEMPTED, text[-3000:]
+    assert "during the inference pause at step 2; the restart resumes from step 2" in text, text[-3000:]
+    assert outputs.read_manifest(str(out), 2) is None
+
+    rerun = checked(run_worker(paused_config(out), timeout=900))
+    assert "training from step 2 to 7" in rerun.stderr
+    straight = tmp_path / "straight"
+    checked(run_worker(paused_config(straight), timeout=900))
+    assert read_completions(out) == read_completions(straight)
+    assert [r["loss"] for r in train_records(out)] == [r["loss"] for r in train_records(straight)]
+    for key, array in checkpoint_arrays(straight, 7).items():
+        assert np.array_equal(checkpoint_arrays(out, 7)[key], array), key
+
+
+def read_completions(out) -> list[dict]:
+    return storage.read_jsonl(outputs.host_shard_path(str(out), 2, 0, 1))
