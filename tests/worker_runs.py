@@ -1,6 +1,5 @@
 """Helpers for tests that run the real worker entry point (`simpo-interleave worker`) in subprocesses."""
 
-import json
 import os
 import subprocess
 import sys
@@ -12,6 +11,7 @@ import numpy as np
 import pytest
 import yaml
 
+from simpo_worker import outputs
 from simpo_worker.make_preference_data import main as make_preference_data
 
 TINY_MODEL = {"vocab_size": 49152, "hidden_size": 32, "intermediate_size": 64, "num_layers": 2, "num_heads": 4,
@@ -75,8 +75,7 @@ def checked(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 
 
 def train_records(output_dir) -> list[dict]:
-    lines = (Path(output_dir) / "metrics.jsonl").read_text().splitlines()
-    return [row for row in map(json.loads, lines) if row["event"] == "train"]
+    return [row for row in outputs.read_metrics(str(output_dir)) if row["event"] == "train"]
 
 
 def checkpoint_arrays(output_dir, step: int) -> dict[str, np.ndarray]:

@@ -95,7 +95,7 @@ def demo_job(data_dir: Path, output_dir: Path, small: bool, hosts: int) -> dict[
 
 def summary(output_dir: str) -> str:
     """What a person wants to see after the run: losses, the pause, where the files are."""
-    records = storage.read_jsonl(storage.join(output_dir, "metrics.jsonl"))
+    records = outputs.read_metrics(output_dir)
     train = [r for r in records if r.get("event") == "train"]
     lines = [f"outputs: {output_dir}", "", "step  loss     reward-acc  margin   step-s  compilations"]
     for r in train:

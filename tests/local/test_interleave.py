@@ -91,7 +91,7 @@ def runs(workdir) -> Runs:
 
 
 def train_losses(output_dir: str) -> list[float]:
-    records = storage.read_jsonl(storage.join(output_dir, "metrics.jsonl"))
+    records = outputs.read_metrics(output_dir)
     train = [r for r in records if r["event"] == "train"]
     assert [r["step"] for r in train] == list(range(1, STEPS + 1))
     return [r["loss"] for r in train]
@@ -134,7 +134,7 @@ def test_flow_covers_every_prompt_once(runs, hosts, mode):
     assert manifest["completion_tokens"] == sum(row["completion_tokens"] for row in rows)
     assert sum(manifest["finish_reasons"].values()) == NUM_PROMPTS
     assert sum(host["prompts"] for host in manifest["per_host"]) == NUM_PROMPTS
-    train = [r for r in storage.read_jsonl(storage.join(out, "metrics.jsonl")) if r["event"] == "train"]
+    train = [r for r in outputs.read_metrics(out) if r["event"] == "train"]
     # Resuming reuses the compiled train step: compiled once in the whole run.
     assert {r["train_step_compilations"] for r in train} == {1}
 
@@ -260,7 +260,7 @@ def test_bad_input_fails_before_training(workdir, capfd, change, code, message):
     assert _run_cli_local(job) == code
     captured = capfd.readouterr()
     assert message in captured.out + captured.err
-    assert not os.path.exists(out / "metrics.jsonl")
+    assert outputs.read_metrics(str(out)) == []
 
 
 def test_unwritable_output_dir(workdir, capfd):

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from simpo_worker import outputs
 from simpo_worker.checkpoint import complete_steps
 from worker_runs import (checked, checkpoint_arrays, preference_files, run_worker, straight_run, tiny_config,
                          train_records)
@@ -89,4 +90,4 @@ def test_bad_input_exit_codes(tmp_path, case, code, message):
     assert re.search(message.format(file=re.escape(str(file)), missing=re.escape(missing)), stderr), stderr[-2000:]
     # Nothing half-done looks complete: no checkpoint, no metrics.
     assert complete_steps(str(output_dir / "checkpoints")) == []
-    assert not (output_dir / "metrics.jsonl").exists()
+    assert outputs.read_metrics(str(output_dir)) == []

@@ -7,6 +7,7 @@ import pytest
 
 from simpo_worker import outputs, storage
 from simpo_worker.errors import DataError, OutputError
+from simpo_worker.metrics import MetricsWriter
 
 
 def row(step, host, hosts, index, tokens=3, reason="stop"):
@@ -72,6 +73,7 @@ def test_gcs_through_the_emulator(monkeypatch):
         manifest = outputs.build_manifest(out, 2, 2, 1, [{"generate_seconds": 1.0}], {})
         storage.write_atomic(outputs.manifest_path(out, 2), json.dumps(manifest))
         assert outputs.read_manifest(out, 2)["completion_tokens"] == 10
-        storage.append_line(storage.join(out, "metrics.jsonl"), {"step": 1})
-        storage.append_line(storage.join(out, "metrics.jsonl"), {"step": 2})
-        assert storage.read_jsonl(storage.join(out, "metrics.jsonl")) == [{"step": 1}, {"step": 2}]
+        writer = MetricsWriter(out)
+        writer.write({"step": 1})
+        writer.write({"step": 2})
+        assert outputs.read_metrics(out) == [{"step": 1}, {"step": 2}]

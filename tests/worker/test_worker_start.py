@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from model_goldens import TINY_LLAMA_DIR
-from simpo_worker import api
+from simpo_worker import api, outputs
 from simpo_worker.api import ExitCode
 from worker_runs import run_worker, tiny_config
 
@@ -19,7 +17,7 @@ def test_a_request_past_a_checkpoints_context_fails_before_training(tmp_path):
     assert result.returncode == ExitCode.BAD_CONFIG, result.stderr[-3000:]
     assert "max_prompt_len 64 + max_new_tokens 600 exceeds the context of" in result.stderr
     assert "(max_position_embeddings 512)" in result.stderr
-    assert not (Path(tmp_path / "run") / "metrics.jsonl").exists()  # no train step ran
+    assert outputs.read_metrics(str(tmp_path / "run")) == []  # no train step ran
 
 
 def test_a_pod_without_its_tpu_environment_fails_at_once_naming_the_counts(tmp_path):
@@ -29,4 +27,4 @@ def test_a_pod_without_its_tpu_environment_fails_at_once_naming_the_counts(tmp_p
     result = run_worker(config, env={api.ENV_NUM_SLICES: "1", api.ENV_HOSTS_PER_SLICE: "4", api.ENV_HOST_INDEX: "2"})
     assert result.returncode == ExitCode.BAD_CONFIG, result.stderr[-3000:]
     assert "jax.distributed has 1 process(es), the job has 4 hosts" in result.stderr
-    assert not (Path(tmp_path / "run") / "metrics.jsonl").exists()
+    assert outputs.read_metrics(str(tmp_path / "run")) == []

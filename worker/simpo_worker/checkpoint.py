@@ -28,7 +28,7 @@ import numpy as np
 from simpo_worker import distributed
 from simpo_worker.errors import ConfigError, OutputError
 from simpo_worker.mesh import from_regions
-from simpo_worker.storage import exists, join, read_text, write_atomic
+from simpo_worker.storage import exists, join, list_names, read_text, remove, retrying, write_atomic
 
 MANIFEST = "manifest.json"
 STEP_DIR = re.compile(r"step_(\d{8})$")
@@ -47,12 +47,9 @@ def step_dir(directory: str, step: int) -> str:
 
 def complete_steps(directory: str) -> list[int]:
     """Steps with a complete checkpoint (manifest present), ascending."""
-    fs, path = fsspec.core.url_to_fs(directory)
-    if not fs.exists(path):
-        return []
     steps = []
-    for entry in fs.ls(path, detail=False):
-        match = STEP_DIR.search(entry.rstrip("/"))
+    for name in list_names(directory):
+        match = STEP_DIR.fullmatch(name)
         if match and exists(join(step_dir(directory, int(match.group(1))), MANIFEST)):
             steps.append(int(match.group(1)))
     return sorted(steps)
@@ -77,9 +74,8 @@ class Checkpointer:
         if exists(join(target, MANIFEST)):
             return  # this exact state is already durable
         self._barrier(f"{tag}-checked")
-        fs, path = fsspec.core.url_to_fs(target)
-        if distributed.is_leader() and fs.exists(path):
-            fs.rm(path, recursive=True)  # a half-written leftover of an earlier attempt
+        if distributed.is_leader():
+            remove(target, recursive=True)  # a half-written leftover of an earlier attempt, if any
         self._barrier(f"{tag}-clean")
         leaves = jax.tree.leaves(arrays)
         me, count = jax.process_index(), jax.process_count()
@@ -90,7 +86,7 @@ class Checkpointer:
                     shards[_shard_key(number, shard.index, leaf.shape)] = np.asarray(shard.data)
         buffer = io.BytesIO()
         np.savez(buffer, **shards)
-        _write_bytes(join(target, _process_file(me, count)), buffer.getvalue())
+        write_atomic(join(target, _process_file(me, count)), buffer.getvalue(), "checkpoint shard")
         self._barrier(f"{tag}-written")
         if distributed.is_leader():
             manifest = {"step": info.step, "data_position": info.data_position, "seed": info.seed,
@@ -145,9 +141,8 @@ class Checkpointer:
         """Keep the newest `keep` complete checkpoints; the manifest goes first so a partial delete is invisible."""
         for old in complete_steps(self.directory)[:-self.keep]:
             target = step_dir(self.directory, old)
-            fs, path = fsspec.core.url_to_fs(target)
-            fs.rm(join(path, MANIFEST))
-            fs.rm(path, recursive=True)
+            remove(join(target, MANIFEST))
+            remove(target, recursive=True)
 
     def _barrier(self, name: str) -> None:
         distributed.barrier(name, self.barrier_timeout_s)
@@ -162,8 +157,9 @@ class _ShardStore:
         self.shards: dict[int, list[tuple[str, tuple[tuple[int, int], ...], str]]] = {}
         for url in urls:
             try:
-                self.handles.append(fsspec.open(url, "rb").open())
-                archive = np.load(self.handles[-1])
+                handle = retrying(url, "open the checkpoint shard", fsspec.open(url, "rb").open)
+                self.handles.append(handle)
+                archive = retrying(url, "read the checkpoint shard's index", lambda: _load_from_start(handle))
                 keys = archive.files
             except (OSError, ValueError, zipfile.BadZipFile) as error:
                 raise OutputError(f"{url}: unreadable checkpoint shard file: {error!r}") from error
@@ -182,7 +178,7 @@ class _ShardStore:
             if any(start >= stop for start, stop in overlap):
                 continue
             try:
-                data = self.archives[url][key]
+                data = retrying(url, f"read checkpoint shard {key}", lambda: self.archives[url][key])
             except (OSError, ValueError, zipfile.BadZipFile) as error:
                 raise OutputError(f"{url}: unreadable checkpoint shard {key}: {error!r}") from error
             source = tuple(slice(a - c, b - c) for (a, b), (c, _) in zip(overlap, bounds))
@@ -214,10 +210,6 @@ def _process_file(index: int, count: int) -> str:
     return f"process_{index:04d}_of_{count:04d}.npz"
 
 
-def _write_bytes(url: str, data: bytes) -> None:
-    fs, path = fsspec.core.url_to_fs(url)
-    try:
-        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        fs.pipe_file(path, data)
-    except OSError as error:
-        raise OutputError(f"{url}: cannot write checkpoint shard: {error}") from error
+def _load_from_start(handle) -> np.lib.npyio.NpzFile:
+    handle.seek(0)  # a failed try may have read part way
+    return np.load(handle)

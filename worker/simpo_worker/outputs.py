@@ -3,15 +3,22 @@
     inference/step_{step:06d}/host_{i:04d}_of_{n:04d}.jsonl   one row per prompt, written by host i
     inference/step_{step:06d}/manifest.json                    written last, by the leader: its presence
                                                                 marks the inference step complete
-    metrics.jsonl                                              one object per train step / inference event
+    metrics/{n:08d}_step_{step:08d}.jsonl                       metrics record n (one line: a train step or an
+                                                                inference event), written by the leader
     checkpoints/                                               resumable state
 
 Every file is written whole or not at all (simpo_worker.storage).
+
+Metrics are a file per record, numbered in write order, because object stores cannot append: one growing file
+would be rewritten whole, history included, on every step. Per-record files make a record one small write on any
+filesystem, cannot leave a torn line for a resume to trip over, and let a resume drop the records past its
+checkpoint by name alone. `read_metrics` gives them back as one ordered stream (by hand: `cat metrics/*.jsonl`).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Iterable
 
 from simpo_worker.errors import DataError
@@ -31,6 +38,40 @@ def host_shard_path(output_dir: str, step: int, process_index: int, process_coun
 
 def manifest_path(output_dir: str, step: int) -> str:
     return storage.join(inference_dir(output_dir, step), "manifest.json")
+
+
+def metrics_dir(output_dir: str) -> str:
+    return storage.join(output_dir, "metrics")
+
+
+def metrics_record_path(output_dir: str, number: int, step: int) -> str:
+    return storage.join(metrics_dir(output_dir), f"{number:08d}_step_{step:08d}.jsonl")
+
+
+# Anything else there (a local write's temporary file left by a crash) is not a record.
+_METRICS_RECORD = re.compile(r"(\d{8})_step_(\d{8})\.jsonl")
+
+
+def metrics_records(output_dir: str) -> list[tuple[int, int, str]]:
+    """(number, step, url) of each stored metrics record, in write order."""
+    records = []
+    for name in storage.list_names(metrics_dir(output_dir)):
+        match = _METRICS_RECORD.fullmatch(name)
+        if match:
+            records.append((int(match.group(1)), int(match.group(2)), storage.join(metrics_dir(output_dir), name)))
+    return sorted(records)
+
+
+def read_metrics(output_dir: str) -> list[dict[str, Any]]:
+    """Every metrics record, in the order written: one object per train step and per inference event."""
+    urls = [url for _, _, url in metrics_records(output_dir)]
+    records = []
+    for url, content in zip(urls, storage.read_many(urls, "metrics record")):
+        try:
+            records.append(json.loads(content))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise DataError(f"{url}: not a JSON metrics record: {error}") from error
+    return records
 
 
 def check_writable(output_dir: str, process_index: int) -> None:
