@@ -94,7 +94,7 @@ def test_a_metrics_record_is_one_small_write_on_object_storage(gcs):
     writer = MetricsWriter(f"gs://{BUCKET}/run")
     for step in range(1, 21):
         writer.write(record(step, loss=1.0 / step))
-    uploads = gcs.requests("POST", f"{UPLOAD}")
+    uploads = gcs.requests("POST", UPLOAD)
     assert len(uploads) == 20
     assert max(r.body_bytes for r in uploads) < 1.2 * min(r.body_bytes for r in uploads)
     assert not [r for r in gcs.seen if r.method == "GET" and "alt=media" in r.path]  # no object content read

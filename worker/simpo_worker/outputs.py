@@ -3,8 +3,8 @@
     inference/step_{step:06d}/host_{i:04d}_of_{n:04d}.jsonl   one row per prompt, written by host i
     inference/step_{step:06d}/manifest.json                    written last, by the leader: its presence
                                                                 marks the inference step complete
-    metrics/{n:08d}_step_{step:08d}.jsonl                       metrics record n (one line: a train step or an
-                                                                inference event), written by the leader
+    metrics/{n:08d}_step_{step:08d}.jsonl                      metrics record n (one line: a train step or an
+                                                               inference event), written by the leader
     checkpoints/                                               resumable state
 
 Every file is written whole or not at all (simpo_worker.storage).
