@@ -218,11 +218,9 @@ def test_host_killed_while_decoding_is_detected_by_the_others_and_the_rerun_resu
     rerun = [checked(result) for result in run_workers(config, 4, 1, timeout=900)]
     for result in rerun:
         assert "training from step 2 to 7" in result.stderr, result.stderr[-3000:]
-    assert [r["step"] for r in storage.read_jsonl(storage.join(str(out), "metrics.jsonl")) if r["event"] == "train"] \
-        == list(range(1, STEPS + 1))
     reference = runs.get("kill-drill-reference", 4, **inference)
     assert completions(str(out)) == completions(reference)
-    assert train_losses(str(out)) == train_losses(reference)
+    assert train_losses(str(out)) == train_losses(reference)  # each step trained once, the same
     mine, theirs = final_params(str(out)), final_params(reference)
     assert mine.keys() == theirs.keys()
     for key in theirs:
