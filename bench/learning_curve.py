@@ -4,7 +4,8 @@ answers to arithmetic and unit-conversion questions): held-out reward accuracy a
     python bench/learning_curve.py [--steps 40] [--eval-every 10] [--batch-size 8] [--eval-pairs 128] [--lr 2e-5]
 
 Trains with the worker's own Trainer (the production step) from the pretrained model; at step 0 and every
-`eval-every` steps, evaluates the SimPO metrics on held-out pairs whose questions never occur in training.
+`eval-every` steps, evaluates the SimPO metrics on held-out pairs whose questions never occur in training (the
+worker's own held-out evaluation, Trainer.evaluate).
 Reward accuracy is the fraction of held-out pairs where beta * avg log p(correct answer) exceeds that of the wrong
 one. Prints the curve as a table.
 """
@@ -15,35 +16,14 @@ import argparse
 import tempfile
 from pathlib import Path
 
-import equinox as eqx
-import jax.numpy as jnp
 import numpy as np
 
 from simpo_worker.config import parse_worker_config
 from simpo_worker.make_preference_data import main as make_preference_data
 from simpo_worker.preference_data import PreferenceData
 from simpo_worker.pretrained import load_pretrained
-from simpo_worker.simpo_loss import batch_loss
 from simpo_worker.tokenizer import load_tokenizer
 from simpo_worker.trainer import Trainer
-
-
-@eqx.filter_jit
-def eval_metrics(model, tokens, loss_mask, lengths, simpo):
-    return batch_loss(model, tokens, loss_mask, lengths, simpo)[1]
-
-
-def evaluate(trainer: Trainer, held_out: PreferenceData, chunk: int) -> dict[str, float]:
-    """SimPO metrics over all held-out pairs (means of equal-size chunks)."""
-    batch = held_out.batch(0, np.arange(held_out.batch_size))
-    totals: dict[str, float] = {}
-    for start in range(0, held_out.batch_size, chunk):
-        part = slice(start, start + chunk)
-        metrics = eval_metrics(trainer.model, jnp.asarray(batch.tokens[part]), jnp.asarray(batch.loss_mask[part]),
-                               jnp.asarray(batch.lengths[part]), trainer.config.simpo)
-        for name, value in metrics.items():
-            totals[name] = totals.get(name, 0.0) + float(value)
-    return {name: value / (held_out.batch_size // chunk) for name, value in totals.items()}
 
 
 def main() -> None:
@@ -55,16 +35,12 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-5)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    chunk = 16
-    if args.eval_pairs % chunk:
-        parser.error(f"--eval-pairs must be a multiple of {chunk}")
 
     workdir = Path(tempfile.mkdtemp(prefix="simpo-learning-curve-"))
     make_preference_data([str(workdir), "--train", "2048", "--eval", str(args.eval_pairs), "--seed", str(args.seed)])
     config = parse_worker_config({
         "model": {"source": "smollm2"},
-        "data": {"train_files": [str(workdir / "train.jsonl")], "eval_files": [str(workdir / "eval.jsonl")],
-                 "max_seq_len": 64},
+        "data": {"train_files": [str(workdir / "train.jsonl")], "max_seq_len": 64},
         "trainer": {"num_train_steps": args.steps, "batch_size": args.batch_size, "seed": args.seed},
         # The published Llama-3-Instruct SimPO recipe (beta 2.5, gamma/beta 0.55) with a small-model learning rate.
         "optimizer": {"learning_rate": args.lr, "warmup_steps": max(1, args.steps // 10)},
@@ -73,7 +49,8 @@ def main() -> None:
     })
     tokenizer = load_tokenizer("smollm2")
     trainer = Trainer(config, load_pretrained("smollm2"), tokenizer)
-    held_out = PreferenceData(config.data, tokenizer, config.data.eval_files, args.eval_pairs, args.seed)
+    # Not data.eval_files: the worker evaluates those at its inference pauses, this script at its own steps.
+    held_out = PreferenceData(config.data, tokenizer, [str(workdir / "eval.jsonl")], args.batch_size, args.seed)
 
     print(f"SmolLM2-135M-Instruct, SimPO beta 2.5, gamma/beta 0.55, lr {args.lr}, {args.batch_size} pairs/step; "
           f"held-out: {args.eval_pairs} pairs")
@@ -82,7 +59,7 @@ def main() -> None:
     recent: list[float] = []
     for step in range(args.steps + 1):
         if step % args.eval_every == 0 or step == args.steps:
-            m = evaluate(trainer, held_out, chunk)
+            m = trainer.evaluate(held_out)
             train_loss = f"{np.mean(recent):11.4f}" if recent else f"{'-':>11}"
             print(f"{step:5d} {train_loss} {m['loss']:14.4f} {m['rewards/accuracies']:11.3f} "
                   f"{m['rewards/margins']:8.3f} {m['logps/chosen']:12.4f} {m['logps/rejected']:14.4f}", flush=True)

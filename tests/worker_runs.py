@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from simpo_worker import outputs
-from simpo_worker.make_preference_data import main as make_preference_data
+from simpo_worker.make_preference_data import generate, main as make_preference_data, write_jsonl
 
 TINY_MODEL = {"vocab_size": 49152, "hidden_size": 32, "intermediate_size": 64, "num_layers": 2, "num_heads": 4,
               "num_kv_heads": 2}
@@ -24,6 +24,15 @@ def preference_files() -> str:
     out = Path(tempfile.mkdtemp(prefix="simpo-prefs-"))
     make_preference_data([str(out), "--train", "96", "--eval", "8", "--seed", "1"])
     return str(out / "train.jsonl")
+
+
+@cache
+def held_out_file() -> str:
+    """9 held-out pairs: not a multiple of the tiny runs' batch of 8, so the last eval batch is mostly padding (on
+    2 hosts, one host's rows of it are padding alone)."""
+    path = Path(tempfile.mkdtemp(prefix="simpo-held-out-")) / "eval.jsonl"
+    write_jsonl(path, generate(train=0, held_out=9, seed=11)[1])
+    return str(path)
 
 
 def tiny_config(output_dir, **overrides) -> dict:
@@ -74,8 +83,21 @@ def checked(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     return result
 
 
+def eval_config(output_dir, **overrides) -> dict:
+    """tiny_config with inference pauses after steps 2 and 5, the held-out pairs evaluated at each; every
+    checkpoint kept."""
+    return tiny_config(output_dir, **{"inference": {"eval_at_steps": [2, 5], "synthetic_prompt_count": 2,
+                                                    "max_new_tokens": 4},
+                                      "data.eval_files": [held_out_file()], "trainer.checkpoint.keep": 10,
+                                      **overrides})
+
+
+def records(output_dir, event: str) -> list[dict]:
+    return [row for row in outputs.read_metrics(str(output_dir)) if row["event"] == event]
+
+
 def train_records(output_dir) -> list[dict]:
-    return [row for row in outputs.read_metrics(str(output_dir)) if row["event"] == "train"]
+    return records(output_dir, "train")
 
 
 def checkpoint_arrays(output_dir, step: int) -> dict[str, np.ndarray]:
@@ -94,6 +116,13 @@ def straight_run() -> str:
     output_dir = Path(tempfile.mkdtemp(prefix="simpo-straight-")) / "run"
     checked(run_worker(tiny_config(output_dir)))
     return str(output_dir)
+
+
+@cache
+def eval_run() -> tuple[str, str]:
+    """eval_config's run in one process, and its log (shared by the tests that read it)."""
+    output_dir = Path(tempfile.mkdtemp(prefix="simpo-eval-")) / "run"
+    return str(output_dir), checked(run_worker(eval_config(output_dir))).stderr
 
 
 def assert_steps_match_straight_run(output_dir, rel: float, abs_tol: float) -> None:

@@ -29,6 +29,7 @@ PRINTER_COLUMNS = [
     {"name": "Stage", "type": "string", "jsonPath": ".status.progress.stage"},
     {"name": "Step", "type": "integer", "jsonPath": ".status.progress.step"},
     {"name": "Steps", "type": "integer", "jsonPath": ".status.progress.totalSteps", "priority": 1},
+    {"name": "Eval-Acc", "type": "number", "jsonPath": ".status.progress.evalAccuracy", "priority": 1},
     {"name": "Restarts", "type": "integer", "jsonPath": ".status.restarts"},
     {"name": "Hosts", "type": "integer", "jsonPath": ".status.hosts", "priority": 1},
     {"name": "Reason", "type": "string", "jsonPath": ".status.reason", "priority": 1},

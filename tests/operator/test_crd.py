@@ -29,6 +29,7 @@ def test_names_subresource_and_columns():
     columns = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"]}
     assert columns["Phase"] == ".status.phase" and columns["Restarts"] == ".status.restarts"
     assert columns["Stage"] == ".status.progress.stage" and columns["Step"] == ".status.progress.step"
+    assert columns["Eval-Acc"] == ".status.progress.evalAccuracy"
     assert columns["Age"] == ".metadata.creationTimestamp"
 
 
@@ -52,7 +53,7 @@ def test_status_schema_covers_phases_and_progress():
     status = schema()["properties"]["status"]["properties"]
     assert status["phase"]["enum"] == list(PHASES)
     assert set(status["progress"]["properties"]) == {"stage", "step", "totalSteps", "promptsDone", "promptsTotal",
-                                                     "tokens", "updateTime"}
+                                                     "tokens", "evalStep", "evalLoss", "evalAccuracy", "updateTime"}
     assert status["conditions"]["x-kubernetes-list-map-keys"] == ["type"]
 
 

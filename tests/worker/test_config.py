@@ -62,6 +62,16 @@ def test_bad_values_name_the_key_path(path, value, message):
     assert message in str(error.value)
 
 
+def test_held_out_pairs_need_inference_pauses():
+    """data.eval_files are evaluated at the inference pauses: without any, they would be silently unused."""
+    held_out = with_key(base(), "data.eval_files", ["data/eval.jsonl"])
+    assert parse_worker_config(held_out).data.eval_files == ["data/eval.jsonl"]
+    held_out["inference"] = {"eval_at_steps": []}
+    with pytest.raises(ConfigError, match="data.eval_files: held-out pairs are evaluated at the inference pauses: "
+                                          "set inference.eval_at_steps or inference.eval_every"):
+        parse_worker_config(held_out)
+
+
 @pytest.mark.parametrize("arch,message", [
     ({"num_heads": 5}, "model.architecture.num_heads: must divide hidden_size (hidden_size = 64, num_heads = 5)"),
     ({"num_kv_heads": 3}, "model.architecture.num_kv_heads: must divide num_heads (num_heads = 4, num_kv_heads = 3)"),

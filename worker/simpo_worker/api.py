@@ -35,6 +35,11 @@ class Progress:
     promptsDone: Optional[int] = None
     promptsTotal: Optional[int] = None
     tokens: Optional[int] = None
+    # The latest held-out evaluation (data.eval_files, at each inference pause), kept in every later report: the
+    # step it ran at, the SimPO loss and the reward accuracy, each the mean over every held-out pair.
+    evalStep: Optional[int] = None
+    evalLoss: Optional[float] = None
+    evalAccuracy: Optional[float] = None
     # RFC 3339, set by the reporter when it sends the update.
     updateTime: Optional[str] = None
 

@@ -114,8 +114,10 @@ class DataConfig:
 
     train_files: list[str] = setting("JSONL / JSONL.gz files or globs, local or gs://.", min_items=1,
                                      rules=(_NO_EMPTY_PATTERNS,))
-    eval_files: list[str] = setting("Held-out pairs, same format.", default_factory=list,
-                                    rules=(_NO_EMPTY_PATTERNS,))
+    eval_files: list[str] = setting(
+        "Held-out pairs, same format: at each inference pause the train step's loss and reward metrics of the live "
+        "params, averaged over every pair (forward only; metrics.jsonl `eval` records, status.progress).",
+        default_factory=list, rules=(_NO_EMPTY_PATTERNS,))
     max_seq_len: int = setting("Prompt + response tokens per sequence (chosen and rejected each).", 512,
                                **POSITIVE)
     overlength: Literal["error", "truncate_prompt"] = setting(
@@ -356,6 +358,10 @@ class WorkerConfig:
              lambda c: c.inference.eval_every is None or c.inference.eval_every <= c.trainer.num_train_steps,
              "never fires within the run: must be <= trainer.num_train_steps", "inference.eval_every",
              ("trainer.num_train_steps",)),
+        Rule(f"!has(self.data.eval_files) || size(self.data.eval_files) == 0 || ({_INFERENCE_ON})",
+             lambda c: not c.data.eval_files or c.inference.enabled,
+             "held-out pairs are evaluated at the inference pauses: set inference.eval_at_steps or "
+             "inference.eval_every", "data.eval_files"),
         Rule("!has(self.optimizer) || self.optimizer.warmup_steps <= self.trainer.num_train_steps",
              lambda c: c.optimizer.warmup_steps <= c.trainer.num_train_steps,
              "must be <= trainer.num_train_steps", "optimizer.warmup_steps",

@@ -3,10 +3,12 @@ host, then resume training from the in-memory state.
 
 A pause at step s (after optimizer step s):
   1. checkpoint (the state is durable: a crash during inference restarts here, not from scratch)
-  2. barrier
+  2. barrier; with data.eval_files, every host evaluates the live params on the held-out pairs (trainer.evaluate:
+     the train step's loss and reward metrics, forward only, on the training mesh)
   3. each host generates its shard of the prompts from the live params (host_data_parallel: a replica on the
      host's own devices; global_mesh: the sharded params) and writes its JSONL atomically
-  4. small per-host stats gathered to the leader; the leader checks coverage and writes manifest.json last
+  4. small per-host stats gathered to the leader; the leader checks coverage, writes manifest.json last, then the
+     pause's metrics records (eval, inference)
   5. barrier; training continues with the same params, optimizer state, data position and compiled step
 
 On restart the worker resumes from the newest complete checkpoint. An inference step whose manifest exists is
@@ -15,6 +17,7 @@ not redone; one without is redone whole (the per-prompt PRNG keys make the resul
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -35,6 +38,7 @@ from simpo_worker.metrics import MetricsWriter
 from simpo_worker.preemption import Preempted, TerminationNotice
 from simpo_worker.pretrained import load_model
 from simpo_worker.progress import ProgressReporter, reporter_from_env
+from simpo_worker.preference_data import PreferenceData
 from simpo_worker.prompts import PromptSet, host_shard, load_prompts
 from simpo_worker.tokenizer import load_tokenizer
 from simpo_worker.train_step import COMPUTE_DTYPES
@@ -45,11 +49,15 @@ log = logging.getLogger(__name__)
 
 class InterleavedRun:
     def __init__(self, config: WorkerConfig, trainer: Trainer, engine: Engine, prompts: PromptSet,
-                 reporter: ProgressReporter, metrics: MetricsWriter, notice: TerminationNotice | None = None):
+                 reporter: ProgressReporter, metrics: MetricsWriter, held_out: PreferenceData | None = None,
+                 notice: TerminationNotice | None = None):
         self.config = config
         self.trainer = trainer
         self.engine = engine
         self.prompts = prompts
+        self.held_out = held_out
+        # The latest evaluation's record: status.progress keeps showing it in every later report.
+        self.last_eval: dict | None = None
         self.reporter = reporter
         self.metrics = metrics
         self.schedule = set(config.inference.schedule(config.trainer.num_train_steps))
@@ -91,6 +99,7 @@ class InterleavedRun:
         the same order; only the manifest is the leader's alone, between the gather and the last barrier."""
         started = time.perf_counter()
         barrier(f"infer-{step}-start", self.timeout_s)
+        evaluation = self._evaluate(step) if self.held_out is not None else None
         generate_started = time.perf_counter()
         completions = self._generate(step)
         generate_s = time.perf_counter() - generate_started
@@ -101,8 +110,22 @@ class InterleavedRun:
         barrier(f"infer-{step}-written", self.timeout_s)
         host_stats = self._gather_host_stats(rows, generate_s, write_s)
         if is_leader():
-            self._write_manifest(step, host_stats, started)
+            self._write_manifest(step, host_stats, started, evaluation)
         barrier(f"infer-{step}-done", self.timeout_s)
+
+    def _evaluate(self, step: int) -> dict:
+        """The held-out metrics at `step` (every host runs it: the eval program spans the training mesh)."""
+        total_steps = self.config.trainer.num_train_steps
+        self._report(Progress(stage="eval", step=step, totalSteps=total_steps))
+        started = time.perf_counter()
+        metrics = self.trainer.evaluate(self.held_out)
+        self.last_eval = {"event": "eval", "step": step, **metrics, "seconds": time.perf_counter() - started,
+                          "eval_compilations": self.trainer.eval_compilations}
+        log.info("held-out evaluation at step %d: %d pairs, loss %.4f, reward accuracy %.3f, margin %.3f, %.1fs",
+                 step, metrics["pairs"], metrics["loss"], metrics["rewards/accuracies"], metrics["rewards/margins"],
+                 self.last_eval["seconds"])
+        self._report(Progress(stage="eval", step=step, totalSteps=total_steps))
+        return self.last_eval
 
     def _generate(self, step: int) -> list[Completion]:
         """This host's completions: its own shard of the prompts (global_mesh: every host runs the whole,
@@ -148,8 +171,9 @@ class InterleavedRun:
         return [{"process_index": i, "prompts": int(r[0]), "completion_tokens": int(r[1]),
                  "generate_seconds": float(r[2]), "write_seconds": float(r[3])} for i, r in enumerate(gathered)]
 
-    def _write_manifest(self, step: int, host_stats: list[dict], started: float) -> None:
-        """The leader's part of a pause: manifest.json (last, it marks the step complete), metrics, progress."""
+    def _write_manifest(self, step: int, host_stats: list[dict], started: float, evaluation: dict | None) -> None:
+        """The leader's part of a pause: manifest.json (it marks the step complete), then the pause's metrics
+        records (written once: a pause redone after a crash had not written them), progress."""
         total_prompts = len(self.prompts)
         phase_seconds = {"generate": max(h["generate_seconds"] for h in host_stats),
                          "write": max(h["write_seconds"] for h in host_stats),
@@ -158,6 +182,8 @@ class InterleavedRun:
                                           host_stats, phase_seconds)
         storage.write_atomic(outputs.manifest_path(self.config.output_dir, step),
                              json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        if evaluation is not None:
+            self.metrics.write(evaluation)
         self.metrics.write({"event": "inference", "step": step, "prompts": total_prompts,
                             "completion_tokens": manifest["completion_tokens"],
                             "finish_reasons": manifest["finish_reasons"],
@@ -182,6 +208,10 @@ class InterleavedRun:
 
     def _report(self, progress: Progress) -> None:
         if is_leader():
+            if self.last_eval is not None:
+                progress = dataclasses.replace(progress, evalStep=self.last_eval["step"],
+                                               evalLoss=self.last_eval["loss"],
+                                               evalAccuracy=self.last_eval["rewards/accuracies"])
             self.reporter.report(progress)
 
 
@@ -205,8 +235,10 @@ def build_run(config: WorkerConfig, reporter: ProgressReporter | None = None,
     check_context(config.inference, model.config.max_position_embeddings, config.model.source)
     trainer = Trainer(config, model, tokenizer, mesh)
     del model  # donated into the training state
+    held_out = (PreferenceData(config.data, tokenizer, config.data.eval_files, config.trainer.batch_size,
+                               config.trainer.seed) if config.data.eval_files else None)
     engine = Engine(trainer.model.config, config.inference, tokenizer.eos_token_ids,
                     compute_dtype=COMPUTE_DTYPES[config.trainer.compute_dtype], mesh=trainer.mesh,
                     tokenizer=tokenizer)
-    return InterleavedRun(config, trainer, engine, prompts,
-                          reporter or reporter_from_env(), MetricsWriter(config.output_dir), notice)
+    return InterleavedRun(config, trainer, engine, prompts, reporter or reporter_from_env(),
+                          MetricsWriter(config.output_dir), held_out, notice)

@@ -9,6 +9,7 @@ answer tokens carry loss weight.
 Order and sharding: epoch e visits rows in a permutation drawn from (seed, e); batch k holds global rows
 k*B .. (k+1)*B-1 of that endless sequence. The position (batches consumed) is part of the training state, so a
 resumed run continues with the next batch. Each host tokenizes only its own rows of every global batch.
+Held-out pairs are read once, in file order (`held_out_batch`): the last batch is filled up with padding rows.
 
 All rows are parsed and checked when the data is opened (so a bad row fails the run before step 1, on every host
 alike); tokenization, and with it the overlength policy, happens per batch.
@@ -41,11 +42,13 @@ class PreferencePair:
 
 @dataclass(frozen=True)
 class PreferenceBatch:
-    """This host's rows of one global batch. tokens/loss_mask [b, 2, T] (0 chosen, 1 rejected), lengths [b, 2]."""
+    """This host's rows of one global batch. tokens/loss_mask [b, 2, T] (0 chosen, 1 rejected), lengths [b, 2];
+    pair_mask [b]: 1 for a pair, 0 for a padding row (no tokens, no loss weight)."""
 
     tokens: np.ndarray
     loss_mask: np.ndarray
     lengths: np.ndarray
+    pair_mask: np.ndarray
 
 
 def expand_patterns(patterns: list[str]) -> list[str]:
@@ -142,17 +145,29 @@ class PreferenceData:
 
     def batch(self, position: int, rows: np.ndarray) -> PreferenceBatch:
         """Rows `rows` (indices into the global batch: this host's part) of global batch `position`."""
-        selected = self.global_rows(position)[rows]
+        return self._tokenize(self.global_rows(position)[rows])
+
+    def held_out_batch(self, first: int, rows: np.ndarray) -> PreferenceBatch:
+        """Pairs `first + rows` in file order (held-out evaluation: every pair once, no shuffling); a number past
+        the last pair gives a padding row."""
+        return self._tokenize(first + np.asarray(rows))
+
+    def _tokenize(self, selected: np.ndarray) -> PreferenceBatch:
+        """The pairs numbered `selected`; a number past the last pair gives a padding row."""
         length = self.config.max_seq_len
         tokens = np.full((len(selected), 2, length), self.tokenizer.pad_token_id, np.int32)
         loss_mask = np.zeros((len(selected), 2, length), np.float32)
         lengths = np.zeros((len(selected), 2), np.int32)
+        pair_mask = np.zeros(len(selected), np.float32)
         for i, row in enumerate(selected):
+            if row >= len(self.pairs):
+                continue
             pair = self.pairs[row]
+            pair_mask[i] = 1.0
             for j, answer in enumerate((pair.chosen, pair.rejected)):
                 ids, mask = self.encode(pair, answer)
                 tokens[i, j, :len(ids)], loss_mask[i, j, :len(ids)], lengths[i, j] = ids, mask, len(ids)
-        return PreferenceBatch(tokens=tokens, loss_mask=loss_mask, lengths=lengths)
+        return PreferenceBatch(tokens=tokens, loss_mask=loss_mask, lengths=lengths, pair_mask=pair_mask)
 
     def encode(self, pair: PreferencePair, answer: str) -> tuple[list[int], list[float]]:
         """Token ids of context + answer and the loss mask (1 on answer tokens)."""

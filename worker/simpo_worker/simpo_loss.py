@@ -33,8 +33,9 @@ def response_logps(model: Llama, tokens, loss_mask, compute_dtype=jnp.float32,
     return jnp.sum(token_logps * mask, axis=-1), jnp.sum(mask, axis=-1)
 
 
-def simpo_loss(chosen_avg_logps, rejected_avg_logps, simpo: SimpoConfig):
-    """Mean SimPO loss over pairs, and the per-step metrics (means over pairs).
+def pair_terms(chosen_avg_logps, rejected_avg_logps, simpo: SimpoConfig) -> dict[str, jax.Array]:
+    """Per pair: the SimPO loss and each reward metric, [B] each. The train step reports their means over its batch
+    (simpo_loss), held-out evaluation their means over the whole held-out set (batch_sums).
 
     chosen_avg_logps, rejected_avg_logps: [B] average log-probabilities of the responses.
     """
@@ -46,30 +47,54 @@ def simpo_loss(chosen_avg_logps, rejected_avg_logps, simpo: SimpoConfig):
     losses = -(1.0 - eps) * jax.nn.log_sigmoid(z) - eps * jax.nn.log_sigmoid(-z)
     if simpo.sft_weight:
         losses = losses - simpo.sft_weight * chosen_avg_logps
-    metrics = {
-        "rewards/chosen": jnp.mean(chosen_rewards),
-        "rewards/rejected": jnp.mean(rejected_rewards),
-        "rewards/margins": jnp.mean(chosen_rewards - rejected_rewards),
-        "rewards/accuracies": jnp.mean((chosen_rewards > rejected_rewards).astype(jnp.float32)),
-        "logps/chosen": jnp.mean(chosen_avg_logps),
-        "logps/rejected": jnp.mean(rejected_avg_logps),
+    return {
+        "rewards/chosen": chosen_rewards,
+        "rewards/rejected": rejected_rewards,
+        "rewards/margins": chosen_rewards - rejected_rewards,
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).astype(jnp.float32),
+        "logps/chosen": chosen_avg_logps,
+        "logps/rejected": rejected_avg_logps,
+        "loss": losses,
     }
-    loss = jnp.mean(losses)
-    metrics["loss"] = loss
-    return loss, metrics
 
 
-def batch_loss(model: Llama, tokens, loss_mask, lengths, simpo: SimpoConfig, compute_dtype=jnp.float32,
-               memory: MemoryOptions = PLAIN):
-    """SimPO loss of a batch of pairs. tokens, loss_mask: [B, 2, T], index 0 chosen, 1 rejected;
-    lengths [B, 2]: non-padding tokens per sequence (for the `tokens` metric).
+def simpo_loss(chosen_avg_logps, rejected_avg_logps, simpo: SimpoConfig):
+    """Mean SimPO loss over pairs, and the per-step metrics (means over pairs)."""
+    metrics = {name: jnp.mean(value) for name, value in
+               pair_terms(chosen_avg_logps, rejected_avg_logps, simpo).items()}
+    return metrics["loss"], metrics
+
+
+def pair_avg_logps(model: Llama, tokens, loss_mask, compute_dtype=jnp.float32, memory: MemoryOptions = PLAIN):
+    """Average log-probability of each response, [B, 2] (0 chosen, 1 rejected). tokens, loss_mask: [B, 2, T].
 
     Chosen and rejected run as one forward of 2B sequences.
     """
     pairs, _, length = tokens.shape
     sums, counts = response_logps(model, tokens.reshape(2 * pairs, length),
                                   loss_mask.reshape(2 * pairs, length), compute_dtype, memory)
-    avg_logps = (sums / jnp.maximum(counts, 1.0)).reshape(pairs, 2)
+    return (sums / jnp.maximum(counts, 1.0)).reshape(pairs, 2)
+
+
+def batch_loss(model: Llama, tokens, loss_mask, lengths, simpo: SimpoConfig, compute_dtype=jnp.float32,
+               memory: MemoryOptions = PLAIN):
+    """SimPO loss of a batch of pairs. tokens, loss_mask: [B, 2, T], index 0 chosen, 1 rejected;
+    lengths [B, 2]: non-padding tokens per sequence (for the `tokens` metric)."""
+    avg_logps = pair_avg_logps(model, tokens, loss_mask, compute_dtype, memory)
     loss, metrics = simpo_loss(avg_logps[:, 0], avg_logps[:, 1], simpo)
     metrics["tokens"] = jnp.sum(lengths)
     return loss, metrics
+
+
+def batch_sums(model: Llama, tokens, loss_mask, lengths, pair_mask, simpo: SimpoConfig, compute_dtype=jnp.float32,
+               memory: MemoryOptions = PLAIN) -> dict[str, jax.Array]:
+    """Held-out evaluation of a batch: each of batch_loss's metrics summed over the batch's pairs rather than
+    averaged, `pairs` their count. pair_mask [B]: 1 for a pair, 0 for a padding row (which counts nowhere), so the
+    sums of all batches divided by the pairs are the means over the whole held-out set."""
+    avg_logps = pair_avg_logps(model, tokens, loss_mask, compute_dtype, memory)
+    real = pair_mask > 0
+    sums = {name: jnp.sum(jnp.where(real, value, 0.0))
+            for name, value in pair_terms(avg_logps[:, 0], avg_logps[:, 1], simpo).items()}
+    sums["tokens"] = jnp.sum(jnp.where(real[:, None], lengths, 0))
+    sums["pairs"] = jnp.sum(real.astype(jnp.int32))
+    return sums

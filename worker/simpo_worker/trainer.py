@@ -1,7 +1,8 @@
 """The training half of the worker: live sharded state, the next global batch, one compiled step, checkpoints.
 
-The interleaved loop drives it: `train_step()` advances one optimizer step; `model` is the live params (the
-inference engine reads these directly); `save_checkpoint()` / `restore_latest()` make and find durable state.
+The interleaved loop drives it: `train_step()` advances one optimizer step; `evaluate()` scores the live params on
+held-out pairs without changing anything; `model` is the live params (the inference engine reads these directly);
+`save_checkpoint()` / `restore_latest()` make and find durable state.
 The state arrays are donated to every step, so read `model` again after each step rather than keeping it.
 """
 
@@ -16,10 +17,11 @@ import numpy as np
 from simpo_worker.checkpoint import Checkpointer, CheckpointInfo, latest_step
 from simpo_worker.config import WorkerConfig
 from simpo_worker.errors import ConfigError
+from simpo_worker.eval_step import EVAL_FIELDS, CompiledEval
 from simpo_worker.mesh import host_rows, make_mesh, place
 from simpo_worker.model import Llama, MemoryOptions
 from simpo_worker.storage import join
-from simpo_worker.preference_data import PreferenceData
+from simpo_worker.preference_data import PreferenceBatch, PreferenceData
 from simpo_worker.train_step import (BATCH_FIELDS, CompiledStep, init_sharded_state, init_state,
                                      make_optimizer)
 
@@ -34,8 +36,10 @@ class Trainer:
 
         optimizer, schedule = make_optimizer(config.optimizer, trainer.num_train_steps)
         abstract = jax.eval_shape(lambda model: init_state(model, optimizer), model)
+        memory = MemoryOptions.from_config(trainer)
         self._step_fn = CompiledStep(abstract, self.mesh, optimizer, schedule, config.simpo, trainer.compute_dtype,
-                                     MemoryOptions.from_config(trainer))
+                                     memory)
+        self._eval_fn = CompiledEval(abstract.model, self.mesh, config.simpo, trainer.compute_dtype, memory)
         shardings = self._step_fn.state_shardings
         # The params on their shardings (a no-op for a model loaded onto this mesh, pretrained.load_model(.., mesh));
         # the optimizer state is made under jit with its shardings, the params donated into the state.
@@ -63,20 +67,45 @@ class Trainer:
     def train_step_compilations(self) -> int:
         return self._step_fn.compilations
 
+    @property
+    def eval_compilations(self) -> int:
+        return self._eval_fn.compilations
+
     def train_step(self) -> dict[str, float]:
         started = time.perf_counter()
-        local = self.data.batch(self.data_position, self._host_rows)
-        microbatches = self.config.trainer.microbatches
-        batch = {}
-        for name in BATCH_FIELDS:
-            rows = getattr(local, name).reshape(microbatches, -1, *getattr(local, name).shape[1:])
-            global_shape = (microbatches, self.pairs_per_microbatch, *rows.shape[2:])
-            batch[name] = jax.make_array_from_process_local_data(self._step_fn.batch_sharding, rows, global_shape)
+        batch = self._global_batch(self.data.batch(self.data_position, self._host_rows), BATCH_FIELDS)
         self._arrays, metrics = self._step_fn(self._arrays, batch)
         metrics = {name: float(value) for name, value in jax.device_get(metrics).items()}
         self.step += 1
         self.data_position += 1
         return {"step": self.step, **metrics, "step_time": time.perf_counter() - started}
+
+    def evaluate(self, held_out: PreferenceData) -> dict[str, float]:
+        """The train step's metrics for the live params, as means over every pair of `held_out`; `pairs` counts
+        them. The pairs go in file order, in global batches of trainer.batch_size laid out as the train step's
+        (each host tokenizes only its rows); the last batch is filled up with padding rows that count nowhere, so
+        the means are exact. Every host runs every batch, padding alone if need be: the same collectives on all.
+        Nothing is donated or updated."""
+        batch_size = self.config.trainer.batch_size
+        batches = -(-len(held_out.pairs) // batch_size)
+        totals: dict[str, float] = {}
+        for position in range(batches):
+            local = held_out.held_out_batch(position * batch_size, self._host_rows)
+            sums = jax.device_get(self._eval_fn(self._arrays.model, self._global_batch(local, EVAL_FIELDS)))
+            for name, value in sums.items():
+                totals[name] = totals.get(name, 0.0) + float(value)  # float64 across batches
+        pairs, tokens = int(totals.pop("pairs")), int(totals.pop("tokens"))
+        return {**{name: total / pairs for name, total in totals.items()}, "tokens": tokens, "pairs": pairs}
+
+    def _global_batch(self, local: PreferenceBatch, fields: tuple[str, ...]) -> dict[str, jax.Array]:
+        """This host's rows as the global [microbatches, pairs, ...] arrays on the batch sharding."""
+        microbatches = self.config.trainer.microbatches
+        batch = {}
+        for name in fields:
+            rows = getattr(local, name).reshape(microbatches, -1, *getattr(local, name).shape[1:])
+            global_shape = (microbatches, self.pairs_per_microbatch, *rows.shape[2:])
+            batch[name] = jax.make_array_from_process_local_data(self._step_fn.batch_sharding, rows, global_shape)
+        return batch
 
     def save_checkpoint(self) -> None:
         self.checkpointer.save(self._arrays, CheckpointInfo(step=self.step, data_position=self.data_position,
