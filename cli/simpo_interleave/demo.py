@@ -1,7 +1,8 @@
 """`simpo-interleave demo`: the reference workflow on one machine, on the real model.
 
-SmolLM2-135M-Instruct, the project's generated preference data, 4 local hosts: train 2 steps, sample 128
-held-out prompts with max_new_tokens=2048 (EOS honoured) on every host at once, train 5 more steps. It writes a
+SmolLM2-135M-Instruct, the project's generated preference data, 4 local hosts: train 2 steps, score the 128
+held-out pairs (SimPO loss, reward accuracy) and sample their 128 prompts with max_new_tokens=2048 (EOS honoured)
+on every host at once, train 5 more steps. It writes a
 SimpoInterleaveJob YAML (the file you would `kubectl apply`, with local paths), runs it with the local runner,
 and prints where the outputs are and a summary. `--small` is the same flow on a tiny random-init model.
 """
@@ -94,18 +95,25 @@ def demo_job(data_dir: Path, output_dir: Path, small: bool, hosts: int) -> dict[
 
 
 def summary(output_dir: str) -> str:
-    """What a person wants to see after the run: losses, the pause, where the files are."""
+    """What a person wants to see after the run: losses, the held-out metrics and samples of each pause, where the
+    files are."""
     records = outputs.read_metrics(output_dir)
     train = [r for r in records if r.get("event") == "train"]
     lines = [f"outputs: {output_dir}", "", "step  loss     reward-acc  margin   step-s  compilations"]
     for r in train:
         lines.append(f"{r['step']:>4}  {r['loss']:.4f}   {r['rewards/accuracies']:.2f}        "
                      f"{r['rewards/margins']:+.3f}  {r['step_time']:6.2f}  {r['train_step_compilations']}")
+    evaluations = {r["step"]: r for r in records if r.get("event") == "eval"}
     for event in (r for r in records if r.get("event") == "inference"):
         step = event["step"]
         manifest = outputs.read_manifest(output_dir, step)
         phases = ", ".join(f"{k} {v:.1f}s" for k, v in manifest["phase_seconds"].items())
-        lines += ["", f"inference after step {step}: {manifest['prompts']} prompts on {manifest['hosts']} hosts",
+        lines.append("")
+        if step in evaluations:
+            e = evaluations[step]
+            lines.append(f"held-out pairs at step {step}: {e['pairs']} pairs, loss {e['loss']:.4f}, reward-acc "
+                         f"{e['rewards/accuracies']:.3f}, margin {e['rewards/margins']:+.3f} ({e['seconds']:.1f}s)")
+        lines += [f"inference after step {step}: {manifest['prompts']} prompts on {manifest['hosts']} hosts",
                   f"  finished: {manifest['finish_reasons']['stop']} stopped (EOS), "
                   f"{manifest['finish_reasons']['length']} hit max_new_tokens",
                   f"  tokens: {manifest['completion_tokens']}, {manifest['tokens_per_second']:.1f} tokens/s",

@@ -19,6 +19,7 @@ def test_demo_small_runs_and_summarises(tmp_path):
     out = result.stdout
     assert "demo-small: succeeded" in out
     assert "inference after step 2: 8 prompts on 2 hosts" in out
+    assert "held-out pairs at step 2: 128 pairs, loss " in out
     assert f"outputs: {tmp_path / 'run'}" in out
     for step in range(1, 8):
         assert any(line.split()[:1] == [str(step)] for line in out.splitlines()), f"no summary row for step {step}"
