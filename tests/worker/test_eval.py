@@ -38,8 +38,10 @@ def held_out(trainer: Trainer, file: str) -> PreferenceData:
 
 def test_held_out_metrics_are_the_published_formula_over_every_pair(tmp_path):
     """9 pairs in batches of 8 (2 microbatches): the last batch holds 1 pair and 7 padding rows, one microbatch of
-    it padding alone. The result is the plain mean over the 9 pairs of the NumPy SimPO formula."""
-    trainer = make_trainer(tiny_config(tmp_path / "run"))
+    it padding alone. The result is the plain mean over the 9 pairs of the NumPy SimPO formula, with the train
+    step's memory options on (remat, blockwise attention and chunked logits over the 63 positions)."""
+    memory = {"trainer.remat": "full", "trainer.attention_block_size": 16, "trainer.loss_chunk_tokens": 16}
+    trainer = make_trainer(tiny_config(tmp_path / "run", **memory))
     for _ in range(2):  # rewards that differ between pairs
         trainer.train_step()
     data = held_out(trainer, held_out_file())
