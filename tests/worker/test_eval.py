@@ -1,6 +1,6 @@
 """Held-out evaluation (data.eval_files, at each inference pause): the train step's own loss and reward metrics,
 averaged over every held-out pair, against the published formula and against the train step on the same batch;
-evaluating changes nothing of training, and the worker writes it to metrics.jsonl and status.progress."""
+evaluating changes nothing of training, and the worker writes it to the metrics and status.progress."""
 
 import re
 import shutil
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from simpo_worker.config import parse_worker_config
-from simpo_worker import storage
+from simpo_worker import outputs
 from simpo_worker.preference_data import PreferenceData
 from simpo_worker.pretrained import load_model
 from simpo_worker.tokenizer import load_tokenizer
@@ -100,7 +100,7 @@ def test_evaluating_changes_nothing_of_training(tmp_path):
 
 def test_pauses_record_the_held_out_metrics_and_training_is_unchanged(tmp_path):
     """The worker with data.eval_files, pausing after steps 2 and 5, against the same run without: an `eval`
-    record per pause in metrics.jsonl (the metrics of the live params there) and bit-identical losses and final
+    record per pause in the metrics (the metrics of the live params there) and bit-identical losses and final
     state."""
     with_eval = Path(eval_run()[0])
     without = tmp_path / "without"
@@ -114,7 +114,8 @@ def test_pauses_record_the_held_out_metrics_and_training_is_unchanged(tmp_path):
         assert np.array_equal(want[key], got[key]), key
     assert not records(without, "eval")
 
-    order = [(r["event"], r["step"]) for r in storage.read_jsonl(str(with_eval / "metrics.jsonl"))]
+    order = [(r["event"], r["step"]) for r in outputs.read_metrics(str(with_eval))
+             if r["event"] in ("train", "eval", "inference")]
     assert order == [("train", 1), ("train", 2), ("eval", 2), ("inference", 2), ("train", 3), ("train", 4),
                      ("train", 5), ("eval", 5), ("inference", 5), ("train", 6), ("train", 7)]
     evaluations = records(with_eval, "eval")
@@ -151,4 +152,4 @@ def test_held_out_data_errors_fail_before_training(tmp_path):
     result = run_worker(eval_config(output_dir, **{"data.eval_files": [str(bad)]}))
     assert result.returncode == 11, result.stderr[-2000:]
     assert f"{bad}:1: missing field `rejected`" in result.stderr
-    assert not (output_dir / "metrics.jsonl").exists()
+    assert outputs.read_metrics(str(output_dir)) == []

@@ -116,7 +116,7 @@ class DataConfig:
                                      rules=(_NO_EMPTY_PATTERNS,))
     eval_files: list[str] = setting(
         "Held-out pairs, same format: at each inference pause the train step's loss and reward metrics of the live "
-        "params, averaged over every pair (forward only; metrics.jsonl `eval` records, status.progress).",
+        "params, averaged over every pair (forward only; `eval` metrics records, status.progress).",
         default_factory=list, rules=(_NO_EMPTY_PATTERNS,))
     max_seq_len: int = setting("Prompt + response tokens per sequence (chosen and rejected each).", 512,
                                **POSITIVE)
