@@ -55,7 +55,10 @@ def tiny_config(output_dir, **overrides) -> dict:
 
 
 def write_config(config: dict) -> Path:
-    path = Path(config["output_dir"] + ".yaml")
+    """Next to a local output dir; a URL's (gs://...) in a local temporary folder."""
+    output_dir = config["output_dir"]
+    path = (Path(tempfile.mkdtemp(prefix="simpo-config-")) / "config.yaml" if "://" in output_dir
+            else Path(output_dir + ".yaml"))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config))
     return path

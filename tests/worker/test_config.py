@@ -55,6 +55,8 @@ def test_reference_config_parses_with_published_simpo_defaults():
     ("optimizer.b2", 1.0, "optimizer.b2: must be in [0, 1)"),
     ("output_dir", None, "output_dir: must not be null"),
     ("data.overlength", "drop", "data.overlength: must be one of error, truncate_prompt"),
+    ("compilation_cache.dir", "cache", "compilation_cache.dir: must be an absolute path or a URL"),
+    ("compilation_cache.min_compile_time_s", -1, "compilation_cache.min_compile_time_s: must be >= 0"),
 ])
 def test_bad_values_name_the_key_path(path, value, message):
     with pytest.raises(ConfigError) as error:

@@ -322,6 +322,22 @@ class DistributedConfig:
     barrier_timeout_s: int = setting("Each barrier between hosts.", 1800, **POSITIVE)
 
 
+@dataclass(frozen=True)
+class CompilationCacheConfig:
+    """JAX's persistent compilation cache: a restarted host loads its train step and decode programs instead of
+    compiling them again."""
+
+    enabled: bool = setting("Save compiled programs and load them instead of compiling again; false: compile "
+                            "every program at every start.", True)
+    dir: Optional[str] = setting(
+        "Where, shared by every host (host 0 writes, all read): an absolute path or a URL such as "
+        "gs://bucket/prefix; default `<output_dir>/compilation_cache`.", None,
+        pattern=OUTPUT_DIR_PATTERN, pattern_message=OUTPUT_DIR_MESSAGE)
+    min_compile_time_s: float = setting(
+        "Programs that compile in less time are not saved (on a slow store, loading a tiny program can take "
+        "longer than compiling it).", 1.0, **NON_NEGATIVE)
+
+
 _INFERENCE_ON = ("has(self.inference) && ((has(self.inference.eval_at_steps) && "
                  "size(self.inference.eval_at_steps) > 0) || has(self.inference.eval_every))")
 
@@ -344,6 +360,8 @@ class WorkerConfig:
     simpo: SimpoConfig = setting("The SimPO loss.", default_factory=SimpoConfig)
     inference: InferenceConfig = setting("Inference pauses.", default_factory=InferenceConfig)
     distributed: DistributedConfig = setting("Cross-host timeouts.", default_factory=DistributedConfig)
+    compilation_cache: CompilationCacheConfig = setting("Compiled programs kept for restarts.",
+                                                        default_factory=CompilationCacheConfig)
 
     RULES: ClassVar = (
         Rule("has(self.tokenizer) || !has(self.model.architecture)",

@@ -29,6 +29,7 @@ from jax.experimental import multihost_utils
 from simpo_worker import outputs, storage
 from simpo_worker.api import Progress
 from simpo_worker.checkpoint import latest_step
+from simpo_worker.compile_cache import CompileLog
 from simpo_worker.config import InferenceConfig, WorkerConfig
 from simpo_worker.distributed import barrier, is_leader
 from simpo_worker.engine import Completion, Engine
@@ -50,7 +51,7 @@ log = logging.getLogger(__name__)
 class InterleavedRun:
     def __init__(self, config: WorkerConfig, trainer: Trainer, engine: Engine, prompts: PromptSet,
                  reporter: ProgressReporter, metrics: MetricsWriter, held_out: PreferenceData | None = None,
-                 notice: TerminationNotice | None = None):
+                 notice: TerminationNotice | None = None, compiles: CompileLog | None = None):
         self.config = config
         self.trainer = trainer
         self.engine = engine
@@ -63,6 +64,7 @@ class InterleavedRun:
         self.schedule = set(config.inference.schedule(config.trainer.num_train_steps))
         self.timeout_s = config.distributed.barrier_timeout_s
         self.notice = notice or TerminationNotice()
+        self.compiles = compiles
 
     def run(self, stop_at: int | None = None) -> None:
         """Train to the last step (or to `stop_at`, checkpointed there: a preemption drill), pausing on schedule."""
@@ -70,6 +72,7 @@ class InterleavedRun:
         total = config.trainer.num_train_steps
         last = total if stop_at is None else min(stop_at, total)
         every = config.trainer.checkpoint.every
+        first_step = True
         while True:
             if trainer.step in self.schedule and not self._inference_complete(trainer.step):
                 self.pause_for_inference(trainer.step)
@@ -83,6 +86,9 @@ class InterleavedRun:
                 log.info("step %d: loss %.4f, reward accuracy %.2f, %.2fs", trainer.step, record["loss"],
                          record["rewards/accuracies"], record["step_time"])
             self._report(Progress(stage="train", step=trainer.step, totalSteps=total))
+            if first_step:  # this start's train step is compiled (or loaded) now
+                self._record_compiles(trainer.step)
+                first_step = False
             durable_pause = config.trainer.checkpoint.at_eval and trainer.step in self.schedule
             saved = durable_pause or (every is not None and trainer.step % every == 0) or trainer.step == last
             if saved:
@@ -112,6 +118,7 @@ class InterleavedRun:
         if is_leader():
             self._write_manifest(step, host_stats, started, evaluation)
         barrier(f"infer-{step}-done", self.timeout_s)
+        self._record_compiles(step)
 
     def _evaluate(self, step: int) -> dict:
         """The held-out metrics at `step` (every host runs it: the eval program spans the training mesh)."""
@@ -202,6 +209,16 @@ class InterleavedRun:
                         dtype=np.int32)
         return bool(multihost_utils.broadcast_one_to_all(done)[0])
 
+    def _record_compiles(self, step: int) -> None:
+        """This process's compiles so far: logged on every host, the leader's in the metrics."""
+        if self.compiles is None:
+            return
+        summary = self.compiles.summary()
+        log.info("host %d: compiles after step %d: %d loaded from the persistent cache, %d compiled, %.1fs; %s",
+                 jax.process_index(), step, summary["hits"], summary["misses"], summary["compile_seconds"],
+                 json.dumps(summary["programs"], sort_keys=True))
+        self.metrics.write({"event": "compile_cache", "step": step, **summary})
+
     def _seed(self) -> int:
         seed = self.config.inference.seed
         return self.config.trainer.seed if seed is None else seed
@@ -225,7 +242,7 @@ def check_context(inference: InferenceConfig, context: int, source: str | None) 
 
 
 def build_run(config: WorkerConfig, reporter: ProgressReporter | None = None,
-              notice: TerminationNotice | None = None) -> InterleavedRun:
+              notice: TerminationNotice | None = None, compiles: CompileLog | None = None) -> InterleavedRun:
     """Everything a host needs, checked before the first train step: output dir, tokenizer, prompts, model."""
     outputs.check_writable(config.output_dir, jax.process_index())
     tokenizer = load_tokenizer(config.tokenizer or config.model.source)
@@ -241,4 +258,4 @@ def build_run(config: WorkerConfig, reporter: ProgressReporter | None = None,
                     compute_dtype=COMPUTE_DTYPES[config.trainer.compute_dtype], mesh=trainer.mesh,
                     tokenizer=tokenizer)
     return InterleavedRun(config, trainer, engine, prompts, reporter or reporter_from_env(),
-                          MetricsWriter(config.output_dir), held_out, notice)
+                          MetricsWriter(config.output_dir), held_out, notice, compiles)

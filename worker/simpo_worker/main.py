@@ -15,6 +15,7 @@ import traceback
 
 import jax
 
+from simpo_worker import compile_cache
 from simpo_worker.api import ENV_CONFIG, ExitCode
 from simpo_worker.config import load_worker_config
 from simpo_worker.distributed import exit_now, initialize_from_env
@@ -39,9 +40,10 @@ def run(args: argparse.Namespace) -> int:
     config = load_worker_config(args.config)
     disable_jax_preemption_service()
     initialize_from_env(config.distributed.init_timeout_s)
+    compiles = compile_cache.enable(config)
     notice = TerminationNotice().install()
     try:
-        interleaved = build_run(config, notice=notice)
+        interleaved = build_run(config, notice=notice, compiles=compiles)
         resumed = interleaved.trainer.restore_latest()
         interleaved.metrics.discard_after(resumed or 0)
         log.info("host %d of %d: training from step %d to %d", jax.process_index(), jax.process_count(),

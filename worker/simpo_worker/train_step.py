@@ -121,14 +121,14 @@ class CompiledStep:
         self.batch_sharding = batch_sharding(mesh)
         dtype = COMPUTE_DTYPES[compute_dtype]
 
-        def step(arrays, batch):
+        def train_step(arrays, batch):
             # The mesh in context while tracing: the model pins its activations' layout to it (constrain_batch).
             with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
                 new_state, metrics = simpo_step(eqx.combine(arrays, self.static), batch, optimizer, schedule,
                                                 simpo, dtype, self.memory)
             return eqx.filter(new_state, eqx.is_array), metrics
 
-        self.program = counted_jit(step, in_shardings=(self.state_shardings, self.batch_sharding),
+        self.program = counted_jit(train_step, in_shardings=(self.state_shardings, self.batch_sharding),
                                    out_shardings=(self.state_shardings, None), donate_argnums=0)
 
     @property
