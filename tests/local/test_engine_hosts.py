@@ -1,6 +1,6 @@
 """The inference engine across real local host processes: the same completions on 1, 2 or 4 hosts, with one or two
-devices per host, in both placements, from params FSDP-sharded the way training holds them, and with stop
-strings."""
+devices per host, in both placements, from params FSDP-sharded the way training holds them, with stop strings,
+and for long generations whose batches compact and whose attention windows grow."""
 
 from __future__ import annotations
 
@@ -41,12 +41,13 @@ HOST_SCRIPT = textwrap.dedent("""
     mode, out_dir, model_dir = sys.argv[1], sys.argv[2], sys.argv[3]
     settings = json.loads(sys.argv[4])
     prompts = json.loads(sys.argv[5])
+    eos = json.loads(sys.argv[6])
     model = load_hf_model(model_dir)
     mesh = make_mesh(MeshConfig(data=1, fsdp=-1))
     # The params as training holds them: FSDP-sharded over every device of every host.
     model = place(model, state_shardings(model, mesh))
     tokenizer = load_tokenizer("smollm2") if settings.get("stop_tokens") else None
-    engine = Engine(model.config, InferenceConfig(mode=mode, **settings), eos_token_ids=[2], mesh=mesh,
+    engine = Engine(model.config, InferenceConfig(mode=mode, **settings), eos_token_ids=eos, mesh=mesh,
                     tokenizer=tokenizer)
     if mode == "global_mesh":
         indices = list(range(len(prompts)))
@@ -58,18 +59,26 @@ HOST_SCRIPT = textwrap.dedent("""
     assert done[-1:] == ([len(indices)] if indices else []), done
     with open(f"{out_dir}/host_{jax.process_index()}.json", "w") as f:
         json.dump({c.global_prompt_index: [c.token_ids, c.finish_reason, c.text] for c in completions}, f)
+    with open(f"{out_dir}/engine_{jax.process_index()}.json", "w") as f:
+        json.dump({"compactions": engine.compactions, "window_growths": engine.window_growths}, f)
 """)
 
 
-def run_hosts(tmp_path, mode: str, hosts: int, devices_per_host: int, settings: dict, prompts) -> dict:
-    out = tmp_path / f"{mode}_{hosts}x{devices_per_host}"
+def host_dir(tmp_path, mode: str, hosts: int, devices_per_host: int):
+    return tmp_path / f"{mode}_{hosts}x{devices_per_host}"
+
+
+def run_hosts(tmp_path, mode: str, hosts: int, devices_per_host: int, settings: dict, prompts,
+              eos: tuple[int, ...] = (2,)) -> dict:
+    out = host_dir(tmp_path, mode, hosts, devices_per_host)
     out.mkdir()
     script = tmp_path / "host.py"
     script.write_text(HOST_SCRIPT)
     envs = host_envs(hosts, devices_per_host)
     log = io.StringIO()
     code = run_host_processes([sys.executable, str(script), mode, str(out), str(TINY_LLAMA_DIR),
-                               json.dumps(settings), json.dumps(prompts)], envs, timeout_s=300, out=log)
+                               json.dumps(settings), json.dumps(prompts), json.dumps(list(eos))], envs,
+                              timeout_s=300, out=log)
     assert code == 0, log.getvalue()[-6000:]
     per_host = [json.loads((out / f"host_{i}.json").read_text()) for i in range(hosts)]
     if mode == "global_mesh":
@@ -131,3 +140,26 @@ def test_stop_strings_end_the_same_rows_on_every_host(tmp_path):
         assert (reason, text) == (plain[row][1], plain[row][2]) or (reason == "stop" and text.endswith(tuple(stops)))
     assert stopped["0"][2] != plain["0"][2] and stopped["1"][2] != plain["1"][2]
     assert run_hosts(tmp_path, "global_mesh", 2, 1, {**settings, "stop_tokens": stops}, prompts) == stopped
+
+
+def engine_counts(tmp_path, mode: str, hosts: int, devices_per_host: int) -> list[dict]:
+    """Each host's engine counters (compactions, window growths) of a `run_hosts` run."""
+    out = host_dir(tmp_path, mode, hosts, devices_per_host)
+    return [json.loads((out / f"engine_{i}.json").read_text()) for i in range(hosts)]
+
+
+@pytest.mark.multiprocess
+def test_long_generation_compacts_and_grows_the_window_on_every_host(tmp_path):
+    """Rows stop at different times (frequent stop ids, as tests/worker/test_engine.py forces compaction), the
+    survivors decode on past the first window: every host compacts its batch and grows its cache mid-wave, and
+    the completions are still one host's."""
+    eos = tuple(range(3, 9))
+    prompts = prompts_of([5, 8, 13, 21, 6, 9, 17, 11, 4, 30, 12, 7, 19, 3, 25, 14], 256)
+    settings = {"max_new_tokens": 300, "max_prompt_len": 32, "batch_size": 8, "temperature": 1.0}
+    one = run_hosts(tmp_path, "host_data_parallel", 1, 1, settings, prompts, eos)
+    lengths = sorted(len(tokens) for tokens, *_ in one.values())
+    assert lengths[0] < 64 < lengths[-1]  # some rows end in the first chunk, some decode on past it
+    for mode in ("host_data_parallel", "global_mesh"):
+        assert run_hosts(tmp_path, mode, 2, 1, settings, prompts, eos) == one, mode
+        for counts in engine_counts(tmp_path, mode, 2, 1):
+            assert counts["compactions"] > 0 and counts["window_growths"] > 0, (mode, counts)

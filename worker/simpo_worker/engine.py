@@ -129,6 +129,7 @@ class Engine:
         self._grow = decode.grow_window.fresh()
         self._compact = decode.compact.fresh()
         self.compactions = 0  # batches shrunk mid-wave (finished rows dropped)
+        self.window_growths = 0  # caches grown mid-wave (a larger attention window)
         # Batch rows x sampling steps run, empty and finished rows included: generated tokens / row_steps is the
         # share of the work that produced kept tokens (what continuous refill of finished slots could raise).
         self.row_steps = 0
@@ -260,6 +261,7 @@ class Engine:
             if needed > window:
                 state = self._grow(state, needed)
                 window = needed
+                self.window_growths += 1
             stepped_rows, stepped_from = len(rows), int(generated)
             state = self._decode(self.spec, weights, state, jnp.int32(stop_at))
 
