@@ -59,6 +59,17 @@ def gcs_emulator(timeout_s: float = 30.0) -> Iterator[dict[str, str]]:
         process.wait(timeout=10)
 
 
+def point_this_process_at(env: dict[str, str], monkeypatch) -> None:
+    """This process's environment and fsspec's config pointed at an emulator (`gcs_emulator`'s env, or a proxy's);
+    the monkeypatch undoes both."""
+    import fsspec.config
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(fsspec.config, "conf", {})
+    fsspec.config.set_conf_env(fsspec.config.conf)
+
+
 @dataclass
 class Request:
     method: str

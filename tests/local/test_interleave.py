@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import yaml
 
-from gcs_emulator import BUCKET, gcs_emulator
+from gcs_emulator import BUCKET, gcs_emulator, point_this_process_at
 from local_hosts import run_workers, start_workers
 from simpo_interleave.local_runner import run_job_file
 from simpo_worker import outputs, storage
@@ -227,24 +227,16 @@ def test_host_killed_while_decoding_is_detected_by_the_others_and_the_rerun_resu
         assert np.array_equal(mine[key], theirs[key]), key
 
 
-def test_outputs_to_gcs(workdir):
+def test_outputs_to_gcs(workdir, monkeypatch):
     with gcs_emulator() as env:
+        point_this_process_at(env, monkeypatch)
         out = f"gs://{BUCKET}/runs/gcs"
         job = write_job(workdir, "gcs", job_config(workdir, out), 2)
-        os.environ.update(env)
-        try:
-            import fsspec.config
-
-            fsspec.config.set_conf_env(fsspec.config.conf)
-            assert run_job_file(str(job), timeout_s=900, extra_env=env) == 0
-            manifest = outputs.read_manifest(out, 2)
-            assert manifest["prompts"] == NUM_PROMPTS
-            assert len(completions(out)) == NUM_PROMPTS
-            assert len(train_losses(out)) == STEPS
-        finally:
-            for key in env:
-                os.environ.pop(key)
-            fsspec.config.conf.pop("gs", None)
+        assert run_job_file(str(job), timeout_s=900, extra_env=env) == 0
+        manifest = outputs.read_manifest(out, 2)
+        assert manifest["prompts"] == NUM_PROMPTS
+        assert len(completions(out)) == NUM_PROMPTS
+        assert len(train_losses(out)) == STEPS
 
 
 @pytest.mark.parametrize("change,code,message", [

@@ -5,9 +5,9 @@ processes run without it (tests/local/test_preemption.py)."""
 
 from __future__ import annotations
 
-import fsspec.config
+import fsspec
 
-from gcs_emulator import BUCKET, gcs_emulator
+from gcs_emulator import BUCKET, gcs_emulator, point_this_process_at
 from simpo_worker import storage
 from worker_runs import checked, run_worker, tiny_config
 
@@ -39,10 +39,7 @@ def test_restart_loads_its_programs_from_the_cache_on_gcs(monkeypatch):
     """The cache in its default place under a gs:// output dir, as on GKE (JAX reads and writes it through
     etils.epath and gcsfs; here fake-gcs-server)."""
     with gcs_emulator() as env:
-        for key, value in env.items():
-            monkeypatch.setenv(key, value)
-        monkeypatch.setattr(fsspec.config, "conf", {})
-        fsspec.config.set_conf_env(fsspec.config.conf)
+        point_this_process_at(env, monkeypatch)
         out = f"gs://{BUCKET}/run"
         checked(run_worker(config(out), "--stop-at-step", "2", env=env))
         checked(run_worker(config(out), env=env))

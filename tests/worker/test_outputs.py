@@ -58,15 +58,10 @@ def test_unwritable_output_dir(tmp_path):
 
 def test_gcs_through_the_emulator(monkeypatch):
     """The same calls against gs:// (fake-gcs-server over HTTP, gcsfs as for real GCS)."""
-    import fsspec.config
-
-    from gcs_emulator import BUCKET, gcs_emulator
+    from gcs_emulator import BUCKET, gcs_emulator, point_this_process_at
 
     with gcs_emulator() as env:
-        for key, value in env.items():
-            monkeypatch.setenv(key, value)
-        monkeypatch.setattr(fsspec.config, "conf", {})
-        fsspec.config.set_conf_env(fsspec.config.conf)
+        point_this_process_at(env, monkeypatch)
         out = f"gs://{BUCKET}/run"
         outputs.check_writable(out, 0)
         outputs.write_host_shard(out, 2, 0, 1, [row(2, 0, 1, 0, 4), row(2, 0, 1, 1, 6, "length")])

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 
 import fsspec
 import pytest
 
-from gcs_emulator import BUCKET, gcs_emulator
+from gcs_emulator import BUCKET, gcs_emulator, point_this_process_at
 from simpo_worker.config import InferenceConfig
 from simpo_worker.errors import DataError
 from simpo_worker.prompts import host_shard, load_prompts, read_prompt_file, render_prompts, synthetic_prompts
@@ -54,19 +53,13 @@ def test_gzip_and_plain_text(tmp_path):
                                            [{"role": "user", "content": "  second {\"not json\"}"}]]
 
 
-def test_gcs_url_through_the_emulator():
+def test_gcs_url_through_the_emulator(monkeypatch):
     with gcs_emulator() as env:
-        os.environ.update(env)
-        try:
-            fsspec.config.set_conf_env(fsspec.config.conf)
-            url = f"gs://{BUCKET}/prompts/p.jsonl"
-            with fsspec.open(url, "w") as handle:
-                handle.write("".join(json.dumps(row) + "\n" for row in ROWS))
-            assert read_prompt_file(url) == EXPECTED
-        finally:
-            for key in env:
-                os.environ.pop(key)
-            fsspec.config.conf.pop("gs", None)
+        point_this_process_at(env, monkeypatch)
+        url = f"gs://{BUCKET}/prompts/p.jsonl"
+        with fsspec.open(url, "w") as handle:
+            handle.write("".join(json.dumps(row) + "\n" for row in ROWS))
+        assert read_prompt_file(url) == EXPECTED
 
 
 @pytest.mark.parametrize("content,message", [

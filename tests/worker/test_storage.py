@@ -8,10 +8,10 @@ import json
 import logging
 import time
 
-import fsspec.config
+import fsspec
 import pytest
 
-from gcs_emulator import BUCKET, fault_proxy, gcs_emulator
+from gcs_emulator import BUCKET, fault_proxy, gcs_emulator, point_this_process_at
 from simpo_worker import outputs, storage
 from simpo_worker.api import ExitCode
 from simpo_worker.errors import NonRetryableError, OutputError
@@ -24,10 +24,7 @@ UPLOAD = f"/upload/storage/v1/b/{BUCKET}/o"
 def gcs(monkeypatch):
     """The fault proxy, with gcsfs pointed at it (a fresh filesystem instance: the port differs per test)."""
     with gcs_emulator() as env, fault_proxy(env) as (proxy, proxied):
-        for key, value in proxied.items():
-            monkeypatch.setenv(key, value)
-        monkeypatch.setattr(fsspec.config, "conf", {})
-        fsspec.config.set_conf_env(fsspec.config.conf)
+        point_this_process_at(proxied, monkeypatch)
         fs_class = fsspec.get_filesystem_class("gs")  # imported now, with the emulator's environment
         fs_class.clear_instance_cache()
         yield proxy
