@@ -33,5 +33,6 @@ test: install control-plane
 
 goldens: install-peers
 	$(PY) tests/goldens/make_model_goldens.py
+	$(PY) tests/goldens/make_bf16_goldens.py
 	$(PY) tests/goldens/make_tokenizer_goldens.py
 	$(PY) tests/goldens/make_generate_goldens.py
