@@ -80,8 +80,7 @@ def offline_completions(config: dict, workdir: Path) -> dict[tuple[int, int], di
             completions = run.engine.generate(run.trainer.model, prompts, list(range(len(prompts))), step=step,
                                               seed=SEED)
             generated[checkpoint, step] = {
-                c.global_prompt_index: (run.tokenizer.decode(c.token_ids, skip_special_tokens=True),
-                                        len(c.token_ids), c.finish_reason) for c in completions}
+                c.global_prompt_index: (c.text, len(c.token_ids), c.finish_reason) for c in completions}
     return generated
 
 
