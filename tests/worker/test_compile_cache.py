@@ -9,7 +9,7 @@ import fsspec
 
 from gcs_emulator import BUCKET, gcs_emulator, point_this_process_at
 from simpo_worker import storage
-from worker_runs import checked, run_worker, tiny_config
+from worker_runs import checked, records, run_worker, tiny_config
 
 TRAIN_STEP, PREFILL, DECODE = "jit(train_step)", "jit(prefill)", "jit(decode_chunk)"
 
@@ -27,8 +27,7 @@ def config(output_dir: str, **overrides) -> dict:
 
 def compile_records(output_dir: str) -> list[dict]:
     """One after each start's first train step and after each of its pauses; counts since the start."""
-    records = storage.read_jsonl(storage.join(output_dir, "metrics.jsonl"))
-    return [r for r in records if r["event"] == "compile_cache"]
+    return records(output_dir, "compile_cache")
 
 
 def hits_and_misses(record: dict, name: str) -> tuple[int, int]:
