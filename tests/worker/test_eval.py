@@ -140,7 +140,7 @@ def test_progress_shows_the_held_out_evaluation():
     assert ("eval", "2") in stages and ("eval", "5") in stages
     assert "evalStep=None" in reports[0]  # nothing before the first evaluation
     last = records(output_dir, "eval")[-1]
-    assert "stage='train', step=7" in reports[-1]
+    assert "stage='done', step=7" in reports[-1]
     assert (f"evalStep=5, evalLoss={last['loss']!r}, evalAccuracy={last['rewards/accuracies']!r}"
             in reports[-1])
 
