@@ -94,7 +94,10 @@ def local_pods(job: Job, workdir: Path, base_env: Mapping[str, str] | None = Non
                 env.setdefault(api.ENV_COORDINATOR_ADDRESS, f"{LOCALHOST}:{port}")
                 env.setdefault(api.ENV_NUM_PROCESSES, str(job.num_processes))
                 env.setdefault(api.ENV_PROCESS_ID, str(slice_index * job.hosts_per_slice + host_index))
-            full_env = {**(os.environ if base_env is None else base_env), "JAX_PLATFORMS": "cpu", **env}
+            base = os.environ if base_env is None else base_env
+            full_env = {**base, "JAX_PLATFORMS": "cpu", **env}
+            # A terminal, not Cloud Logging, reads these lines: the pods' json only when asked for.
+            full_env[api.ENV_LOG_FORMAT] = base.get(api.ENV_LOG_FORMAT, "text")
             pods.append(LocalPod(slice_index, host_index, argv, full_env))
     return pods
 

@@ -11,6 +11,7 @@ local runner (concrete indexes, coordinator on 127.0.0.1). The worker (simpo_wor
   SIMPO_SLICE_INDEX        this host's slice: the JobSet job index (`jobset.sigs.k8s.io/job-index`)
   SIMPO_HOST_INDEX         this host within its slice: the Indexed Job completion index
                            (`batch.kubernetes.io/job-completion-index`)
+  SIMPO_LOG_FORMAT         json: one Cloud Logging entry per log line (the local runner passes the user's, else text)
   JAX_COORDINATOR_ADDRESS  host:port of process 0 (`<jobset>-worker-0-0.<jobset>:8476` in a pod)
   JAX_NUM_PROCESSES        SIMPO_NUM_SLICES * SIMPO_HOSTS_PER_SLICE
   JAX_PROCESS_ID           only where the number is known without arithmetic (local processes, single-slice pods);
@@ -64,6 +65,8 @@ def worker_env(
         _value(api.ENV_HOSTS_PER_SLICE, hosts_per_slice),
         _index(api.ENV_SLICE_INDEX, slice_index, JOB_INDEX_ANNOTATION),
         _index(api.ENV_HOST_INDEX, host_index, COMPLETION_INDEX_ANNOTATION),
+        # A pod's stdout goes to Cloud Logging, which parses JSON lines into structured entries.
+        _value(api.ENV_LOG_FORMAT, "json"),
     ]
     if coordinator_address is not None:
         env += [

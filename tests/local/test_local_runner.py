@@ -58,12 +58,18 @@ def test_local_runner_and_operator_give_each_multislice_pod_the_same_environment
         # GKE's TPU environment, from which jax.distributed finds its coordinator and process id on a slice.
         # The Job controller's own variable on every pod of an Indexed Job.
         expected["JOB_COMPLETION_INDEX"] = str(pod.host_index)
+        # A terminal reads the local runner's logs: text, where the pods' go to Cloud Logging as JSON.
+        assert expected[api.ENV_LOG_FORMAT] == "json"
+        expected[api.ENV_LOG_FORMAT] = "text"
         expected |= {api.ENV_COORDINATOR_ADDRESS: f"{LOCALHOST}:45678", api.ENV_NUM_PROCESSES: "4",
                      api.ENV_PROCESS_ID: str(pod.slice_index * 2 + pod.host_index), "JAX_PLATFORMS": "cpu"}
         assert pod.env == expected
         assert process_id_from_env({k: v for k, v in pod.env.items() if k != api.ENV_PROCESS_ID}) == \
             int(pod.env[api.ENV_PROCESS_ID])
         assert pod.env[api.ENV_MEGASCALE_SLICE_ID] == str(pod.slice_index)
+    # A user's own choice holds.
+    assert {p.env[api.ENV_LOG_FORMAT] for p in local_pods(job, tmp_path, base_env={api.ENV_LOG_FORMAT: "json"},
+                                                          port=45678)} == {"json"}
     # The ConfigMap's data, where the pod reads it.
     written = (tmp_path / "config" / api.CONFIG_FILE).read_text()
     assert written == render.render_configmap(job)["data"][api.CONFIG_FILE]

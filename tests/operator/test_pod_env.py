@@ -17,6 +17,7 @@ def test_local_process_gets_concrete_values():
     assert env == {
         "SIMPO_CONFIG": "/tmp/c.yaml", "SIMPO_JOB_NAME": "demo", "SIMPO_JOB_NAMESPACE": "default",
         "SIMPO_NUM_SLICES": "1", "SIMPO_HOSTS_PER_SLICE": "4", "SIMPO_SLICE_INDEX": "0", "SIMPO_HOST_INDEX": "3",
+        "SIMPO_LOG_FORMAT": "json",
         "JAX_COORDINATOR_ADDRESS": "127.0.0.1:1234", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "3",
     }
 

@@ -230,10 +230,21 @@ class TrainerConfig:
         "sequences in one piece; 0: always in one piece.", DEFAULT_LOSS_CHUNK_TOKENS, **NON_NEGATIVE)
     seed: int = setting("Data order and sampling seed.", 0)
     checkpoint: CheckpointConfig = setting("Checkpoint policy.", default_factory=CheckpointConfig)
+    profile_steps: list[int] = setting(
+        "Train steps to trace with jax.profiler, each into {output_dir}/profiles/train_step_{step}/host_{i} "
+        "(step 1 includes the step's compile).", default_factory=list, max_items=64, rules=(
+            Rule("self.all(s, s > 0)", lambda steps: all(s > 0 for s in steps), "steps must be positive"),
+            Rule("self.all(s, self.exists_one(t, t == s))", lambda steps: len(set(steps)) == len(steps),
+                 "steps must be unique")))
+    profile_hosts: Literal["leader", "all"] = setting(
+        "Which hosts trace profile_steps and inference.profile: the leader (process 0), or every host.", "leader")
 
     RULES: ClassVar = (
         Rule("self.batch_size % self.microbatches == 0", lambda t: t.batch_size % t.microbatches == 0,
              "must divide batch_size", "microbatches", ("batch_size", "microbatches")),
+        Rule("!has(self.profile_steps) || self.profile_steps.all(s, s <= self.num_train_steps)",
+             lambda t: all(s <= t.num_train_steps for s in t.profile_steps),
+             "a step is beyond the run", "profile_steps", ("num_train_steps",)),
     )
 
     def check_devices(self, device_count: int, path: str = "trainer") -> tuple[int, int, int]:
@@ -287,8 +298,14 @@ class InferenceConfig:
         default_factory=list, rules=(
             Rule("self.all(s, size(s) > 0)", lambda strings: all(strings), "stop strings must not be empty"),))
     seed: Optional[int] = setting("Sampling seed; default trainer.seed.", None)
+    profile: bool = setting(
+        "Trace every inference pause with jax.profiler, into {output_dir}/profiles/inference_step_{step}/host_{i} "
+        "(the hosts of trainer.profile_hosts).", False)
 
     RULES: ClassVar = (
+        Rule("!has(self.profile) || !self.profile || (has(self.eval_at_steps) && size(self.eval_at_steps) > 0) || "
+             "has(self.eval_every)", lambda i: not i.profile or i.enabled,
+             "traces the inference pauses: set eval_at_steps or eval_every", "profile"),
         Rule("!((has(self.eval_at_steps) && size(self.eval_at_steps) > 0) || has(self.eval_every)) || "
              "has(self.prompts_file) != has(self.synthetic_prompt_count)",
              lambda i: not i.enabled or (i.prompts_file is None) != (i.synthetic_prompt_count is None),

@@ -26,7 +26,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from simpo_worker import outputs, storage
+from simpo_worker import logs, outputs, storage
 from simpo_worker.api import Progress
 from simpo_worker.checkpoint import latest_step
 from simpo_worker.compile_cache import CompileLog
@@ -38,6 +38,7 @@ from simpo_worker.mesh import make_mesh
 from simpo_worker.metrics import MetricsWriter
 from simpo_worker.preemption import Preempted, TerminationNotice
 from simpo_worker.pretrained import load_model
+from simpo_worker.profiling import Profiler
 from simpo_worker.progress import ProgressReporter, reporter_from_env
 from simpo_worker.preference_data import PreferenceData
 from simpo_worker.prompts import PromptSet, host_shard, load_prompts
@@ -65,6 +66,7 @@ class InterleavedRun:
         self.timeout_s = config.distributed.barrier_timeout_s
         self.notice = notice or TerminationNotice()
         self.compiles = compiles
+        self.profiler = Profiler(config)
 
     def run(self, stop_at: int | None = None) -> None:
         """Train to the last step (or to `stop_at`, checkpointed there: a preemption drill), pausing on schedule."""
@@ -74,11 +76,15 @@ class InterleavedRun:
         every = config.trainer.checkpoint.every
         first_step = True
         while True:
+            logs.set_context(step=trainer.step)
             if trainer.step in self.schedule and not self._inference_complete(trainer.step):
-                self.pause_for_inference(trainer.step)
+                with self.profiler.inference_pause(trainer.step):
+                    self.pause_for_inference(trainer.step)
             if trainer.step >= last:
                 break
-            record = trainer.train_step()
+            with self.profiler.train_step(trainer.step + 1):
+                record = trainer.train_step()
+            logs.set_context(step=trainer.step)
             # train_step_compilations stays 1 across pauses: resuming reuses the compiled step.
             self.metrics.write({"event": "train", **record,
                                 "train_step_compilations": trainer.train_step_compilations})

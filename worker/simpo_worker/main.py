@@ -11,11 +11,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import traceback
 
 import jax
 
-from simpo_worker import compile_cache
+from simpo_worker import compile_cache, logs
 from simpo_worker.api import ENV_CONFIG, ExitCode
 from simpo_worker.config import load_worker_config
 from simpo_worker.distributed import exit_now, initialize_from_env
@@ -34,12 +33,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure()
     if not args.config:
         raise ConfigError("no worker config: pass --config or set SIMPO_CONFIG")
     config = load_worker_config(args.config)
     disable_jax_preemption_service()
     initialize_from_env(config.distributed.init_timeout_s)
+    logs.set_context(host=jax.process_index())
     compiles = compile_cache.enable(config)
     notice = TerminationNotice().install()
     try:
@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         log.error("%s: %s", type(error).__name__, error)
         exit_now(error.exit_code)
     except BaseException as error:  # noqa: BLE001 - report, then exit without jax.distributed's shutdown barrier
-        traceback.print_exc()
+        log.error("host %d failed: %s", jax.process_index(), error, exc_info=True)  # one entry, traceback included
         if is_out_of_memory(error):
             # A compile or an allocation did not fit the devices: the restarted job would fail the same way.
             log.error("out of device memory (exit %d, not retried): run `simpo-interleave plan` on the job to see "

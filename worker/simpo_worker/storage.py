@@ -18,6 +18,7 @@ import gzip
 import json
 import logging
 import os
+import posixpath
 import uuid
 import zlib
 from typing import Any, Callable, TypeVar
@@ -170,6 +171,24 @@ def write_atomic(url: str, data: str | bytes, what: str = "file") -> None:
         retrying(url, f"write the {what}", write)
     except OSError as error:
         raise OutputError(f"{url}: cannot write the {what}: {error}") from error
+
+
+def upload_tree(local_dir: str, url: str, what: str = "files") -> None:
+    """Copy a local directory's files under `url` (local or any fsspec URL), keeping their relative paths."""
+    fs, path = fsspec.core.url_to_fs(url)
+
+    def upload() -> None:
+        for root, _, names in os.walk(local_dir):
+            for name in names:
+                source = os.path.join(root, name)
+                target = f"{path}/{os.path.relpath(source, local_dir)}"
+                fs.makedirs(posixpath.dirname(target), exist_ok=True)
+                fs.put_file(source, target)
+
+    try:
+        retrying(url, f"upload the {what}", upload)
+    except OSError as error:
+        raise OutputError(f"{url}: cannot upload the {what}: {error}") from error
 
 
 def remove(url: str, recursive: bool = False) -> None:
