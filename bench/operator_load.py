@@ -2,12 +2,15 @@
 
 Starts the loopback control plane (tests/cluster), installs the chart with helm, runs the operator as the chart's
 service account, creates N SimpoInterleaveJobs at once (small CPU jobs whose fake workers exit 0 after a second)
-and reports: the latency from each create request to its JobSet appearing in a watch (p50/p99/max), the time
-until every job reached Succeeded, and the operator's peak resident memory (VmHWM).
+and reports, side by side: the operator's latency from each create request to its JobSet appearing in a watch, and
+the JobSet controller's own latency from that JobSet appearing to its first Job appearing (p50/p99/max: both on
+the same machine in the same run, so its load shows in both); the time until every job reached Succeeded; the
+operator's CPU time per job (user + system, from /proc) and its peak resident memory (VmHWM).
 
-    python bench/operator_load.py [--jobs 100]      (needs `make control-plane` first)
+    python bench/operator_load.py [--jobs 100] [--rounds 2]      (needs `make control-plane` first)
 """
 import argparse
+import os
 import shutil
 import statistics
 import sys
@@ -48,74 +51,109 @@ def peak_rss_mib(pid: int) -> float:
     raise RuntimeError(f"no VmHWM in /proc/{pid}/status")
 
 
-def run(jobs: int) -> None:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (/proc/PID/stat fields 14 and 15, in clock ticks)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def first_seen(stream_args: tuple, key, wanted: int, seen: dict[str, float]) -> None:
+    """Record when each object named by `key(event)` (None: not ours) first appears in a watch, until `wanted` have."""
+    watch = kubernetes.watch.Watch()
+    for event in watch.stream(*stream_args, timeout_seconds=600):
+        name = key(event["object"])
+        if name is not None:
+            seen.setdefault(name, time.monotonic())
+        if len(seen) == wanted:
+            watch.stop()
+
+
+def load_round(api: kubernetes.client.ApiClient, operator: OperatorProcess, jobs: int) -> dict:
+    """Create `jobs` SimpoInterleaveJobs at once and measure them until every one has Succeeded."""
+    custom, batch = kubernetes.client.CustomObjectsApi(api), kubernetes.client.BatchV1Api(api)
+    prefix = f"load-{uuid.uuid4().hex[:4]}"
+    names = [f"{prefix}-{i:03d}" for i in range(jobs)]
+    created_at: dict[str, float] = {}
+    jobset_seen_at: dict[str, float] = {}
+    batch_job_seen_at: dict[str, float] = {}  # by JobSet name: its first Job
+
+    def jobset_of(obj: dict) -> str | None:
+        return obj["metadata"]["name"] if obj["metadata"]["name"].startswith(prefix) else None
+
+    def jobset_of_job(obj) -> str | None:
+        name = (obj.metadata.labels or {}).get("jobset.sigs.k8s.io/jobset-name", "")
+        return name if name.startswith(prefix) else None
+
+    watchers = [threading.Thread(target=first_seen, daemon=True, args=(
+                    (custom.list_namespaced_custom_object, "jobset.x-k8s.io", "v1alpha2", JOBS_NAMESPACE, "jobsets"),
+                    jobset_of, jobs, jobset_seen_at)),
+                threading.Thread(target=first_seen, daemon=True, args=(
+                    (batch.list_namespaced_job, JOBS_NAMESPACE), jobset_of_job, jobs, batch_job_seen_at))]
+    for watcher in watchers:
+        watcher.start()
+    time.sleep(1)  # let the watches start before the first create
+
+    def create(name: str) -> None:
+        created_at[name] = time.monotonic()  # when the create request is sent
+        custom.create_namespaced_custom_object("simpo.dev", "v1alpha1", JOBS_NAMESPACE, "simpointerleavejobs",
+                                               job_manifest(name))
+
+    pid = operator.process.popen.pid
+    cpu_before = cpu_seconds(pid)
+    start = time.monotonic()
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        list(pool.map(create, names))
+    create_s = time.monotonic() - start
+    for watcher in watchers:
+        watcher.join(timeout=300)
+    missing = [n for n in names if n not in jobset_seen_at or n not in batch_job_seen_at]
+    if missing:
+        raise RuntimeError(f"{len(missing)} jobs never got a JobSet and its Jobs, e.g. {missing[:5]}")
+
+    def all_succeeded() -> bool:
+        items = custom.list_namespaced_custom_object("simpo.dev", "v1alpha1", JOBS_NAMESPACE,
+                                                     "simpointerleavejobs")["items"]
+        phases = [i.get("status", {}).get("phase") for i in items if i["metadata"]["name"].startswith(prefix)]
+        return len(phases) == jobs and all(p == "Succeeded" for p in phases)
+
+    wait_for(all_succeeded, 600, f"all {jobs} jobs to succeed", (operator.process,), interval_s=1)
+    result = {"create_s": create_s, "all_done_s": time.monotonic() - start,
+              "operator": [jobset_seen_at[n] - created_at[n] for n in names],
+              "jobset": [batch_job_seen_at[n] - jobset_seen_at[n] for n in names],
+              "cpu_per_job_ms": (cpu_seconds(pid) - cpu_before) / jobs * 1000, "rss_mib": peak_rss_mib(pid)}
+    for name in names:  # the next round starts from an empty namespace
+        custom.delete_namespaced_custom_object("simpo.dev", "v1alpha1", JOBS_NAMESPACE, "simpointerleavejobs", name)
+    return result
+
+
+def report(jobs: int, number: int, result: dict) -> None:
+    print(f"\nround {number}: {jobs} SimpoInterleaveJobs created at once (16 client threads, {result['create_s']:.1f}s "
+          f"to create); load average {os.getloadavg()[0]:.1f}")
+    print("| latency | operator: create -> JobSet | JobSet controller: JobSet -> first Job |")
+    print("| --- | --- | --- |")
+    for label, pick in (("p50", statistics.median), ("p99", lambda v: percentile(v, 0.99)), ("max", max)):
+        print(f"| {label} | {pick(result['operator']) * 1000:.0f} ms | {pick(result['jobset']) * 1000:.0f} ms |")
+    print(f"all {jobs} Succeeded after {result['all_done_s']:.1f} s; operator CPU time {result['cpu_per_job_ms']:.1f} "
+          f"ms per job (create to Succeeded); operator peak RSS (VmHWM) {result['rss_mib']:.0f} MiB", flush=True)
+
+
+def run(jobs: int, rounds: int) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="simpo-operator-load-"))
     cluster = ControlPlane(workdir).start()
     try:
         HelmRelease(cluster).install()
         operator = OperatorProcess(cluster).start()
         api = kubernetes.config.new_client_from_config(str(cluster.admin_kubeconfig))
-        custom = kubernetes.client.CustomObjectsApi(api)
-        prefix = f"load-{uuid.uuid4().hex[:4]}"
-        names = [f"{prefix}-{i:03d}" for i in range(jobs)]
-        created_at: dict[str, float] = {}
-        jobset_seen_at: dict[str, float] = {}
-
-        def watch_jobsets() -> None:
-            watch = kubernetes.watch.Watch()
-            for event in watch.stream(custom.list_namespaced_custom_object, "jobset.x-k8s.io", "v1alpha2",
-                                      JOBS_NAMESPACE, "jobsets", timeout_seconds=600):
-                name = event["object"]["metadata"]["name"]
-                if name.startswith(prefix):
-                    jobset_seen_at.setdefault(name, time.monotonic())
-                if len(jobset_seen_at) == jobs:
-                    watch.stop()
-
-        watcher = threading.Thread(target=watch_jobsets, daemon=True)
-        watcher.start()
-        time.sleep(1)  # let the watch start before the first create
-
-        def create(name: str) -> None:
-            created_at[name] = time.monotonic()  # when the create request is sent
-            custom.create_namespaced_custom_object("simpo.dev", "v1alpha1", JOBS_NAMESPACE, "simpointerleavejobs",
-                                                   job_manifest(name))
-
-        start = time.monotonic()
-        with ThreadPoolExecutor(max_workers=16) as pool:
-            list(pool.map(create, names))
-        create_s = time.monotonic() - start
-        watcher.join(timeout=300)
-        missing = [n for n in names if n not in jobset_seen_at]
-        if missing:
-            raise RuntimeError(f"{len(missing)} jobs never got a JobSet, e.g. {missing[:5]}")
-        latencies = [jobset_seen_at[n] - created_at[n] for n in names]
-
-        def all_succeeded() -> bool:
-            items = custom.list_namespaced_custom_object("simpo.dev", "v1alpha1", JOBS_NAMESPACE,
-                                                         "simpointerleavejobs")["items"]
-            phases = [i.get("status", {}).get("phase") for i in items if i["metadata"]["name"].startswith(prefix)]
-            return len(phases) == jobs and all(p == "Succeeded" for p in phases)
-
-        wait_for(all_succeeded, 600, f"all {jobs} jobs to succeed", (operator.process,), interval_s=1)
-        all_done_s = time.monotonic() - start
-        rss = peak_rss_mib(operator.process.popen.pid)
+        for number in range(1, rounds + 1):
+            report(jobs, number, load_round(api, operator, jobs))
         operator.stop()
     finally:
         cluster.stop()
         shutil.rmtree(workdir, ignore_errors=True)
 
-    print(f"\noperator load: {jobs} SimpoInterleaveJobs created at once (16 client threads, {create_s:.1f}s to "
-          f"create)")
-    print("| metric | value |")
-    print("| --- | --- |")
-    print(f"| create -> JobSet p50 | {statistics.median(latencies) * 1000:.0f} ms |")
-    print(f"| create -> JobSet p99 | {percentile(latencies, 0.99) * 1000:.0f} ms |")
-    print(f"| create -> JobSet max | {max(latencies) * 1000:.0f} ms |")
-    print(f"| all {jobs} Succeeded after | {all_done_s:.1f} s |")
-    print(f"| operator peak RSS (VmHWM) | {rss:.0f} MiB |")
-
-
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=100)
-    run(parser.parse_args().jobs)
+    parser.add_argument("--rounds", type=int, default=2, help="load rounds on the same cluster and operator")
+    arguments = parser.parse_args()
+    run(arguments.jobs, arguments.rounds)

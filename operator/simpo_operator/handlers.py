@@ -15,6 +15,8 @@ No finalizers: deletion cascades through owner references.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextvars
 import copy
 import logging
 from datetime import datetime, timezone
@@ -22,7 +24,7 @@ from typing import Any, Optional
 
 import kopf
 
-from simpo_operator import kube, render, status as state
+from simpo_operator import kube, metrics, render, status as state
 from simpo_operator.resource import FINISHED_PHASES, validate_job
 from simpo_worker.api import GROUP, KIND, PLURAL, VERSION
 from simpo_worker.errors import ConfigError
@@ -38,6 +40,9 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.scanning.disabled = True
     # Our own events are posted explicitly; handler log lines below WARNING stay in the log only.
     settings.posting.level = logging.WARNING
+    # The API client now, not in the first handlers: they would each build one at once, racing for the GIL with
+    # the burst of events being dispatched (7 s for the first jobs of a 100-job burst).
+    kube.api_client()
 
 
 def _now() -> str:
@@ -45,6 +50,7 @@ def _now() -> str:
 
 
 def _post_transition(job: dict[str, Any], phase: state.Phase) -> None:
+    metrics.TRANSITIONS.labels(phase.phase, phase.reason).inc()
     kopf.event(job, type=state.event_type(phase), reason=phase.phase,
                message=f"{phase.reason}: {phase.message}" if phase.message else phase.reason)
 
@@ -63,6 +69,7 @@ def _phase_patch(job: dict[str, Any], current: dict[str, Any], phase: state.Phas
 @kopf.on.resume(GROUP, VERSION, PLURAL)
 @kopf.on.create(GROUP, VERSION, PLURAL)
 @kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
+@metrics.timed("reconcile")
 def reconcile(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger, **_: Any) -> None:
     resource = copy.deepcopy(dict(body))
     current = dict(resource.get("status") or {})
@@ -77,12 +84,15 @@ def reconcile(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger, **_: A
         return
     configmap, jobset = render.render_configmap(job), render.render_jobset(job)
     try:
-        existing_configmap, _ = kube.create_or_adopt(configmap, job.uid)
+        # The JobSet first: its pods wait for the ConfigMap anyway, and the JobSet's controller starts sooner.
         jobset, created = kube.create_or_adopt(jobset, job.uid)
+        existing_configmap, _ = kube.create_or_adopt(configmap, job.uid)
     except kube.ChildConflictError as error:
         _fail(resource, current, patch, state.Phase("Failed", state.CHILD_CONFLICT, str(error)))
         return
-    if not created:
+    if created:
+        metrics.jobset_created(resource["metadata"].get("creationTimestamp"))
+    else:
         logger.info(f"adopted the existing JobSet {jobset['metadata']['name']}")
         if existing_configmap.get("data") != configmap["data"]:
             kopf.warn(resource, reason="ConfigChangeIgnored",
@@ -101,8 +111,20 @@ def _fail(resource: dict[str, Any], current: dict[str, Any], patch: kopf.Patch, 
     patch.status["observedGeneration"] = resource["metadata"].get("generation")
 
 
+# JobSet events (several per job) block on API calls in threads of their own: in kopf's pool, which runs
+# `reconcile`, a burst of them would queue the creation of the next jobs' JobSets behind them.
+_jobset_event_pool = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="jobset-events")
+
+
 @kopf.on.event(kube.JOBSET_GROUP, kube.JOBSET_VERSION, kube.JOBSET_PLURAL, labels={render.JOB_LABEL: kopf.PRESENT})
-def jobset_changed(body: kopf.Body, type: Optional[str], logger: logging.Logger, **_: Any) -> None:
+@metrics.timed("jobset_changed")
+async def jobset_changed(body: kopf.Body, type: Optional[str], logger: logging.Logger, **_: Any) -> None:
+    # In kopf's context (kopf.event needs it), as asyncio.to_thread does for the default pool.
+    await asyncio.get_running_loop().run_in_executor(_jobset_event_pool, contextvars.copy_context().run,
+                                                     _jobset_changed, body, type, logger)
+
+
+def _jobset_changed(body: kopf.Body, type: Optional[str], logger: logging.Logger) -> None:
     if type == "DELETED":
         return  # deleted with its job (owner references), or by hand: the job keeps its last status
     jobset = copy.deepcopy(dict(body))
@@ -149,14 +171,18 @@ def expiry_delay(resource: dict[str, Any], now: datetime) -> Optional[float]:
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
+@metrics.timed("expire_finished")
 async def expire_finished(body: kopf.Body, type: Optional[str], logger: logging.Logger, **_: Any) -> None:
     uid = body.metadata.uid
+    # Every job event passes here: one handler, as each costs kopf's dispatch on the event loop.
+    metrics.JOB_PHASES.observe(uid, body.get("status"), deleted=type == "DELETED")
     if type == "DELETED":
         timer = _expiry_timers.pop(uid, None)
         if timer is not None:
             timer.cancel()
         return
-    delay = expiry_delay(copy.deepcopy(dict(body)), datetime.now(timezone.utc))
+    # Read-only: no copy of the whole body (its config is large) on every event.
+    delay = expiry_delay({"spec": body.spec, "status": body.status}, datetime.now(timezone.utc))
     if delay is None or uid in _expiry_timers:
         return
     namespace, name = body.metadata.namespace, body.metadata.name

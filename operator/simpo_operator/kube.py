@@ -135,3 +135,36 @@ def delete_job(namespace: str, name: str, uid: str) -> None:
     except kubernetes.client.ApiException as error:
         if not _not_found(error) and error.status != 409:
             raise
+
+
+# kopf peering (several replicas): ClusterKopfPeering when serving every namespace, else a KopfPeering per namespace.
+PEERING_GROUP, PEERING_VERSION = "kopf.dev", "v1"
+
+
+def _peering_plural(namespace: Optional[str]) -> str:
+    return "clusterkopfpeerings" if namespace is None else "kopfpeerings"
+
+
+def ensure_peering(name: str, namespace: Optional[str]) -> None:
+    """Create the peering object kopf keeps its peers' records in, unless it exists (kopf does not create it)."""
+    kind = "ClusterKopfPeering" if namespace is None else "KopfPeering"
+    body = {"apiVersion": f"{PEERING_GROUP}/{PEERING_VERSION}", "kind": kind, "metadata": {"name": name}}
+    try:
+        if namespace is None:
+            _custom().create_cluster_custom_object(PEERING_GROUP, PEERING_VERSION, _peering_plural(None), body)
+        else:
+            _custom().create_namespaced_custom_object(PEERING_GROUP, PEERING_VERSION, namespace,
+                                                      _peering_plural(namespace), body)
+    except kubernetes.client.ApiException as error:
+        if error.status != 409:
+            raise
+
+
+def get_peers(name: str, namespace: Optional[str]) -> dict[str, Any]:
+    """The peers' records (the peering object's status)."""
+    if namespace is None:
+        obj = _custom().get_cluster_custom_object(PEERING_GROUP, PEERING_VERSION, _peering_plural(None), name)
+    else:
+        obj = _custom().get_namespaced_custom_object(PEERING_GROUP, PEERING_VERSION, namespace,
+                                                     _peering_plural(namespace), name)
+    return obj.get("status") or {}

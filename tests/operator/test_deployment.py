@@ -31,6 +31,8 @@ OPERATOR_RULES = {
     ("", "pods"): {"list"},
     ("", "configmaps"): {"get", "create"},
     ("", "events"): {"create"},
+    ("kopf.dev", "clusterkopfpeerings"): {"get", "list", "watch", "patch", "create"},
+    ("kopf.dev", "kopfpeerings"): {"get", "list", "watch", "patch", "create"},
 }
 
 
@@ -105,7 +107,10 @@ def test_operator_deployment():
     objects = manifests()
     deployment = find(objects, "Deployment", "simpo-interleave-operator")
     pod = deployment["spec"]["template"]["spec"]
-    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"] == {"type": "Recreate"}
+    # Two replicas (kopf peering: one active, one standby), and a rolling update never goes below two ready pods.
+    assert deployment["spec"]["replicas"] == 2
+    assert deployment["spec"]["strategy"] == {"type": "RollingUpdate",
+                                              "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
     assert pod["serviceAccountName"] == "simpo-interleave-operator"
     [container] = pod["containers"]
     # The operator image's entry point (it ships the controller alone, not the simpo-interleave command line).
@@ -113,6 +118,17 @@ def test_operator_deployment():
     assert container["image"] == f"simpo-interleave/operator:{CHART_META['appVersion']}"
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
     assert {"name": "health", "containerPort": 8080} in container["ports"]
+    assert {"name": "metrics", "containerPort": 9090} in container["ports"]
+    assert container["args"] == ["--metrics-port", "9090"]
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    env = {e["name"]: e for e in container["env"]}
+    assert env["SIMPO_PEERING"]["value"] == "simpo-interleave-operator"
+    assert env["POD_ID"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    service = find(objects, "Service", "simpo-interleave-operator-metrics")
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    assert service["spec"]["ports"] == [{"name": "metrics", "port": 9090, "targetPort": "metrics"}]
+    assert {o["metadata"]["name"] for o in objects if o["kind"] == "CustomResourceDefinition"} >= {
+        "clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev"}
     selector = deployment["spec"]["selector"]["matchLabels"]
     assert selector.items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
     binding = find(objects, "ClusterRoleBinding", "simpo-interleave-operator")
@@ -201,7 +217,7 @@ def test_every_templated_object_carries_the_common_labels():
               "app.kubernetes.io/version": CHART_META["appVersion"],
               "team": "ml"}
     assert {o["kind"] for o in rendered} == {"Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding",
-                                             "RoleBinding", "Deployment"}
+                                             "RoleBinding", "Deployment", "Service"}
     for obj in rendered:
         assert set(obj) >= {"apiVersion", "kind", "metadata"}
         labels = obj["metadata"]["labels"]
@@ -210,6 +226,7 @@ def test_every_templated_object_carries_the_common_labels():
             component = labels["app.kubernetes.io/component"]
             name = obj["metadata"]["name"]
             assert (component, name) in {("operator", "ml-ops-simpo-interleave-operator"),
+                                         ("operator", "ml-ops-simpo-interleave-operator-metrics"),
                                          ("worker", "ml-ops-simpo-interleave-worker"), ("worker", "simpo-worker")}
     deployment = find(rendered, "Deployment", "ml-ops-simpo-interleave-operator")
     assert deployment["metadata"]["namespace"] == "ops"
@@ -283,9 +300,27 @@ def operator_container(objects):
     (["--set", "nodeSelector.pool=system", "--set", "image.pullSecrets[0].name=regcred"],
      lambda objs: [o for o in objs if o["kind"] == "Deployment"][0]["spec"]["template"]["spec"]
      .items() >= {"nodeSelector": {"pool": "system"}, "imagePullSecrets": [{"name": "regcred"}]}.items()),
+    (["--set", "replicas=3", "--set", "metrics.port=9300"],
+     lambda objs: [o for o in objs if o["kind"] == "Deployment"][0]["spec"]["replicas"] == 3
+     and operator_container(objs)["args"] == ["--metrics-port", "9300"]
+     and [o for o in objs if o["kind"] == "Service"][0]["spec"]["ports"][0]["port"] == 9300
+     and not [o for o in objs if o["kind"] == "ServiceMonitor"]),
 ])
 def test_chart_values(values, check):
     assert check(helm_template("x", "--namespace", "ops", *values))
+
+
+def test_service_monitor_scrapes_the_metrics_service_when_enabled():
+    objects = helm_template("x", "--namespace", "ops", "--set", "metrics.serviceMonitor.enabled=true",
+                            "--set", "metrics.serviceMonitor.labels.release=prom")
+    [monitor] = [o for o in objects if o["kind"] == "ServiceMonitor"]
+    [service] = [o for o in objects if o["kind"] == "Service"]
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1" and monitor["metadata"]["namespace"] == "ops"
+    assert monitor["metadata"]["labels"]["release"] == "prom"
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": ["ops"]}
+    assert monitor["spec"]["endpoints"] == [{"port": service["spec"]["ports"][0]["name"], "path": "/metrics",
+                                             "interval": "30s"}]
 
 
 KEY_LINE = re.compile(r"^( *)([A-Za-z0-9_.-]+):(?: |$)")

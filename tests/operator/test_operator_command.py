@@ -1,5 +1,7 @@
-"""`simpo-interleave operator` as a process: kubeconfig login, namespace selection, liveness, clean shutdown."""
+"""`simpo-interleave operator` as a process: kubeconfig login, namespace selection, liveness, readiness, metrics,
+clean shutdown."""
 
+import json
 import os
 import signal
 import socket
@@ -22,10 +24,11 @@ def free_port():
 
 def test_operator_command_serves_its_namespace_and_answers_liveness(kube_client, kubeconfig):
     kube = kube_client
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "simpo_interleave.cli", "operator", "--namespace", kube.namespace,
-         "--liveness", f"http://127.0.0.1:{port}/healthz", "--log-level", "debug"],
+         "--liveness", f"http://127.0.0.1:{port}/healthz", "--metrics-port", str(metrics_port),
+         "--log-level", "debug"],
         env={**os.environ, "KUBECONFIG": str(kubeconfig)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True)
     try:
@@ -39,6 +42,18 @@ def test_operator_command_serves_its_namespace_and_answers_liveness(kube_client,
             except OSError:
                 return False
         wait_for(healthy, "the liveness endpoint")
+        # Standalone (no peering): ready once started, and the active one.
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/readyz", timeout=5) as response:
+            assert response.status == 200
+            assert json.loads(response.read()) == {"ready": True, "role": "active", "peering": None}
+        def exposition():
+            with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as response:
+                text = response.read().decode()
+            return text if 'simpo_operator_handler_duration_seconds_count{handler="reconcile"} 1.0' in text else None
+        exposition = wait_for(exposition, "the reconcile to be counted")
+        assert "simpo_operator_jobsets_created_total 1.0" in exposition
+        assert "simpo_operator_jobset_create_latency_seconds_count 1.0" in exposition
+        assert "simpo_operator_active 1.0" in exposition
     finally:
         process.send_signal(signal.SIGINT)
         output, _ = process.communicate(timeout=60)
