@@ -557,8 +557,9 @@ def _normalised(objects: list[dict]) -> dict[tuple, dict]:
 
 
 def test_kubectl_apply_manifests_gives_the_same_objects_as_the_chart(cluster, operator, chart):
-    from_chart = _normalised([*yaml.safe_load_all(chart.rendered()),
-                              *yaml.safe_load_all((REPO / "charts/simpo-interleave/crds/crd.yaml").read_text())])
+    crds = [o for path in sorted((REPO / "charts/simpo-interleave/crds").glob("*.yaml"))
+            for o in yaml.safe_load_all(path.read_text())]
+    from_chart = _normalised([*yaml.safe_load_all(chart.rendered()), *crds])
     from_manifests = _normalised(list(yaml.load_all(cluster.kubectl("kustomize", str(REPO / "manifests")).stdout,
                                                     Loader=Yaml12Loader)))
     # `helm install --create-namespace` makes the release namespace; kubectl needs it in manifests/.
