@@ -2,7 +2,8 @@
 
 Starts the loopback control plane (tests/cluster), installs the chart with helm, runs the operator as the chart's
 service account, creates N SimpoInterleaveJobs at once (small CPU jobs whose fake workers exit 0 after a second)
-and reports, side by side: the operator's latency from each create request to its JobSet appearing in a watch, and
+and reports, side by side: the floor (the same JobSets created by this client directly, before the operator
+starts), the operator's latency from each create request to its JobSet appearing in a watch, and
 the JobSet controller's own latency from that JobSet appearing to its first Job appearing (p50/p99/max: both on
 the same machine in the same run, so its load shows in both); the time until every job reached Succeeded; the
 operator's CPU time per job (user + system, from /proc) and its peak resident memory (VmHWM).
@@ -27,6 +28,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests/cluster"))
 from control_plane import ControlPlane, wait_for  # noqa: E402
 from operator_process import JOBS_NAMESPACE, REPO, HelmRelease, OperatorProcess  # noqa: E402
+from simpo_operator.render import JOB_LABEL, render_job  # noqa: E402
 
 SMALL_JOB = REPO / "manifests/examples/small-cpu.yaml"
 
@@ -126,6 +128,51 @@ def load_round(api: kubernetes.client.ApiClient, operator: OperatorProcess, jobs
     return result
 
 
+def direct_round(api: kubernetes.client.ApiClient, jobs: int) -> dict:
+    """The floor under the operator's latency on this machine: the same JobSets created by this client directly
+    (16 threads, no operator running), from each create request to the JobSet appearing in a watch."""
+    custom = kubernetes.client.CustomObjectsApi(api)
+    prefix = f"direct-{uuid.uuid4().hex[:4]}"
+    names = [f"{prefix}-{i:03d}" for i in range(jobs)]
+    jobsets = {}
+    for name in names:
+        jobset = render_job(job_manifest(name))[1]
+        del jobset["metadata"]["labels"][JOB_LABEL]  # not the operator's to follow
+        jobsets[name] = jobset
+    created_at: dict[str, float] = {}
+    seen_at: dict[str, float] = {}
+    watcher = threading.Thread(target=first_seen, daemon=True, args=(
+        (custom.list_namespaced_custom_object, "jobset.x-k8s.io", "v1alpha2", JOBS_NAMESPACE, "jobsets"),
+        lambda obj: obj["metadata"]["name"] if obj["metadata"]["name"].startswith(prefix) else None, jobs, seen_at))
+    watcher.start()
+    time.sleep(1)
+
+    def create(name: str) -> None:
+        created_at[name] = time.monotonic()
+        custom.create_namespaced_custom_object("jobset.x-k8s.io", "v1alpha2", JOBS_NAMESPACE, "jobsets",
+                                               jobsets[name])
+
+    start = time.monotonic()
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        list(pool.map(create, names))
+    watcher.join(timeout=300)
+    if len(seen_at) != jobs:
+        raise RuntimeError(f"only {len(seen_at)} of {jobs} JobSets created directly were seen")
+    result = {"latency": [seen_at[n] - created_at[n] for n in names], "all_s": max(seen_at.values()) - start}
+    for name in names:
+        custom.delete_namespaced_custom_object("jobset.x-k8s.io", "v1alpha2", JOBS_NAMESPACE, "jobsets", name,
+                                               propagation_policy="Background")
+    return result
+
+
+def report_direct(jobs: int, result: dict) -> None:
+    latency = result["latency"]
+    print(f"\nfloor: {jobs} JobSets created directly by a 16-thread client, no operator (load average "
+          f"{os.getloadavg()[0]:.1f}): request -> JobSet p50 {statistics.median(latency) * 1000:.0f} ms, p99 "
+          f"{percentile(latency, 0.99) * 1000:.0f} ms, max {max(latency) * 1000:.0f} ms; the last seen after "
+          f"{result['all_s']:.1f} s", flush=True)
+
+
 def report(jobs: int, number: int, result: dict) -> None:
     print(f"\nround {number}: {jobs} SimpoInterleaveJobs created at once (16 client threads, {result['create_s']:.1f}s "
           f"to create); load average {os.getloadavg()[0]:.1f}")
@@ -142,8 +189,9 @@ def run(jobs: int, rounds: int) -> None:
     cluster = ControlPlane(workdir).start()
     try:
         HelmRelease(cluster).install()
-        operator = OperatorProcess(cluster).start()
         api = kubernetes.config.new_client_from_config(str(cluster.admin_kubeconfig))
+        report_direct(jobs, direct_round(api, jobs))
+        operator = OperatorProcess(cluster).start()
         for number in range(1, rounds + 1):
             report(jobs, number, load_round(api, operator, jobs))
         operator.stop()
