@@ -2,7 +2,8 @@
 
 - create / resume (operator restart) / spec update: validate, create or adopt the children (deterministic names,
   owner references; an existing child owned by this job is adopted, never duplicated), apply spec.suspend to the
-  JobSet, and set the status. An invalid spec is reported as Failed/InvalidSpec and nothing is created.
+  JobSet (not under Kueue: with spec.queueName the JobSet is created suspended and Kueue alone changes that), and
+  set the status. A JobSet the API server refuses (invalid pod fields, a webhook's denial) fails the job. An invalid spec is reported as Failed/InvalidSpec and nothing is created.
 - JobSet events: recompute the phase of the owning job and patch its status subresource (never status.progress,
   which the worker leader writes), with a Kubernetes event on every transition. A failed JobSet gets the failing
   host, its pod, its exit code and that code's meaning in the message (from the Job it names and its pods).
@@ -59,14 +60,14 @@ def _post_transition(job: dict[str, Any], phase: state.Phase) -> None:
 
 
 def _phase_patch(job: dict[str, Any], current: dict[str, Any], phase: state.Phase,
-                 restarts: Optional[int]) -> Optional[dict[str, Any]]:
+                 restarts: Optional[int], admitted: Optional[bool] = None) -> Optional[dict[str, Any]]:
     """The status patch for `phase` if it changes anything (None otherwise), posting an event on a transition."""
     if not state.is_transition(current, phase) and (restarts is None or current.get("restarts") == restarts):
         return None
     if state.is_transition(current, phase):
         _post_transition(job, phase)
     return state.status_patch(current, phase, now=_now(), generation=job["metadata"].get("generation"),
-                              restarts=restarts)
+                              restarts=restarts, admitted=admitted)
 
 
 @kopf.on.resume(GROUP, VERSION, PLURAL)
@@ -93,6 +94,14 @@ def reconcile(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger, **_: A
     except kube.ChildConflictError as error:
         _fail(resource, current, patch, state.Phase("Failed", state.CHILD_CONFLICT, str(error)))
         return
+    except kube.kubernetes.client.ApiException as error:
+        # Invalid (the API server's validation of the pod fields) or denied (a webhook: JobSet's, Kueue's):
+        # retrying the same JobSet cannot succeed, and the fields behind it are immutable.
+        if error.status not in (400, 403, 422):
+            raise
+        _fail(resource, current, patch, state.Phase("Failed", state.JOBSET_REFUSED,
+                                                      f"the API server refused the JobSet: {kube.api_message(error)}"))
+        return
     if created:
         metrics.jobset_created(resource["metadata"].get("creationTimestamp"))
     else:
@@ -101,7 +110,8 @@ def reconcile(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger, **_: A
             kopf.warn(resource, reason="ConfigChangeIgnored",
                       message="spec.config changed after the job was created; the running job keeps its "
                               "original config (create a new job to change it)")
-    if bool(jobset.get("spec", {}).get("suspend")) != job.spec.suspend:
+    # Under Kueue, Kueue alone suspends (queues, preempts) and unsuspends (admits) the JobSet.
+    if job.spec.queueName is None and bool(jobset.get("spec", {}).get("suspend")) != job.spec.suspend:
         kube.set_jobset_suspend(job.namespace, jobset["metadata"]["name"], job.spec.suspend)
     # The phase follows from the JobSet's events (jobset_changed); here only what this handler knows.
     children = {"jobSetName": render.jobset_name(job.name), "outputDir": job.spec.config.output_dir,
@@ -150,7 +160,7 @@ def _jobset_changed(body: kopf.Body, type: Optional[str], logger: logging.Logger
         batch_job = kube.get_batch_job(namespace, failed_job)
         pods = kube.list_job_pods(batch_job) if batch_job is not None else []
         phase = state.with_failed_host(phase, state.failed_host(batch_job, pods), state.slice_count(jobset))
-    patch = _phase_patch(job, current, phase, jobset.get("status", {}).get("restarts") or 0)
+    patch = _phase_patch(job, current, phase, jobset.get("status", {}).get("restarts") or 0, state.admitted(jobset))
     if patch is not None:
         logger.info(f"{KIND} {owner['name']}: {current.get('phase')} -> {phase.phase} ({phase.reason})")
         kube.patch_job_status(namespace, owner["name"], patch)

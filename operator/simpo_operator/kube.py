@@ -6,6 +6,7 @@ Each call here is listed in the operator's ClusterRole (manifests/operator-rbac.
 from __future__ import annotations
 
 import functools
+import json
 from typing import Any, Optional
 
 import kubernetes
@@ -83,6 +84,14 @@ def get_configmap(namespace: str, name: str) -> Optional[dict[str, Any]]:
             return None
         raise
     return api_client().sanitize_for_serialization(configmap)
+
+
+def api_message(error: kubernetes.client.ApiException) -> str:
+    """The API server's own message of a failed request (its Status body), else the HTTP reason."""
+    try:
+        return json.loads(error.body)["message"]
+    except (TypeError, ValueError, KeyError):
+        return f"{error.status} {error.reason}"
 
 
 def create_or_adopt(obj: dict[str, Any], owner_uid: str) -> tuple[dict[str, Any], bool]:

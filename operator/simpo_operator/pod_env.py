@@ -105,3 +105,9 @@ def _index(name: str, value: Optional[int], annotation: str) -> dict[str, Any]:
     if value is not None:
         return _value(name, value)
     return {"name": name, "valueFrom": {"fieldRef": {"fieldPath": f"metadata.annotations['{annotation}']"}}}
+
+
+# Every name worker_env can set: a multislice process with concrete indexes and a coordinator gets them all.
+OPERATOR_ENV_NAMES = tuple(entry["name"] for entry in worker_env(
+    job_name="", namespace="", config_path="", hosts_per_slice=1, slices=2, coordinator_address="",
+    slice_index=0, host_index=0, megascale_coordinator_host=""))

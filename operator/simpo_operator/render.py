@@ -17,18 +17,18 @@ from typing import Any
 import yaml
 
 from simpo_operator import pod_env
+from simpo_operator.resource import (APP_LABELS, JOB_LABEL, QUEUE_NAME_LABEL, RESERVATION_AFFINITY_LABEL,
+                                     RESERVATION_LABEL, SPOT_LABEL, CONFIG_VOLUME, Job, load_job, validate_job)
+from simpo_operator.tpu import ACCELERATOR_LABEL, TOPOLOGY_LABEL
 from simpo_worker import api
-from simpo_operator.resource import Job, load_job, validate_job
+from simpo_worker.schema import to_data
 from simpo_worker.api import API_VERSION, KIND, NON_RETRYABLE_EXIT_CODES
 from simpo_worker.config import dump_worker_config
 
 JOBSET_API_VERSION = "jobset.x-k8s.io/v1alpha2"
 REPLICATED_JOB = "worker"
 CONTAINER = "worker"
-JOB_LABEL = "simpo.dev/job"
 TPU_RESOURCE = "google.com/tpu"
-ACCELERATOR_LABEL = "cloud.google.com/gke-tpu-accelerator"
-TOPOLOGY_LABEL = "cloud.google.com/gke-tpu-topology"
 # Multislice: each slice's Job gets a node pool of its own.
 EXCLUSIVE_TOPOLOGY_ANNOTATION = "alpha.jobset.sigs.k8s.io/exclusive-topology"
 NODE_POOL_LABEL = "cloud.google.com/gke-nodepool"
@@ -74,8 +74,7 @@ def _metadata(job: Job, name: str) -> dict[str, Any]:
 
 
 def _labels(job: Job) -> dict[str, str]:
-    return {JOB_LABEL: job.name, "app.kubernetes.io/name": "simpo-interleave",
-            "app.kubernetes.io/component": "worker", "app.kubernetes.io/managed-by": "simpo-interleave-operator"}
+    return {JOB_LABEL: job.name, **APP_LABELS}
 
 
 def render_configmap(job: Job) -> dict[str, Any]:
@@ -92,12 +91,15 @@ def render_jobset(job: Job) -> dict[str, Any]:
     metadata = _metadata(job, name)
     if job.shape is not None and job.slices > 1:
         metadata["annotations"] = {EXCLUSIVE_TOPOLOGY_ANNOTATION: NODE_POOL_LABEL}
+    if job.spec.queueName is not None:
+        metadata["labels"][QUEUE_NAME_LABEL] = job.spec.queueName
     return {
         "apiVersion": JOBSET_API_VERSION,
         "kind": "JobSet",
         "metadata": metadata,
         "spec": {
-            "suspend": job.spec.suspend,
+            # Under Kueue the JobSet starts suspended and Kueue alone unsuspends (admits) it.
+            "suspend": job.spec.suspend or job.spec.queueName is not None,
             "network": {"enableDNSHostnames": True, "subdomain": name},
             "successPolicy": {"operator": "All", "targetReplicatedJobs": [REPLICATED_JOB]},
             "failurePolicy": {
@@ -137,11 +139,19 @@ def _job_spec(job: Job) -> dict[str, Any]:
             "action": "FailJob",
             "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
         }]},
-        "template": {"metadata": {"labels": _labels(job)}, "spec": _pod_spec(job)},
+        "template": {"metadata": _pod_metadata(job), "spec": _pod_spec(job)},
     }
 
 
+def _pod_metadata(job: Job) -> dict[str, Any]:
+    metadata: dict[str, Any] = {"labels": {**(job.spec.pod.labels or {}), **_labels(job)}}
+    if job.spec.pod.annotations:
+        metadata["annotations"] = dict(job.spec.pod.annotations)
+    return metadata
+
+
 def _pod_spec(job: Job) -> dict[str, Any]:
+    pod, scheduling = job.spec.pod, job.spec.scheduling
     spec: dict[str, Any] = {
         # The JobSet webhook would default this to OnFailure; restarts happen at the JobSet level.
         "restartPolicy": "Never",
@@ -149,11 +159,30 @@ def _pod_spec(job: Job) -> dict[str, Any]:
         "terminationGracePeriodSeconds": job.spec.terminationGracePeriodSeconds,
         "serviceAccountName": job.spec.serviceAccountName,
         "containers": [_container(job)],
-        "volumes": [{"name": "config", "configMap": {"name": configmap_name(job.name)}}],
+        "volumes": [{"name": CONFIG_VOLUME, "configMap": {"name": configmap_name(job.name)}}, *pod.volumes],
     }
+    node_selector, tolerations = dict(scheduling.nodeSelector or {}), to_data(scheduling.tolerations)
     if job.shape is not None:
-        spec["nodeSelector"] = {ACCELERATOR_LABEL: job.shape.gke_accelerator, TOPOLOGY_LABEL: job.shape.topology}
-        spec["tolerations"] = [{"key": TPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}]
+        node_selector.update({ACCELERATOR_LABEL: job.shape.gke_accelerator, TOPOLOGY_LABEL: job.shape.topology})
+        tolerations.insert(0, {"key": TPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"})
+    if scheduling.spot:
+        node_selector[SPOT_LABEL] = "true"
+        tolerations.append({"key": SPOT_LABEL, "operator": "Equal", "value": "true", "effect": "NoSchedule"})
+    if scheduling.reservation is not None:
+        node_selector.update({RESERVATION_LABEL: scheduling.reservation, RESERVATION_AFFINITY_LABEL: "specific"})
+    if node_selector:
+        spec["nodeSelector"] = node_selector
+    if tolerations:
+        spec["tolerations"] = tolerations
+    if scheduling.affinity:
+        spec["affinity"] = scheduling.affinity
+    if job.spec.priorityClassName is not None:
+        spec["priorityClassName"] = job.spec.priorityClassName
+    if pod.imagePullSecrets:
+        spec["imagePullSecrets"] = to_data(pod.imagePullSecrets)
+    if pod.hostNetwork:
+        # Pods on the host network still resolve each other's JobSet hostnames through the cluster DNS.
+        spec.update(hostNetwork=True, dnsPolicy="ClusterFirstWithHostNet")
     return spec
 
 
@@ -169,15 +198,19 @@ def _container(job: Job) -> dict[str, Any]:
         coordinator_address=None if job.shape is not None else f"{first_host}:{api.COORDINATOR_PORT}",
         megascale_coordinator_host=first_host if job.slices > 1 else None,
     )
-    return {
+    container = {
         "name": CONTAINER,
         "image": job.spec.image,
         "command": ["simpo-interleave", "worker"],
-        "env": env,
+        "env": env + to_data(job.spec.pod.env),
         "ports": [{"name": "coordinator", "containerPort": api.COORDINATOR_PORT}],
         "resources": _resources(job),
-        "volumeMounts": [{"name": "config", "mountPath": api.CONFIG_DIR, "readOnly": True}],
+        "volumeMounts": [{"name": CONFIG_VOLUME, "mountPath": api.CONFIG_DIR, "readOnly": True},
+                         *to_data(job.spec.pod.volumeMounts)],
     }
+    if job.spec.pod.envFrom:
+        container["envFrom"] = to_data(job.spec.pod.envFrom)
+    return container
 
 
 def _resources(job: Job) -> dict[str, Any]:

@@ -1,5 +1,6 @@
 """The status state machine: the JobSet's state -> the SimpoInterleaveJob's phase, conditions and times. Pure.
 
+    Queued      spec.queueName: the JobSet waits, suspended, for Kueue to admit it (or was preempted by Kueue)
     Pending     the JobSet exists; its worker pods are not all ready yet (first attempt, or after a resume)
     Running     every worker pod of every slice is ready
     Restarting  the JobSet restarted every pod after a retryable failure; the new attempt is not all ready yet
@@ -7,6 +8,9 @@
     Succeeded   the JobSet completed (every worker exited 0)                                       terminal
     Failed      the JobSet failed (non-retryable exit code, or maxRestarts used up), or the spec   terminal
                 is invalid (reason InvalidSpec: no JobSet is created), or a child name is taken
+
+A job with spec.queueName also has an `Admitted` condition: True once Kueue unsuspended its JobSet, False while
+it is queued. Kueue alone suspends and unsuspends such a JobSet, so its suspend state is Kueue's admission.
 
 Terminal phases are final, except Failed/InvalidSpec, which a corrected spec re-validates. The operator writes
 everything here except `status.progress`, which belongs to the worker leader.
@@ -20,11 +24,13 @@ from typing import Any, Optional
 
 from simpo_operator.pod_env import COMPLETION_INDEX_ANNOTATION, JOB_INDEX_ANNOTATION
 from simpo_operator.render import CONTAINER
-from simpo_operator.resource import FINISHED_PHASES
+from simpo_operator.resource import FINISHED_PHASES, PHASES, QUEUE_NAME_LABEL
 from simpo_worker.api import EXIT_CODE_MEANINGS, ExitCode
 
 INVALID_SPEC = "InvalidSpec"
 CHILD_CONFLICT = "ChildConflict"
+JOBSET_REFUSED = "JobSetRefused"
+ADMITTED = "Admitted"
 
 
 @dataclass(frozen=True)
@@ -45,12 +51,26 @@ def slice_count(jobset: dict[str, Any]) -> int:
     return sum(rj.get("replicas", 1) for rj in jobset.get("spec", {}).get("replicatedJobs", []))
 
 
+def queue_name(jobset: dict[str, Any]) -> Optional[str]:
+    return (jobset.get("metadata", {}).get("labels") or {}).get(QUEUE_NAME_LABEL)
+
+
+def admitted(jobset: dict[str, Any]) -> Optional[bool]:
+    """Whether Kueue admitted a queued JobSet (it unsuspends exactly the admitted ones); None without Kueue."""
+    if queue_name(jobset) is None:
+        return None
+    return not jobset.get("spec", {}).get("suspend")
+
+
 def phase_of(jobset: dict[str, Any], suspend: bool) -> Phase:
     """The phase a JobSet stands for; `suspend` is the job's spec.suspend (the JobSet may lag behind it)."""
     for kind, phase in (("Completed", "Succeeded"), ("Failed", "Failed")):
         condition = _condition(jobset, kind)
         if condition is not None:
             return Phase(phase, condition.get("reason") or kind, condition.get("message") or "")
+    if admitted(jobset) is False:
+        return Phase("Queued", "WaitingForAdmission",
+                     f"waiting for Kueue to admit the workload (LocalQueue {queue_name(jobset)})")
     if suspend or jobset.get("spec", {}).get("suspend") or _condition(jobset, "Suspended"):
         return Phase("Suspended", "Suspended", "spec.suspend is true: the JobSet and its pods are suspended")
     status = jobset.get("status", {})
@@ -73,7 +93,7 @@ def is_final(status: dict[str, Any]) -> bool:
 
 
 def status_patch(current: dict[str, Any], new: Phase, *, now: str, generation: Optional[int],
-                 restarts: Optional[int] = None) -> dict[str, Any]:
+                 restarts: Optional[int] = None, admitted: Optional[bool] = None) -> dict[str, Any]:
     """The phase fields to merge-patch for `new`; `current` is the resource's status now. Never `progress`."""
     patch: dict[str, Any] = {"phase": new.phase, "reason": new.reason, "message": new.message}
     if restarts is not None:
@@ -82,23 +102,33 @@ def status_patch(current: dict[str, Any], new: Phase, *, now: str, generation: O
         patch["startTime"] = now
     if new.phase in FINISHED_PHASES and not current.get("completionTime"):
         patch["completionTime"] = now
-    patch["conditions"] = _conditions(current.get("conditions") or [], new, now, generation)
+    patch["conditions"] = _conditions(current.get("conditions") or [], new, now, generation, admitted)
     return patch
 
 
-def _conditions(conditions: list[dict[str, Any]], new: Phase, now: str,
-                generation: Optional[int]) -> list[dict[str, Any]]:
-    """One condition per phase ever reached: the current one True, the others False since they were left."""
+def _conditions(conditions: list[dict[str, Any]], new: Phase, now: str, generation: Optional[int],
+                admitted: Optional[bool]) -> list[dict[str, Any]]:
+    """One condition per phase ever reached: the current one True, the others False since they were left; and
+    Admitted for a job under Kueue."""
     by_type = {condition["type"]: dict(condition) for condition in conditions}
     for kind, condition in by_type.items():
-        if kind != new.phase and condition["status"] == "True":
+        if kind in PHASES and kind != new.phase and condition["status"] == "True":
             condition.update(status="False", lastTransitionTime=now, observedGeneration=generation,
                              reason=new.reason, message=f"left {kind}: now {new.phase}")
-    previous = by_type.get(new.phase)
-    changed_at = previous["lastTransitionTime"] if previous and previous["status"] == "True" else now
-    by_type[new.phase] = {"type": new.phase, "status": "True", "reason": new.reason, "message": new.message,
-                          "lastTransitionTime": changed_at, "observedGeneration": generation}
+    _set(by_type, new.phase, "True", new.reason, new.message, now, generation)
+    if admitted is not None:
+        _set(by_type, ADMITTED, "True" if admitted else "False",
+             *(("Admitted", "Kueue admitted the workload and unsuspended the JobSet") if admitted else
+               ("WaitingForAdmission", "the JobSet is suspended until Kueue admits the workload")), now, generation)
     return [by_type[kind] for kind in sorted(by_type)]
+
+
+def _set(by_type: dict[str, dict[str, Any]], kind: str, status: str, reason: str, message: str, now: str,
+         generation: Optional[int]) -> None:
+    previous = by_type.get(kind)
+    changed_at = previous["lastTransitionTime"] if previous and previous["status"] == status else now
+    by_type[kind] = {"type": kind, "status": status, "reason": reason, "message": message,
+                     "lastTransitionTime": changed_at, "observedGeneration": generation}
 
 
 def is_transition(current: dict[str, Any], new: Phase) -> bool:

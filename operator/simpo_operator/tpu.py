@@ -21,6 +21,9 @@ from dataclasses import dataclass
 from simpo_worker.errors import ConfigError
 
 CHIPS_PER_MULTIHOST_VM = 4
+# GKE's TPU node labels: a slice's pods select its node pool with both.
+ACCELERATOR_LABEL = "cloud.google.com/gke-tpu-accelerator"
+TOPOLOGY_LABEL = "cloud.google.com/gke-tpu-topology"
 GIB = 2**30
 
 

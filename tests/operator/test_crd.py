@@ -39,13 +39,19 @@ def walk(node, path="$"):
         yield from walk(child, f"{path}.{name}")
     if "items" in node:
         yield from walk(node["items"], f"{path}[]")
+    if isinstance(node.get("additionalProperties"), dict):
+        yield from walk(node["additionalProperties"], f"{path}{{}}")
 
 
 def test_schema_is_structural():
     for path, node in walk(schema()):
         assert "type" in node, f"{path} has no type"
         if node["type"] == "object" and path != "$.metadata":
-            assert node.get("properties"), f"{path}: an object without properties would need preserve-unknown"
+            assert (node.get("properties") or node.get("additionalProperties")
+                    or node.get("x-kubernetes-preserve-unknown-fields")), \
+                f"{path}: an object without properties would need preserve-unknown"
+            assert not (node.get("properties") and node.get("additionalProperties")), \
+                f"{path}: properties and additionalProperties are exclusive in a structural schema"
         assert set(node.get("required", [])) <= set(node.get("properties", {})), path
 
 
@@ -89,6 +95,9 @@ def conform(value, node, path="$"):
             assert name in value, f"{path}.{name}: required"
         for name, child in value.items():
             conform(child, node["properties"][name], f"{path}.{name}")
+    if kind == "object" and "additionalProperties" in node:
+        for name, child in value.items():
+            conform(child, node["additionalProperties"], f"{path}.{name}")
     if kind == "array":
         for i, item in enumerate(value):
             conform(item, node["items"], f"{path}[{i}]")

@@ -172,6 +172,12 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{path}: expected a list, got {_type_name(value)}")
         return [_coerce(args[0], item, f"{path}[{i}]") for i, item in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(key, str) for key in value):
+            raise ConfigError(f"{path}: expected a mapping with string keys, got {_type_name(value)}")
+        if args[1] is Any:  # a free-form object (a Kubernetes API type the API server validates)
+            return value
+        return {key: _coerce(args[1], item, f"{path}.{key}") for key, item in value.items()}
     if dataclasses.is_dataclass(hint):
         return from_data(hint, value, path)
     if hint is bool:
@@ -235,6 +241,10 @@ def openapi_schema(hint: Any, path: tuple[str, ...] = ()) -> dict[str, Any]:
         return {"type": "string", "enum": list(args)}
     if origin is list:
         return {"type": "array", "maxItems": MAX_LIST_ITEMS, "items": openapi_schema(args[0], path)}
+    if origin is dict:
+        if args[1] is Any:
+            return {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
+        return {"type": "object", "maxProperties": MAX_LIST_ITEMS, "additionalProperties": openapi_schema(args[1], path)}
     if dataclasses.is_dataclass(hint):
         return _object_schema(hint, path)
     simple = {bool: {"type": "boolean"}, int: {"type": "integer", "format": "int64"}, float: {"type": "number"},
@@ -273,7 +283,7 @@ def _field_schema(f: dataclasses.Field, hint: Any, path: tuple[str, ...]) -> dic
     default = f.default if f.default is not dataclasses.MISSING else (
         f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
     # Scalar defaults only: an object default would be filled in whole by the API server.
-    if default is not None and not dataclasses.is_dataclass(default) and default != []:
+    if default is not None and not dataclasses.is_dataclass(default) and default not in ([], {}):
         schema["default"] = default
     for key, name in (("minimum", "minimum"), ("maximum", "maximum"), ("min_items", "minItems"),
                       ("max_items", "maxItems"), ("min_length", "minLength"), ("max_length", "maxLength"),
