@@ -68,10 +68,12 @@ def phase_of(jobset: dict[str, Any], suspend: bool) -> Phase:
         condition = _condition(jobset, kind)
         if condition is not None:
             return Phase(phase, condition.get("reason") or kind, condition.get("message") or "")
-    if admitted(jobset) is False:
+    kueue = admitted(jobset)
+    if kueue is False:
         return Phase("Queued", "WaitingForAdmission",
                      f"waiting for Kueue to admit the workload (LocalQueue {queue_name(jobset)})")
-    if suspend or jobset.get("spec", {}).get("suspend") or _condition(jobset, "Suspended"):
+    # Under Kueue an unsuspended JobSet is admitted, whatever its Suspended condition still says.
+    if kueue is None and (suspend or jobset.get("spec", {}).get("suspend") or _condition(jobset, "Suspended")):
         return Phase("Suspended", "Suspended", "spec.suspend is true: the JobSet and its pods are suspended")
     status = jobset.get("status", {})
     replicated = {rj.get("name"): rj for rj in status.get("replicatedJobsStatus") or []}

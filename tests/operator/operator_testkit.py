@@ -86,6 +86,12 @@ class Kube:
             kube.JOBSET_GROUP, kube.JOBSET_VERSION, self.namespace, kube.JOBSET_PLURAL, name, {"status": status},
             _content_type=kube.MERGE_PATCH)
 
+    def patch_jobset_spec(self, name: str, spec: dict[str, Any]) -> None:
+        """Play Kueue: suspend or unsuspend a queued JobSet."""
+        self.custom.patch_namespaced_custom_object(kube.JOBSET_GROUP, kube.JOBSET_VERSION, self.namespace,
+                                                   kube.JOBSET_PLURAL, name, {"spec": spec},
+                                                   _content_type=kube.MERGE_PATCH)
+
     def create_jobset(self, jobset: dict[str, Any]) -> dict[str, Any]:
         return self.custom.create_namespaced_custom_object(kube.JOBSET_GROUP, kube.JOBSET_VERSION, self.namespace,
                                                            kube.JOBSET_PLURAL, jobset)

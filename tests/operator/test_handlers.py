@@ -163,6 +163,33 @@ def test_suspend_and_resume_reach_the_jobset(kube_client):
         assert status["observedGeneration"] == 3
 
 
+def test_under_kueue_the_operator_creates_the_jobset_suspended_and_never_touches_suspend_again(kube_client):
+    """Kueue owns JobSet.spec.suspend of a queued job: it unsuspends to admit and suspends to preempt. The
+    operator's reconciles (a spec edit, an operator restart) must leave whatever Kueue set."""
+    kube = kube_client
+    with operator(kube.namespace):
+        kube.create_job(make_job("queued", queueName="tpu"))
+        status = phase_is(kube, "queued", "Queued", "WaitingForAdmission")
+        jobset = kube.jobset("queued")
+        assert jobset["spec"]["suspend"] is True
+        assert jobset["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "tpu"
+        assert {c["type"]: c["status"] for c in status["conditions"]}["Admitted"] == "False"
+        for kueue_sets in (False, True):  # admitted, then preempted
+            kube.patch_jobset_spec("queued", {"suspend": kueue_sets})
+            phase_is(kube, "queued", "Queued" if kueue_sets else "Pending")
+            kube.patch_job_spec("queued", {"ttlSecondsAfterFinished": 100 + kueue_sets})  # a reconcile
+            wait_for(lambda: (kube.job("queued").get("status") or {}).get("observedGeneration") == 2 + kueue_sets,
+                     "the spec edit reconciled")
+            assert kube.jobset("queued")["spec"]["suspend"] is kueue_sets
+        kube.patch_jobset_spec("queued", {"suspend": False})
+        status = phase_is(kube, "queued", "Pending")
+        assert {c["type"]: c["status"] for c in status["conditions"]}["Admitted"] == "True"
+    with operator(kube.namespace):  # the operator's restart reconciles every job (resume)
+        kube.set_jobset_status("queued", ready(kube.jobset("queued")))
+        phase_is(kube, "queued", "Running")
+        assert kube.jobset("queued")["spec"]["suspend"] is False
+
+
 def test_invalid_config_is_failed_without_children_and_a_fixed_spec_revives_it(kube_client):
     kube = kube_client
     with operator(kube.namespace):

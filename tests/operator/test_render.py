@@ -12,7 +12,7 @@ from simpo_operator.resource import load_job, validate_job
 from simpo_worker.config import parse_worker_config
 from simpo_worker.api import NON_RETRYABLE_EXIT_CODES
 
-GOLDEN = Path(__file__).parent / "golden" / "reference-m11-v5p-32.rendered.yaml"
+GOLDENS = Path(__file__).parent / "golden"
 
 
 def tpu_job(slices=1, **tpu_spec):
@@ -138,12 +138,52 @@ def test_rendering_does_not_change_its_input():
     assert job == before
 
 
-def test_reference_job_matches_the_golden_yaml():
-    """The reference M11 job (v5p-32, SmolLM2, train 2 -> 128 prompts x 2048 tokens -> train 5).
-    Regenerate after an intended change: simpo-interleave render manifests/examples/reference-m11-v5p-32.yaml
-    > tests/operator/golden/reference-m11-v5p-32.rendered.yaml"""
-    rendered = render.dump_objects(render.render_job(load_job(str(REFERENCE_JOB))))
-    assert rendered == GOLDEN.read_text()
+@pytest.mark.parametrize("example", ["reference-m11-v5p-32", "kueue-spot-knobs-v5p-32"])
+def test_examples_match_their_golden_yaml(example):
+    """The reference M11 job (v5p-32, SmolLM2, train 2 -> 128 prompts x 2048 tokens -> train 5), and the same
+    through Kueue on spot with every pod knob. Regenerate after an intended change:
+    simpo-interleave render manifests/examples/NAME.yaml > tests/operator/golden/NAME.rendered.yaml"""
+    rendered = render.dump_objects(render.render_job(load_job(str(REFERENCE_JOB.parent / f"{example}.yaml"))))
+    assert rendered == (GOLDENS / f"{example}.rendered.yaml").read_text()
+
+
+def test_scheduling_knobs_are_added_to_the_tpu_ones():
+    job = tpu_job(type="v5p-32")
+    job["spec"]["scheduling"] = {"nodeSelector": {"pool": "a"}, "spot": True, "reservation": "res-1",
+                                 "tolerations": [{"key": "team", "operator": "Exists"}],
+                                 "affinity": {"nodeAffinity": {"x": 1}}}
+    _, jobset = render.render_job(job)
+    _, _, pod = pod_of(jobset)
+    assert pod["nodeSelector"] == {"pool": "a", tpu.ACCELERATOR_LABEL: "tpu-v5p-slice", tpu.TOPOLOGY_LABEL: "2x2x4",
+                                   "cloud.google.com/gke-spot": "true", "cloud.google.com/reservation-name": "res-1",
+                                   "cloud.google.com/reservation-affinity": "specific"}
+    assert pod["tolerations"] == [
+        {"key": render.TPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"},
+        {"key": "team", "operator": "Exists"},
+        {"key": "cloud.google.com/gke-spot", "operator": "Equal", "value": "true", "effect": "NoSchedule"}]
+    assert pod["affinity"] == {"nodeAffinity": {"x": 1}}
+
+
+def test_pod_knobs_render_and_cannot_displace_the_operators_own():
+    job = make_job(priorityClassName="low", queueName="q", pod={
+        "labels": {"team": "a"}, "annotations": {"gke-gcsfuse/volumes": "true"},
+        "env": [{"name": "XLA_FLAGS", "value": "--x"}], "envFrom": [{"secretRef": {"name": "hf"}}],
+        "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "8Gi"}}],
+        "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}], "imagePullSecrets": [{"name": "pull"}],
+        "hostNetwork": True})
+    _, jobset = render.render_job(job)
+    _, job_spec, pod = pod_of(jobset)
+    assert jobset["spec"]["suspend"] is True and jobset["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "q"
+    metadata = job_spec["template"]["metadata"]
+    assert metadata["labels"]["team"] == "a" and metadata["labels"][render.JOB_LABEL] == "tiny"
+    assert metadata["annotations"] == {"gke-gcsfuse/volumes": "true"}
+    [container] = pod["containers"]
+    assert container["env"][-1] == {"name": "XLA_FLAGS", "value": "--x"} and "SIMPO_CONFIG" in env_of(container)
+    assert container["envFrom"] == [{"secretRef": {"name": "hf"}}]
+    assert [v["name"] for v in pod["volumes"]] == ["config", "dshm"]
+    assert [m["mountPath"] for m in container["volumeMounts"]] == ["/etc/simpo", "/dev/shm"]
+    assert (pod["priorityClassName"], pod["imagePullSecrets"]) == ("low", [{"name": "pull"}])
+    assert (pod["hostNetwork"], pod["dnsPolicy"]) == (True, "ClusterFirstWithHostNet")
 
 
 def test_reference_job_is_the_m11_workflow(reference_job):

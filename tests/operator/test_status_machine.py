@@ -36,6 +36,46 @@ def test_phase_of(js, suspend, expected):
     assert (phase.phase, phase.reason) == expected
 
 
+def queued(js, queue="tpu"):
+    return {**js, "metadata": {"labels": {"kueue.x-k8s.io/queue-name": queue}}}
+
+
+@pytest.mark.parametrize("js, expected, admitted", [
+    (jobset(), ("Pending", "WaitingForPods"), None),
+    (queued(jobset(suspend=True)), ("Queued", "WaitingForAdmission"), False),
+    # Admitted: Kueue unsuspended it (the JobSet's Suspended condition may still lag behind).
+    (queued(jobset(conditions=[true("Suspended")])), ("Pending", "WaitingForPods"), True),
+    (queued(jobset(ready=1)), ("Running", "AllHostsReady"), True),
+    # Preempted by Kueue: suspended again, so queued again.
+    (queued(jobset(suspend=True, restarts=1)), ("Queued", "WaitingForAdmission"), False),
+    (queued(jobset(conditions=[true("Completed", "AllJobsCompleted")])), ("Succeeded", "AllJobsCompleted"), True),
+])
+def test_kueue_admission_is_the_jobsets_suspend_state(js, expected, admitted):
+    phase = state.phase_of(js, False)
+    assert (phase.phase, phase.reason) == expected
+    assert state.admitted(js) is admitted
+
+
+def test_admitted_condition_follows_kueue_and_is_not_a_phase():
+    queued_patch = state.status_patch({}, state.Phase("Queued", "WaitingForAdmission", "m"), now="t0",
+                                      generation=1, admitted=False)
+    conditions = {c["type"]: c for c in queued_patch["conditions"]}
+    assert (conditions["Queued"]["status"], conditions["Admitted"]["status"]) == ("True", "False")
+    running = state.status_patch(queued_patch, state.Phase("Pending", "WaitingForPods", "m"), now="t1",
+                                 generation=1, admitted=True)
+    conditions = {c["type"]: c for c in running["conditions"]}
+    assert (conditions["Queued"]["status"], conditions["Pending"]["status"]) == ("False", "True")
+    assert conditions["Admitted"] == {"type": "Admitted", "status": "True", "reason": "Admitted",
+                                      "message": "Kueue admitted the workload and unsuspended the JobSet",
+                                      "lastTransitionTime": "t1", "observedGeneration": 1}
+    # Another phase change keeps Admitted True since t1 (it is not flipped like a left phase).
+    later = state.status_patch(running, state.Phase("Running", "AllHostsReady", "m"), now="t2", generation=1,
+                               admitted=True)
+    assert {c["type"]: c for c in later["conditions"]}["Admitted"]["lastTransitionTime"] == "t1"
+    assert "Admitted" not in {c["type"] for c in state.status_patch({}, state.Phase("Pending", "W", "m"),
+                                                                     now="t0", generation=1)["conditions"]}
+
+
 def test_failed_message_comes_from_the_jobset():
     phase = state.phase_of(jobset(conditions=[true("Failed", "ReachedMaxRestarts", "reached max restarts")]), False)
     assert phase == state.Phase("Failed", "ReachedMaxRestarts", "reached max restarts")
