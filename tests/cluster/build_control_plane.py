@@ -7,6 +7,10 @@ so a second run finds them and takes seconds. Run: python tests/cluster/build_co
 Measured on this project's 2-core machine, shared with other work, empty Go caches: about 25 minutes in all
 (kube-apiserver alone 10.5, kube-controller-manager 2, kwok 4, JobSet 3, fake-gcs-server 2, etcd 1.5, the rest
 under a minute each); with the cache present: under a second.
+
+Kueue (its manager, CRDs and webhook configuration) has a cache directory of its own, kueue-<hash of its pin and
+Go version>/ beside the others, so adding or moving its pin never invalidates the six programs above. KUEUE_NOTE
+below has its build time.
 """
 import hashlib
 import json
@@ -26,6 +30,9 @@ KUBE_COMMANDS = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", 
 BINARIES = ("etcd", *KUBE_COMMANDS, "jobset", "kwok", "helm", "fake-gcs-server")
 # Files the tests need from the Go module cache, copied next to the binaries.
 JOBSET_CRD = "jobset.x-k8s.io_jobsets.yaml"
+KUEUE_MODULE = "sigs.k8s.io/kueue"
+KUEUE_ARTIFACTS = ("kueue", "kueue-crds", "kueue-webhooks.yaml")
+KUEUE_NOTE = "kueue v0.17.0: KUEUE_BUILD_TIME on the 2-core machine, shared, with the Go caches of the programs above"
 
 
 def pins() -> dict[str, str]:
@@ -38,11 +45,25 @@ def go_version() -> str:
     return subprocess.run(["go", "env", "GOVERSION"], check=True, capture_output=True, text=True).stdout.strip()
 
 
+def kueue_pin() -> str:
+    with open(REPO / "pyproject.toml", "rb") as f:
+        return tomllib.load(f)["tool"]["simpo-interleave"]["pins"]["kueue"]
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("SIMPO_CONTROL_PLANE_CACHE", Path.home() / ".cache/simpo-interleave/bin"))
+
+
 def bin_dir() -> Path:
     """Where the binaries for the current pins live (whether or not they are built yet)."""
-    root = Path(os.environ.get("SIMPO_CONTROL_PLANE_CACHE", Path.home() / ".cache/simpo-interleave/bin"))
     key = json.dumps({"pins": pins(), "go": go_version()}, sort_keys=True)
-    return root / hashlib.sha256(key.encode()).hexdigest()[:16]
+    return _cache_root() / hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def kueue_dir() -> Path:
+    """Where Kueue for its pin lives: keyed by its own pin, so the directory above keeps its key."""
+    key = json.dumps({"kueue": kueue_pin(), "go": go_version()}, sort_keys=True)
+    return _cache_root() / f"kueue-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
 def missing_artifacts(directory: Path) -> list[str]:
@@ -56,6 +77,16 @@ def built_dir() -> Path:
     missing = missing_artifacts(directory)
     if missing:
         raise RuntimeError(f"control-plane binaries missing from {directory}: {missing}. Build them first: "
+                           "make control-plane (python tests/cluster/build_control_plane.py)")
+    return directory
+
+
+def built_kueue_dir() -> Path:
+    """Kueue's directory; an error naming the build command if anything is missing (never a skip)."""
+    directory = kueue_dir()
+    missing = [name for name in KUEUE_ARTIFACTS if not (directory / name).exists()]
+    if missing:
+        raise RuntimeError(f"Kueue missing from {directory}: {missing}. Build it first: "
                            "make control-plane (python tests/cluster/build_control_plane.py)")
     return directory
 
@@ -176,6 +207,24 @@ def build(out: Path) -> None:
     shutil.rmtree(staging)
 
 
+def build_kueue(out: Path) -> None:
+    """The manager (the module has no path replaces, so `go install module@version` builds it), its CRDs and its
+    webhook configuration, from the module's own config/."""
+    version = kueue_pin()
+    staging = out / ".staging"
+    staging.mkdir(parents=True, exist_ok=True)
+    if not (out / "kueue").exists():
+        def install() -> None:
+            go("install", "-ldflags", "-s -w", f"{KUEUE_MODULE}/cmd/kueue@{version}", env={"GOBIN": str(staging)})
+            (staging / "kueue").rename(out / "kueue")
+        timed(f"kueue {version}", install)
+    source = Path(module_info(KUEUE_MODULE, version)["Dir"]) / "config/components"
+    shutil.rmtree(out / "kueue-crds", ignore_errors=True)
+    shutil.copytree(source / "crd/bases", out / "kueue-crds")
+    shutil.copyfile(source / "webhook/manifests.yaml", out / "kueue-webhooks.yaml")
+    shutil.rmtree(staging)
+
+
 def main() -> None:
     out = bin_dir()
     print(f"control plane pins: {pins()}  ->  {out}", flush=True)
@@ -186,7 +235,13 @@ def main() -> None:
     still_missing = missing_artifacts(out)
     if still_missing:
         sys.exit(f"build finished but these are missing from {out}: {still_missing}")
-    print(f"control plane ready in {time.monotonic() - start:.1f}s: {out}", flush=True)
+    kueue = kueue_dir()
+    print(f"kueue {kueue_pin()}  ->  {kueue}", flush=True)
+    if any(not (kueue / name).exists() for name in KUEUE_ARTIFACTS):
+        kueue.mkdir(parents=True, exist_ok=True)
+        build_kueue(kueue)
+    built_kueue_dir()
+    print(f"control plane ready in {time.monotonic() - start:.1f}s: {out} and {kueue}", flush=True)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 etcd, kube-apiserver (RBAC, service-account tokens), kube-controller-manager (garbage collection, Jobs, service
 accounts, namespaces), kube-scheduler, the JobSet controller with its webhooks registered by url + caBundle, and kwok
 playing kubelet for fake GKE TPU nodes. Every process runs in its own process group and dies with its parent.
-Binaries come from tests/cluster/build_control_plane.py.
+Binaries come from tests/cluster/build_control_plane.py. Kueue runs on demand (start_kueue / stop_kueue): its
+webhooks see every JobSet, so only the tests that submit through it pay for them.
 """
 import atexit
 import base64
@@ -29,6 +30,11 @@ HERE = Path(__file__).resolve().parent
 POD_STAGES = HERE / "kwok_pod_stages.yaml"
 SERVICE_CIDR = "10.0.0.0/24"
 KWOK_NODE_ANNOTATION = "kwok.x-k8s.io/node"
+# Kueue v0.17 reads its metrics serving cert from this fixed path when its internal cert management is off (the
+# path its Deployment mounts a Secret at); internal cert management would issue certs for a Service name, which a
+# webhook called by url on loopback cannot use.
+KUEUE_METRICS_CERT_DIR = Path("/etc/kueue/metrics/certs")
+KUEUE_WEBHOOK_GROUPS = {"kueue.x-k8s.io", "jobset.x-k8s.io"}
 TPU_TAINT = {"key": "google.com/tpu", "value": "present", "effect": "NoSchedule"}
 
 
@@ -328,6 +334,63 @@ class ControlPlane:
                       "jobsets", ["CREATE", "UPDATE"]),
                  hook("vpod.kb.io", "/validate--v1-pod", "", "v1", "pods", ["CREATE"], only_jobset_pods)]},
         ]
+
+    def start_kueue(self) -> None:
+        """Kueue's manager with the JobSet integration: its CRDs, and its own webhooks for its API and JobSets."""
+        kueue_bin = build_control_plane.built_kueue_dir()
+        crds = sorted((kueue_bin / "kueue-crds").glob("*.yaml"))
+        self.kubectl("apply", "--server-side", *[arg for crd in crds for arg in ("-f", str(crd))])
+        for crd in crds:
+            self.wait_crd_established(yaml.safe_load(crd.read_text())["metadata"]["name"])
+        self.kubectl("create", "namespace", "kueue-system")
+        cert_dir = self.workdir / "kueue-webhook"
+        cert_dir.mkdir(exist_ok=True)
+        for directory in (cert_dir, KUEUE_METRICS_CERT_DIR):
+            try:
+                directory.mkdir(parents=True, exist_ok=True)
+                (directory / "tls.crt").write_bytes(self.webhook_cert.cert.read_bytes())
+                (directory / "tls.key").write_bytes(self.webhook_cert.key.read_bytes())
+            except OSError as error:
+                raise ClusterError(f"Kueue needs its certs in {directory}: {error}") from error
+        webhook_port, probe_port = free_port(), free_port()
+        config = self.workdir / "kueue-config.yaml"
+        config.write_text(yaml.safe_dump({
+            "apiVersion": "config.kueue.x-k8s.io/v1beta2", "kind": "Configuration", "namespace": "kueue-system",
+            "webhook": {"host": "127.0.0.1", "port": webhook_port, "certDir": str(cert_dir)},
+            "metrics": {"bindAddress": f"127.0.0.1:{free_port()}"},
+            "health": {"healthProbeBindAddress": f"127.0.0.1:{probe_port}"},
+            "leaderElection": {"leaderElect": False},
+            "internalCertManagement": {"enable": False},
+            "integrations": {"frameworks": ["jobset.x-k8s.io/jobset"]}}))
+        kueue = self._run("kueue", [str(kueue_bin / "kueue"), "--config", str(config),
+                                    "--feature-gates=VisibilityOnDemand=false", "--zap-log-level=info"],
+                          env={"KUBECONFIG": str(self.admin_kubeconfig)})
+        wait_for(lambda: urllib.request.urlopen(f"http://127.0.0.1:{probe_port}/readyz", timeout=2).status == 200,
+                 120, "Kueue's readyz", (kueue,))
+        self.apply(self._kueue_webhooks(kueue_bin / "kueue-webhooks.yaml", f"https://127.0.0.1:{webhook_port}"))
+
+    def stop_kueue(self) -> None:
+        """Its webhooks go first: they fail closed, so left behind they would refuse every JobSet."""
+        self.kubectl("delete", "mutatingwebhookconfiguration,validatingwebhookconfiguration", "-l",
+                     "simpo.dev/test-component=kueue")
+        self.processes.pop("kueue").stop()
+        self.kubectl("delete", "namespace", "kueue-system", "--wait=false")
+
+    def _kueue_webhooks(self, manifests: Path, base_url: str) -> list[dict]:
+        """Kueue's own webhook configuration (config/components/webhook) for its API and JobSets, pointed at a url
+        instead of its Service."""
+        ca_bundle = base64.b64encode(self.ca.pem).decode()
+        configurations = []
+        for configuration in yaml.safe_load_all(manifests.read_text()):
+            hooks = [hook for hook in configuration["webhooks"]
+                     if {group for rule in hook["rules"] for group in rule["apiGroups"]} <= KUEUE_WEBHOOK_GROUPS]
+            for hook in hooks:
+                hook["clientConfig"] = {"url": base_url + hook["clientConfig"]["service"]["path"],
+                                        "caBundle": ca_bundle}
+            configurations.append({**configuration, "webhooks": hooks, "metadata": {
+                "name": f"kueue-{configuration['metadata']['name']}",
+                "labels": {"simpo.dev/test-component": "kueue"}}})
+        return configurations
 
     def _start_kwok(self) -> None:
         node_stage = self.bin / "kwok-stages/node/fast/node-initialize.yaml"
