@@ -69,7 +69,8 @@ def test_cel_rules():
     assert tpu_rules["!(has(self.type) && (has(self.accelerator) || has(self.topology)))"].startswith("set either")
     assert tpu_rules["has(self.type) || (has(self.accelerator) && has(self.topology))"].startswith("set `type`")
     assert tpu_rules["self == oldSelf"] == "spec.tpu is immutable"
-    for field in ("image", "hosts", "outputDir", "serviceAccountName", "maxRestarts"):
+    for field in ("image", "hosts", "outputDir", "serviceAccountName", "maxRestarts", "queueName", "priorityClassName",
+                  "scheduling", "pod"):
         rules = spec["properties"][field]["x-kubernetes-validations"]
         assert {"rule": "self == oldSelf", "message": f"spec.{field} is immutable"} in rules
     for editable in ("suspend", "ttlSecondsAfterFinished"):
