@@ -3,7 +3,8 @@
 - create / resume (operator restart) / spec update: validate, create or adopt the children (deterministic names,
   owner references; an existing child owned by this job is adopted, never duplicated), apply spec.suspend to the
   JobSet (not under Kueue: with spec.queueName the JobSet is created suspended and Kueue alone changes that), and
-  set the status. A JobSet the API server refuses (invalid pod fields, a webhook's denial) fails the job. An invalid spec is reported as Failed/InvalidSpec and nothing is created.
+  set the status. An invalid spec is reported as Failed/InvalidSpec and nothing is created; a JobSet the API server
+  refuses (invalid pod fields, a webhook's denial) fails the job as JobSetRefused.
 - JobSet events: recompute the phase of the owning job and patch its status subresource (never status.progress,
   which the worker leader writes), with a Kubernetes event on every transition. A failed JobSet gets the failing
   host, its pod, its exit code and that code's meaning in the message (from the Job it names and its pods).
