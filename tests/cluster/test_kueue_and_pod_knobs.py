@@ -42,11 +42,14 @@ def kueue(cluster, operator):
 class SuspendWatch:
     """Every change of a JobSet's spec.suspend, with the field managers that own spec.suspend after it."""
 
+    WINDOW_S = 5  # each watch request ends after this long and resumes from its resourceVersion, so stop is prompt
+
     def __init__(self, cluster):
         client = kubernetes.config.new_client_from_config(str(cluster.admin_kubeconfig))
         self.api = kubernetes.client.CustomObjectsApi(client)
         self.changes: dict[str, list[tuple[bool, set[str]]]] = {}
-        self.watch = kubernetes.watch.Watch()
+        self.stopping = threading.Event()
+        self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def __enter__(self) -> "SuspendWatch":
@@ -54,19 +57,32 @@ class SuspendWatch:
         return self
 
     def __exit__(self, *_) -> None:
-        self.watch.stop()
-        self.thread.join(30)
+        self.stopping.set()
+        self.thread.join(self.WINDOW_S * 6)
+        if self.thread.is_alive():
+            raise TimeoutError("the JobSet watch did not stop")
+        if self.error is not None:
+            raise self.error
 
     def _run(self) -> None:
-        for event in self.watch.stream(self.api.list_namespaced_custom_object, "jobset.x-k8s.io", "v1alpha2",
-                                       JOBS_NAMESPACE, "jobsets", timeout_seconds=600):
-            jobset = event["object"]
-            history = self.changes.setdefault(jobset["metadata"]["name"], [])
-            suspend = bool(jobset["spec"].get("suspend"))
-            if not history or history[-1][0] != suspend:
-                owners = {entry["manager"] for entry in jobset["metadata"].get("managedFields") or []
-                          if "f:suspend" in (entry.get("fieldsV1") or {}).get("f:spec", {})}
-                history.append((suspend, owners))
+        watch, resource_version = kubernetes.watch.Watch(), None
+        try:
+            while not self.stopping.is_set():
+                for event in watch.stream(self.api.list_namespaced_custom_object, "jobset.x-k8s.io", "v1alpha2",
+                                          JOBS_NAMESPACE, "jobsets", timeout_seconds=self.WINDOW_S,
+                                          resource_version=resource_version):
+                    self._record(event["object"])
+                resource_version = watch.resource_version
+        except BaseException as error:  # the test thread raises it in __exit__
+            self.error = error
+
+    def _record(self, jobset: dict) -> None:
+        history = self.changes.setdefault(jobset["metadata"]["name"], [])
+        suspend = bool(jobset["spec"].get("suspend"))
+        if not history or history[-1][0] != suspend:
+            owners = {entry["manager"] for entry in jobset["metadata"].get("managedFields") or []
+                      if "f:suspend" in (entry.get("fieldsV1") or {}).get("f:spec", {})}
+            history.append((suspend, owners))
 
 
 def test_kueue_admits_one_v5p32_at_a_time_and_only_kueue_flips_suspend(kueue, operator):
