@@ -222,6 +222,7 @@ def build_kueue(out: Path) -> None:
     source = Path(module_info(KUEUE_MODULE, version)["Dir"]) / "config/components"
     shutil.rmtree(out / "kueue-crds", ignore_errors=True)
     shutil.copytree(source / "crd/bases", out / "kueue-crds")
+    (out / "kueue-crds").chmod(0o755)  # the module cache is read-only; a rebuild must be able to replace the copy
     shutil.copyfile(source / "webhook/manifests.yaml", out / "kueue-webhooks.yaml")
     shutil.rmtree(staging)
 
