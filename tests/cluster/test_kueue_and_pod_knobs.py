@@ -233,3 +233,17 @@ def test_a_jobset_the_api_server_refuses_fails_the_job_with_its_message(cluster,
     assert failed["status"]["message"].startswith(
         'the API server refused the JobSet: admission webhook "mjobset.kb.io" denied the request: quantities must '
         'match the regular expression'), failed["status"]
+
+
+def test_kueue_has_its_own_cache_key_and_a_missing_build_is_an_error(monkeypatch, tmp_path):
+    """Moving Kueue's pin rebuilds Kueue only: the six other programs keep their (CI-cached) directory."""
+    import build_control_plane
+
+    before = (build_control_plane.bin_dir(), build_control_plane.kueue_dir())
+    monkeypatch.setattr(build_control_plane, "kueue_pin", lambda: "v0.16.0")
+    assert build_control_plane.bin_dir() == before[0]
+    assert build_control_plane.kueue_dir() != before[1] and build_control_plane.kueue_dir().parent == before[0].parent
+    monkeypatch.setenv("SIMPO_CONTROL_PLANE_CACHE", str(tmp_path))
+    with pytest.raises(RuntimeError, match=r"Kueue missing from .*\['kueue', 'kueue-crds', 'kueue-webhooks.yaml'\]\. "
+                                           r"Build it first: make control-plane"):
+        build_control_plane.built_kueue_dir()
