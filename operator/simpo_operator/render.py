@@ -18,7 +18,7 @@ import yaml
 
 from simpo_operator import pod_env
 from simpo_operator.resource import (APP_LABELS, JOB_LABEL, QUEUE_NAME_LABEL, RESERVATION_AFFINITY_LABEL,
-                                     RESERVATION_LABEL, SPOT_LABEL, CONFIG_VOLUME, Job, load_job, validate_job)
+                                     RESERVATION_LABEL, SPOT_LABEL, WORKLOAD_PRIORITY_LABEL, CONFIG_VOLUME, Job, load_job, validate_job)
 from simpo_operator.tpu import ACCELERATOR_LABEL, TOPOLOGY_LABEL
 from simpo_worker import api
 from simpo_worker.schema import to_data
@@ -93,6 +93,8 @@ def render_jobset(job: Job) -> dict[str, Any]:
         metadata["annotations"] = {EXCLUSIVE_TOPOLOGY_ANNOTATION: NODE_POOL_LABEL}
     if job.spec.queueName is not None:
         metadata["labels"][QUEUE_NAME_LABEL] = job.spec.queueName
+    if job.spec.workloadPriorityClassName is not None:
+        metadata["labels"][WORKLOAD_PRIORITY_LABEL] = job.spec.workloadPriorityClassName
     return {
         "apiVersion": JOBSET_API_VERSION,
         "kind": "JobSet",

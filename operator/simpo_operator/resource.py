@@ -53,6 +53,8 @@ APP_LABELS = {"app.kubernetes.io/name": "simpo-interleave", "app.kubernetes.io/c
               "app.kubernetes.io/managed-by": "simpo-interleave-operator"}
 # Kueue: the LocalQueue a workload is submitted to (on the JobSet; Kueue then owns JobSet.spec.suspend).
 QUEUE_NAME_LABEL = "kueue.x-k8s.io/queue-name"
+# Kueue: the WorkloadPriorityClass of the workload (queueing order and preemption only, not the pods' priority).
+WORKLOAD_PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
 # GKE node labels of spot VMs (also their taint's key) and of a specific reservation's nodes.
 SPOT_LABEL = "cloud.google.com/gke-spot"
 RESERVATION_LABEL = "cloud.google.com/reservation-name"
@@ -264,6 +266,9 @@ class JobSpec:
     priorityClassName: Optional[str] = setting(
         "The worker pods' PriorityClass (Kueue also takes the workload's priority from it).", None,
         immutable=True, **_SUBDOMAIN)
+    workloadPriorityClassName: Optional[str] = setting(
+        "A Kueue WorkloadPriorityClass: the workload's priority in Kueue (queueing order, preemption) without "
+        "changing the pods' priority. Needs spec.queueName.", None, immutable=True, **_SUBDOMAIN)
     scheduling: Scheduling = setting("Node selection, tolerations, affinity, spot and reservations.",
                                      default_factory=Scheduling, immutable=True)
     pod: PodSettings = setting("Labels, annotations, env, volumes and networking of every worker pod.",
@@ -277,6 +282,9 @@ class JobSpec:
         Rule("!(has(self.queueName) && self.suspend)", lambda s: s.queueName is None or not s.suspend,
              "spec.suspend cannot be true with spec.queueName: Kueue owns the JobSet's suspend (deactivate the "
              "job's Workload or delete the job instead)"),
+        Rule("!has(self.workloadPriorityClassName) || has(self.queueName)",
+             lambda s: s.workloadPriorityClassName is None or s.queueName is not None,
+             "spec.workloadPriorityClassName is Kueue's: it needs spec.queueName"),
         Rule("has(self.queueName) == has(oldSelf.queueName)", None,
              "spec.queueName cannot be added or removed after creation"),
         Rule("has(self.outputDir) || has(self.config.output_dir)",

@@ -14,6 +14,7 @@ from test_operator_e2e import condition_types, pods_of, reference_job, wait_phas
 
 QUEUE = "tpu-v5p"
 PRIORITY_CLASS = "simpo-test-low"
+WORKLOAD_PRIORITY = "research-batch"
 SPOT_POOL = "v5p-32-spot"
 TEAM_TAINT = {"key": "example.com/team", "value": "research", "effect": "NoSchedule"}
 
@@ -24,6 +25,8 @@ def kueue(cluster, operator):
     cluster.start_kueue()
     cluster.apply([
         {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ResourceFlavor", "metadata": {"name": "v5p"}},
+        {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "WorkloadPriorityClass",
+         "metadata": {"name": WORKLOAD_PRIORITY}, "value": 10},
         {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ClusterQueue", "metadata": {"name": "tpu"},
          "spec": {"namespaceSelector": {}, "resourceGroups": [{
              "coveredResources": ["google.com/tpu"],
@@ -31,11 +34,12 @@ def kueue(cluster, operator):
         {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "LocalQueue",
          "metadata": {"name": QUEUE, "namespace": JOBS_NAMESPACE}, "spec": {"clusterQueue": "tpu"}},
     ])
-    wait_for(lambda: condition_types(cluster.get("clusterqueue", "tpu")).get("Active") == "True", 60,
+    wait_for(lambda: any(c["type"] == "Active" and c["status"] == "True" for c in
+                         cluster.get("clusterqueue", "tpu").get("status", {}).get("conditions", [])), 60,
              "the ClusterQueue to be active", tuple(cluster.processes.values()))
     yield cluster
     cluster.kubectl("delete", "localqueue", QUEUE, "-n", JOBS_NAMESPACE)
-    cluster.kubectl("delete", "clusterqueue,resourceflavor", "--all")
+    cluster.kubectl("delete", "clusterqueue,resourceflavor,workloadpriorityclass", "--all")
     cluster.stop_kueue()
 
 
@@ -88,7 +92,8 @@ class SuspendWatch:
 def test_kueue_admits_one_v5p32_at_a_time_and_only_kueue_flips_suspend(kueue, operator):
     cluster = kueue
     with SuspendWatch(cluster) as watch:
-        first, second = (reference_job("run-8s", queueName=QUEUE) for _ in range(2))
+        first, second = (reference_job("run-8s", queueName=QUEUE, workloadPriorityClassName=WORKLOAD_PRIORITY)
+                         for _ in range(2))
         cluster.apply(first)
         first_name, second_name = first["metadata"]["name"], second["metadata"]["name"]
         wait_phase(cluster, operator, first_name, ("Pending", "Running"))
@@ -100,6 +105,7 @@ def test_kueue_admits_one_v5p32_at_a_time_and_only_kueue_flips_suspend(kueue, op
                       if w["metadata"]["ownerReferences"][0]["name"] == second_name]
         assert "QuotaReserved" not in {c["type"] for c in workload["status"].get("conditions", [])
                                        if c["status"] == "True"}, workload["status"]
+        assert workload["spec"]["priority"] == 10, workload["spec"]  # from the WorkloadPriorityClass label
 
         done = wait_phase(cluster, operator, first_name, ("Succeeded", "Failed"), timeout_s=180)
         assert done["status"]["phase"] == "Succeeded", done["status"]

@@ -51,6 +51,7 @@ CASES = [
      r"^spec\.config\.inference\.stop_tokens: stop strings must not be empty"),
     # Kueue
     (make_job(queueName="tpu", suspend=True), r"^spec: spec\.suspend cannot be true with spec\.queueName: Kueue owns"),
+    (make_job(workloadPriorityClassName="batch"), r"^spec: spec\.workloadPriorityClassName is Kueue's: it needs spec\.queueName"),
     (make_job(queueName="TPU_Queue"), r"^spec\.queueName: must be a DNS-1123 label \(a LocalQueue name\)"),
     # Scheduling and pod knobs
     (make_job(scheduling={"nodeSelector": {"cloud.google.com/gke-tpu-topology": "2x2x4"}}),

@@ -165,7 +165,7 @@ def test_scheduling_knobs_are_added_to_the_tpu_ones():
 
 
 def test_pod_knobs_render_and_cannot_displace_the_operators_own():
-    job = make_job(priorityClassName="low", queueName="q", pod={
+    job = make_job(priorityClassName="low", queueName="q", workloadPriorityClassName="batch", pod={
         "labels": {"team": "a"}, "annotations": {"gke-gcsfuse/volumes": "true"},
         "env": [{"name": "XLA_FLAGS", "value": "--x"}], "envFrom": [{"secretRef": {"name": "hf"}}],
         "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "8Gi"}}],
@@ -174,6 +174,7 @@ def test_pod_knobs_render_and_cannot_displace_the_operators_own():
     _, jobset = render.render_job(job)
     _, job_spec, pod = pod_of(jobset)
     assert jobset["spec"]["suspend"] is True and jobset["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "q"
+    assert jobset["metadata"]["labels"]["kueue.x-k8s.io/priority-class"] == "batch"
     metadata = job_spec["template"]["metadata"]
     assert metadata["labels"]["team"] == "a" and metadata["labels"][render.JOB_LABEL] == "tiny"
     assert metadata["annotations"] == {"gke-gcsfuse/volumes": "true"}
