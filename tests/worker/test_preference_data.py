@@ -1,19 +1,26 @@
-"""Preference data: formats, rendering with SmolLM2's chat template, response-only loss mask, overlength policy,
+"""Preference data: formats (JSONL, gzip, UltraFeedback's Parquet; local, fsspec, gs://), rendering with SmolLM2's chat template, response-only loss mask, overlength policy,
 deterministic order and host sharding, bad input; and the project's generated preference set."""
 
+import dataclasses
 import gzip
 import json
 import re
 
 import fsspec
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
+from gcs_emulator import BUCKET, gcs_emulator, point_this_process_at
+from simpo_worker import records, storage
 from simpo_worker.config import DataConfig
 from simpo_worker.errors import DataError
 from simpo_worker.make_preference_data import generate, main as make_data
 from simpo_worker.preference_data import PreferenceData, read_pairs
 from simpo_worker.tokenizer import load_tokenizer
+from ultrafeedback import ultrafeedback_row, write_parquet
+from worker_runs import checked, preference_files, run_worker, straight_run, tiny_config, train_records
 
 
 @pytest.fixture(scope="module")
@@ -162,3 +169,76 @@ def test_generated_set_is_correct_and_splits_are_disjoint(tmp_path):
             assert int(chosen.split(" is ")[1].split()[0]) == row["answer"]
             assert int(rejected.split(" is ")[1].split()[0]) != row["answer"]
     assert generate(50, 10, 3) == generate(50, 10, 3)
+
+
+# ---- Parquet, as UltraFeedback-binarized is published -----------------------------------------------------------
+
+
+def ultrafeedback_rows(count: int) -> list[dict]:
+    return [ultrafeedback_row(message_row(f"What is {i} + {i}?", f"{2 * i}.", f"{2 * i + 1}.")) for i in range(count)]
+
+
+def without_sources(pairs):
+    return [dataclasses.replace(pair, source="") for pair in pairs]
+
+
+def test_parquet_reads_as_the_same_rows_in_jsonl(tmp_path, tokenizer):
+    rows = ultrafeedback_rows(5)
+    jsonl = write_jsonl(tmp_path / "d.jsonl", rows)
+    parquet = write_parquet(str(tmp_path / "d.parquet"), rows, row_group_size=2)
+    from_jsonl, from_parquet = open_data(tokenizer, [jsonl], batch_size=4), open_data(tokenizer, [parquet], 4)
+    assert [pair.source for pair in from_parquet.pairs] == [f"{parquet}: row {i}" for i in range(5)]
+    assert without_sources(from_parquet.pairs) == without_sources(from_jsonl.pairs)
+    for position in range(3):
+        a, b = from_jsonl.batch(position, np.arange(4)), from_parquet.batch(position, np.arange(4))
+        for field in dataclasses.fields(a):
+            np.testing.assert_array_equal(getattr(a, field.name), getattr(b, field.name))
+
+
+@pytest.mark.parametrize("change,problem", [
+    (lambda row: {**row, "rejected": row["rejected"][:1]}, "`rejected`: the last message must be the assistant's"),
+    (lambda row: {**row, "chosen": None}, "`chosen`: expected a non-empty message list or a string, got None"),
+    (lambda row: {**row, "chosen": [{"content": "", "role": "assistant"}]}, "`chosen`: empty response"),
+])
+def test_a_bad_parquet_row_names_the_file_and_its_row(tmp_path, monkeypatch, change, problem):
+    # Streamed in batches of 2 rows: the row number counts across the whole file, not within a batch.
+    monkeypatch.setattr(records, "PARQUET_BATCH_ROWS", 2)
+    rows = ultrafeedback_rows(7)
+    rows[5] = change(rows[5])
+    file = write_parquet(str(tmp_path / "bad.parquet"), rows, row_group_size=3)
+    with pytest.raises(DataError, match=re.escape(f"{file}: row 5: ") + ".*" + re.escape(problem)) as caught:
+        read_pairs([file])
+    assert caught.value.exit_code == 11
+
+
+def test_parquet_file_errors(tmp_path):
+    columns = [{k: v for k, v in row.items() if k != "rejected"} for row in ultrafeedback_rows(2)]
+    pq.write_table(pa.Table.from_pylist(columns), tmp_path / "no-rejected.parquet")
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path}/no-rejected.parquet: row 0: missing field `rejected`")):
+        read_pairs([str(tmp_path / "no-rejected.parquet")])
+    (tmp_path / "text.parquet").write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n')
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path}/text.parquet: not a readable Parquet file")):
+        read_pairs([str(tmp_path / "text.parquet")])
+
+
+def test_parquet_through_the_gcs_emulator(monkeypatch, tmp_path):
+    rows = ultrafeedback_rows(3)
+    local = read_pairs([write_parquet(str(tmp_path / "d.parquet"), rows)])
+    with gcs_emulator() as env:
+        point_this_process_at(env, monkeypatch)
+        url = write_parquet(f"gs://{BUCKET}/prefs/train_prefs-00000-of-00001.parquet", rows, row_group_size=1)
+        pairs = read_pairs([f"gs://{BUCKET}/prefs/*.parquet"])
+    assert [pair.source for pair in pairs] == [f"{url}: row {i}" for i in range(3)]
+    assert without_sources(pairs) == without_sources(local)
+
+
+def test_training_from_parquet_is_training_from_the_same_jsonl(tmp_path):
+    """The worker trained on the project's preference set as UltraFeedback Parquet: every step's metrics
+    bit-identical to the run on the JSONL (straight_run)."""
+    rows = [ultrafeedback_row(row) for row in storage.read_jsonl(preference_files())]
+    parquet = write_parquet(str(tmp_path / "train_prefs.parquet"), rows, row_group_size=40)
+    output_dir = tmp_path / "run"
+    checked(run_worker(tiny_config(output_dir, **{"data.train_files": [parquet]})))
+    untimed = lambda records: [{k: v for k, v in r.items() if k != "step_time"} for r in records]  # noqa: E731
+    assert [r["step"] for r in train_records(output_dir)] == list(range(1, 8))
+    assert untimed(train_records(output_dir)) == untimed(train_records(straight_run()))

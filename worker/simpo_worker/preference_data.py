@@ -1,6 +1,8 @@
-"""Preference pairs from UltraFeedback-binarized style JSONL / JSONL.gz files, batched for the train step.
+"""Preference pairs from UltraFeedback-binarized style files, batched for the train step.
 
-A row is `{"prompt": ..., "chosen": ..., "rejected": ...}` where chosen/rejected are either message lists ending
+Files: JSONL / JSONL.gz, or Parquet in the layout UltraFeedback-binarized is published in (columns `prompt`,
+`chosen`, `rejected`, plus `prompt_id`, `messages`, `score_chosen`, `score_rejected`, which are not read); local
+or any fsspec URL (records.py). A row is `{"prompt": ..., "chosen": ..., "rejected": ...}` where chosen/rejected are either message lists ending
 in the assistant's answer (`[{"role": "user", ...}, {"role": "assistant", ...}]`, the binarized form) or plain
 answer strings, with `prompt` a string or a message list. The conversation before the answer is rendered with
 the model's chat template (add_generation_prompt), the answer as the rest of the rendered conversation, and only
@@ -17,7 +19,6 @@ alike); tokenization, and with it the overlength policy, happens per batch.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -25,16 +26,16 @@ from typing import Any
 import fsspec
 import numpy as np
 
-from simpo_worker import storage
 from simpo_worker.config import DataConfig
 from simpo_worker.errors import DataError
+from simpo_worker.records import read_rows
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class PreferencePair:
-    source: str  # "file:line", for error messages
+    source: str  # "file:line" or "file: row N", for error messages
     context: list[dict[str, str]]  # the messages before the answer
     chosen: str
     rejected: str
@@ -49,6 +50,10 @@ class PreferenceBatch:
     loss_mask: np.ndarray
     lengths: np.ndarray
     pair_mask: np.ndarray
+
+
+# The columns a pair is made of (a Parquet file's others are not read).
+PAIR_COLUMNS = ("prompt", "chosen", "rejected")
 
 
 def expand_patterns(patterns: list[str]) -> list[str]:
@@ -66,19 +71,14 @@ def expand_patterns(patterns: list[str]) -> list[str]:
 def read_pairs(patterns: list[str]) -> list[PreferencePair]:
     pairs = []
     for file in expand_patterns(patterns):
-        for number, line in enumerate(storage.read_text(file, "preference data file").splitlines(), start=1):
-            if line.strip():
-                pairs.append(parse_row(line, f"{file}:{number}"))
+        for source, row in read_rows(file, "preference data file", PAIR_COLUMNS):
+            pairs.append(parse_row(row, source))
     if not pairs:
         raise DataError(f"{', '.join(patterns)}: the preference data holds no rows")
     return pairs
 
 
-def parse_row(line: str, source: str) -> PreferencePair:
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as error:
-        raise DataError(f"{source}: not valid JSON: {error}") from error
+def parse_row(row: Any, source: str) -> PreferencePair:
     if not isinstance(row, dict):
         raise DataError(f"{source}: expected a JSON object, got {type(row).__name__}")
     for name in ("chosen", "rejected"):

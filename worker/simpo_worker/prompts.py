@@ -5,6 +5,8 @@ File formats (local path or any fsspec URL such as gs://; `.gz` is decompressed)
   `{"messages": [...]}`, or `{"prompt": "text" | [messages]}` (UltraFeedback rows work as they are). A message
   list is cut before its trailing assistant turns (UltraFeedback's `messages` ends with the answer), so the model
   answers the prompt turns.
+- `.parquet` (e.g. UltraFeedback-binarized as published): the same, per row, from its `messages` or `prompt`
+  column, streamed (records.py).
 - anything else: plain text, one user prompt per non-empty line.
 Each prompt is rendered with the tokenizer's chat template plus the generation prompt. A prompt longer than
 `inference.max_prompt_len` tokens is an error naming its index and the limit (never truncated silently).
@@ -14,15 +16,18 @@ Hosts take contiguous shards of the global prompt list (`host_shard`), so prompt
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
+from typing import Any
 
 from simpo_worker import storage
 from simpo_worker.config import InferenceConfig
 from simpo_worker.errors import DataError
 from simpo_worker.preference_data import _message
+from simpo_worker.records import is_parquet, read_rows
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
+# A row's prompt, in the order looked for (a Parquet file's other columns are not read).
+PROMPT_COLUMNS = ("messages", "prompt")
 
 _SYNTHETIC_TASKS = ["Explain", "Write a short poem about", "Give three facts about", "Summarize the idea of",
                     "Describe a day in the life of", "List the pros and cons of", "Teach a child about"]
@@ -63,25 +68,21 @@ def render_prompts(conversations: list[list[dict[str, str]]], tokenizer, max_pro
 
 def read_prompt_file(url: str) -> list[list[dict[str, str]]]:
     """The conversations of a prompt file, each a message list ending where the assistant should answer."""
-    lines = storage.read_text(url, "prompt file").splitlines()
-    jsonl = url.endswith(JSONL_SUFFIXES)
-    conversations = [(_parse_json_line(line, f"{url}:{number}") if jsonl else [{"role": "user", "content": line}])
-                     for number, line in enumerate(lines, start=1) if line.strip()]
+    if url.endswith(JSONL_SUFFIXES) or is_parquet(url):
+        conversations = [_parse_row(row, source) for source, row in read_rows(url, "prompt file", PROMPT_COLUMNS)]
+    else:
+        conversations = [[{"role": "user", "content": line}]
+                         for line in storage.read_text(url, "prompt file").splitlines() if line.strip()]
     if not conversations:
         raise DataError(f"{url}: the prompt file holds no prompts")
     return conversations
 
 
-def _parse_json_line(line: str, where: str) -> list[dict[str, str]]:
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as error:
-        raise DataError(f"{where}: not valid JSON: {error}") from error
+def _parse_row(row: Any, where: str) -> list[dict[str, str]]:
     if isinstance(row, dict):
-        if "messages" in row:
-            row = row["messages"]
-        elif "prompt" in row:
-            row = row["prompt"]
+        present = [name for name in PROMPT_COLUMNS if row.get(name) is not None]
+        if present:
+            row = row[present[0]]
         else:
             raise DataError(f"{where}: expected `messages` or `prompt`, got keys {sorted(row)}")
     if isinstance(row, str):
