@@ -112,7 +112,8 @@ class ModelConfig:
 class DataConfig:
     """Preference data in UltraFeedback-binarized form (prompt, chosen and rejected message lists)."""
 
-    train_files: list[str] = setting("JSONL / JSONL.gz files or globs, local or gs://.", min_items=1,
+    train_files: list[str] = setting("JSONL / JSONL.gz or Parquet (UltraFeedback-binarized's published columns) "
+                                     "files or globs, local or gs://.", min_items=1,
                                      rules=(_NO_EMPTY_PATTERNS,))
     eval_files: list[str] = setting(
         "Held-out pairs, same format: at each inference pause the train step's loss and reward metrics of the live "
@@ -281,7 +282,8 @@ class InferenceConfig:
         "fits devices smaller than the model; must divide the devices per host. 1: a whole replica per device. "
         "global_mesh decodes with the training params' own layout (trainer.mesh).", 1, **POSITIVE)
     prompts_file: Optional[str] = setting(
-        "JSONL (chat messages or {\"prompt\": ...}) or plain-text prompts, local or gs://.", None, min_length=1)
+        "JSONL (chat messages, {\"messages\": ...} or {\"prompt\": ...}), Parquet (a `messages` or `prompt` "
+        "column, as UltraFeedback-binarized) or plain-text prompts, local or gs://.", None, min_length=1)
     synthetic_prompt_count: Optional[int] = setting("This many generated prompts instead of a file.", None,
                                                     **POSITIVE)
     max_new_tokens: int = setting("Tokens generated per prompt at most.", 256, **POSITIVE)
@@ -355,6 +357,23 @@ class CompilationCacheConfig:
         "longer than compiling it).", 1.0, **NON_NEGATIVE)
 
 
+@dataclass(frozen=True)
+class ExportConfig:
+    """Hugging Face copies of the live policy: config.json (LlamaForCausalLM), sharded float32 safetensors and the
+    tokenizer files; transformers' from_pretrained loads them, and so does `model.source`. The end's copy goes to
+    hf_dir itself, a pause's to `<hf_dir>/step_<N>`; config.json is written last (a copy without it is
+    unfinished)."""
+
+    hf_dir: Optional[str] = setting(
+        "Where: an absolute path or a URL such as gs://bucket/prefix; null: no export.", None,
+        pattern=OUTPUT_DIR_PATTERN, pattern_message=OUTPUT_DIR_MESSAGE)
+    at: list[Literal["pauses", "end"]] = setting(
+        "When: `end`, after the last step; `pauses`, at each inference pause (from the params it samples).",
+        default_factory=lambda: ["end"], min_items=1, unique_items=True)
+    max_shard_mb: int = setting("Largest safetensors file, in MB (10^6 bytes), as transformers' max_shard_size; "
+                                "a tensor larger than this gets a file of its own.", 5000, **POSITIVE)
+
+
 _INFERENCE_ON = ("has(self.inference) && ((has(self.inference.eval_at_steps) && "
                  "size(self.inference.eval_at_steps) > 0) || has(self.inference.eval_every))")
 
@@ -379,6 +398,7 @@ class WorkerConfig:
     distributed: DistributedConfig = setting("Cross-host timeouts.", default_factory=DistributedConfig)
     compilation_cache: CompilationCacheConfig = setting("Compiled programs kept for restarts.",
                                                         default_factory=CompilationCacheConfig)
+    export: ExportConfig = setting("Hugging Face copies of the policy.", default_factory=ExportConfig)
 
     RULES: ClassVar = (
         Rule("has(self.tokenizer) || !has(self.model.architecture)",
@@ -401,6 +421,11 @@ class WorkerConfig:
              lambda c: c.optimizer.warmup_steps <= c.trainer.num_train_steps,
              "must be <= trainer.num_train_steps", "optimizer.warmup_steps",
              ("trainer.num_train_steps", "optimizer.warmup_steps")),
+        Rule(f"!has(self.export) || !has(self.export.hf_dir) || !has(self.export.at) || "
+             f"!self.export.at.exists(a, a == 'pauses') || ({_INFERENCE_ON})",
+             lambda c: c.export.hf_dir is None or "pauses" not in c.export.at or c.inference.enabled,
+             "`pauses` exports at the inference pauses: set inference.eval_at_steps or inference.eval_every",
+             "export.at"),
         Rule(f"!({_INFERENCE_ON}) || !has(self.model.architecture) || self.inference.max_prompt_len + "
              "self.inference.max_new_tokens <= self.model.architecture.max_position_embeddings",
              lambda c: not c.inference.enabled or c.model.architecture is None or _request_fits(

@@ -3,10 +3,12 @@ or several *.safetensors), local or any fsspec URL (gs://...). Load into a `Llam
 
 HF stores linear weights [out, in] per layer; the model keeps [in, out] stacked on a leading layer axis, so loading
 transposes and stacks, and saving undoes both (float32 in, float32 out: a save/load round trip is bit-identical).
+Where each HF tensor lives in a Llama is declared once, in `hf_tensor_places`.
 
 Tensors are read by a small safetensors reader of our own: the safetensors package's numpy backend has no bfloat16
 (the dtype of most published checkpoints), and byte-range reads keep host memory flat and work the same over gcsfs
-as on a local disk. Writing uses the safetensors package.
+as on a local disk. Writing uses the safetensors package, in transformers' layout: one model.safetensors, or
+model-0000i-of-0000N.safetensors files of at most max_shard_bytes each plus model.safetensors.index.json.
 
 Sharded loading (`load_hf_model(source, shardings)`, what the worker does): every param is created directly on
 its target sharding (mesh.from_regions), and each process reads only the regions of the tensors its own devices
@@ -25,6 +27,7 @@ import json
 import math
 import posixpath
 import struct
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import fsspec
@@ -32,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
 
-from simpo_worker import schema
+from simpo_worker import schema, storage
 from simpo_worker.config import ArchitectureConfig, RopeScaling
 from simpo_worker.errors import ConfigError, ModelError
 from simpo_worker.mesh import from_regions
@@ -66,6 +69,9 @@ TensorReader = Callable[[str, tuple[int, ...]], np.ndarray]
 RegionReader = Callable[[str, tuple[int, ...], tuple[slice, ...]], np.ndarray]
 # Largest single byte-range read of a sharded load (rows of a stored matrix at a time).
 READ_CHUNK_BYTES = 32 << 20
+# transformers' save_pretrained default max_shard_size ("5GB").
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
+NORM_FIELDS = ("attn_norm", "mlp_norm")
 
 
 def layer_tensor_name(layer: int, field: str) -> str:
@@ -89,6 +95,38 @@ def hf_tensor_shapes(config: ArchitectureConfig) -> dict[str, tuple[int, ...]]:
     if not c.tie_word_embeddings:
         shapes[LM_HEAD] = (c.vocab_size, d)
     return shapes
+
+
+@dataclass(frozen=True)
+class TensorPlace:
+    """Where an HF tensor lives in a Llama: the array (`embed`, `final_norm`, `lm_head` or `layers.<field>`), its
+    layer (stacked fields), and whether HF stores it transposed ([out, in] against our [in, out])."""
+
+    array: str
+    layer: int | None
+    transposed: bool
+
+    def of(self, model: Llama) -> Any:
+        owner, _, name = self.array.rpartition(".")
+        return getattr(getattr(model, owner) if owner else model, name)
+
+
+def hf_tensor_places(config: ArchitectureConfig) -> dict[str, TensorPlace]:
+    """Every HF tensor of a checkpoint of this config, in transformers' order, and where it lives in a Llama."""
+    places = {EMBED: TensorPlace("embed", None, False)}
+    for i in range(config.num_layers):
+        for field in LAYER_TENSORS:
+            places[layer_tensor_name(i, field)] = TensorPlace(f"layers.{field}", i, field not in NORM_FIELDS)
+    places[FINAL_NORM] = TensorPlace("final_norm", None, False)
+    if not config.tie_word_embeddings:
+        places[LM_HEAD] = TensorPlace("lm_head", None, True)
+    return places
+
+
+def to_hf_orientation(tensor: np.ndarray, place: TensorPlace) -> np.ndarray:
+    """One tensor of ours (the layer's, for stacked fields) as HF stores it: float32, contiguous."""
+    tensor = np.asarray(tensor, np.float32)
+    return np.ascontiguousarray(tensor.T if place.transposed else tensor)
 
 
 def llama_from_hf_tensors(config: ArchitectureConfig, read: TensorReader) -> Llama:
@@ -158,17 +196,13 @@ def sharded_llama_from_hf(config: ArchitectureConfig, read: RegionReader, shardi
 
 
 def llama_to_hf_tensors(model: Llama) -> dict[str, np.ndarray]:
-    """The inverse of llama_from_hf_tensors: HF names and orientation, float32, contiguous."""
-    tensors = {EMBED: np.asarray(model.embed, np.float32)}
-    for field in LAYER_TENSORS:
-        weights = np.asarray(getattr(model.layers, field), np.float32)
-        for i in range(model.config.num_layers):
-            tensor = weights[i].T if weights[i].ndim == 2 else weights[i]
-            tensors[layer_tensor_name(i, field)] = np.ascontiguousarray(tensor)
-    tensors[FINAL_NORM] = np.asarray(model.final_norm, np.float32)
-    if model.lm_head is not None:
-        tensors[LM_HEAD] = np.ascontiguousarray(np.asarray(model.lm_head, np.float32).T)
-    return tensors
+    """The inverse of llama_from_hf_tensors (one process, the whole model): HF names and orientation, float32."""
+    return {name: hf_tensor(model, place) for name, place in hf_tensor_places(model.config).items()}
+
+
+def hf_tensor(model: Llama, place: TensorPlace) -> np.ndarray:
+    array = np.asarray(place.of(model))
+    return to_hf_orientation(array if place.layer is None else array[place.layer], place)
 
 
 # ---- config.json <-> ArchitectureConfig ------------------------------------------------------------------------
@@ -402,11 +436,68 @@ def load_hf_model(source: str, shardings: Llama | None = None) -> Llama:
     return llama_from_hf_tensors(config, lambda name, shape: file_of(name).read(name, shape))
 
 
-def save_hf_model(model: Llama, destination: str) -> None:
-    """Write config.json + model.safetensors (float32) to a local directory or fsspec URL."""
-    fs, root = fsspec.core.url_to_fs(destination)
-    fs.makedirs(root, exist_ok=True)
-    # "format": "pt" is what transformers expects in the safetensors metadata.
-    blob = safetensors.numpy.save(llama_to_hf_tensors(model), metadata={"format": "pt"})
-    fs.pipe_file(posixpath.join(root, WEIGHTS_FILE), blob)
-    fs.pipe_file(posixpath.join(root, CONFIG_FILE), json.dumps(config_to_hf(model.config), indent=2).encode())
+def save_hf_model(model: Llama, destination: str, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
+    """Write a whole model held by this process to a local directory or fsspec URL (write_hf_model)."""
+    write_hf_model(model.config, lambda name, place: hf_tensor(model, place), destination, max_shard_bytes)
+
+
+def shard_plan(config: ArchitectureConfig, max_shard_bytes: int) -> list[list[str]]:
+    """The tensor names of each safetensors file, split as transformers' save_pretrained splits: in order, a file
+    takes tensors until the next would take it past max_shard_bytes (a larger tensor gets a file of its own)."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, shape in hf_tensor_shapes(config).items():
+        nbytes = math.prod(shape) * 4  # float32
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return shards
+
+
+def shard_file_names(count: int) -> list[str]:
+    return [WEIGHTS_FILE] if count == 1 else [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+
+
+def write_hf_model(config: ArchitectureConfig, tensor: Callable[[str, TensorPlace], np.ndarray], destination: str,
+                   max_shard_bytes: int, write: bool = True, extra_files: dict[str, bytes] | None = None) -> None:
+    """An HF model directory at `destination` (local or fsspec URL): the safetensors files (float32, one
+    safetensors file in memory at a time), their index if several, `extra_files` (the tokenizer's), config.json
+    last, so a directory with config.json is complete. A previous copy's config.json goes first.
+
+    `tensor(name, place)` gives each HF tensor in HF orientation; it is called for every tensor in the same order
+    however `write` is set, so it may be a collective that every process joins; only with `write` is anything
+    written (the leader of a multi-host job)."""
+    places = hf_tensor_places(config)
+    plan = shard_plan(config, max_shard_bytes)
+    files = shard_file_names(len(plan))
+    if write:
+        _remove_previous_copy(destination)
+    weight_map, total = {}, 0
+    for file, names in zip(files, plan):
+        tensors = {name: tensor(name, places[name]) for name in names}
+        if write:
+            # "format": "pt" is what transformers expects in the safetensors metadata.
+            storage.write_atomic(storage.join(destination, file),
+                                 safetensors.numpy.save(tensors, metadata={"format": "pt"}), "safetensors file")
+        weight_map.update({name: file for name in names})
+        total += sum(t.nbytes for t in tensors.values())
+        del tensors
+    if not write:
+        return
+    if len(files) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        storage.write_atomic(storage.join(destination, INDEX_FILE), json.dumps(index, indent=2) + "\n")
+    for name, data in (extra_files or {}).items():
+        storage.write_atomic(storage.join(destination, name), data)
+    storage.write_atomic(storage.join(destination, CONFIG_FILE), json.dumps(config_to_hf(config), indent=2) + "\n")
+
+
+def _remove_previous_copy(destination: str) -> None:
+    """config.json first (the copy stops looking complete), then the weight files and index: a copy with another
+    shard count would leave files the new index does not list."""
+    storage.remove(storage.join(destination, CONFIG_FILE))
+    for name in storage.list_names(destination):
+        if name == INDEX_FILE or (name.startswith("model") and name.endswith(".safetensors")):
+            storage.remove(storage.join(destination, name))

@@ -3,7 +3,8 @@ host, then resume training from the in-memory state.
 
 A pause at step s (after optimizer step s):
   1. checkpoint (the state is durable: a crash during inference restarts here, not from scratch)
-  2. barrier; with data.eval_files, every host evaluates the live params on the held-out pairs (trainer.evaluate:
+  2. barrier; with export.at `pauses`, the live params exported to Hugging Face format (export.py); with
+     data.eval_files, every host evaluates the live params on the held-out pairs (trainer.evaluate:
      the train step's loss and reward metrics, forward only, on the training mesh)
   3. each host generates its shard of the prompts from the live params (host_data_parallel: a replica on the
      host's own devices; global_mesh: the sharded params) and writes its JSONL atomically
@@ -34,6 +35,7 @@ from simpo_worker.config import InferenceConfig, WorkerConfig
 from simpo_worker.distributed import barrier, is_leader
 from simpo_worker.engine import Completion, Engine
 from simpo_worker.errors import ConfigError
+from simpo_worker.export import export_dir, export_hf, tokenizer_files
 from simpo_worker.mesh import make_mesh
 from simpo_worker.metrics import MetricsWriter
 from simpo_worker.preemption import Preempted, TerminationNotice
@@ -52,8 +54,11 @@ log = logging.getLogger(__name__)
 class InterleavedRun:
     def __init__(self, config: WorkerConfig, trainer: Trainer, engine: Engine, prompts: PromptSet,
                  reporter: ProgressReporter, metrics: MetricsWriter, held_out: PreferenceData | None = None,
-                 notice: TerminationNotice | None = None, compiles: CompileLog | None = None):
+                 notice: TerminationNotice | None = None, compiles: CompileLog | None = None,
+                 export_files: dict[str, bytes] | None = None):
         self.config = config
+        # The tokenizer's files for every Hugging Face copy (read once, at start).
+        self.export_files = export_files or {}
         self.trainer = trainer
         self.engine = engine
         self.prompts = prompts
@@ -104,6 +109,8 @@ class InterleavedRun:
                     trainer.save_checkpoint()
                 raise Preempted(f"after step {trainer.step}", trainer.step)
         if trainer.step >= total:  # not after a drill's stop_at
+            if self._exports("end"):
+                export_hf(trainer.model, export_dir(config.export, None), config.export, self.export_files)
             self._report(Progress(stage="done", step=trainer.step, totalSteps=total))
 
     def pause_for_inference(self, step: int) -> None:
@@ -111,6 +118,9 @@ class InterleavedRun:
         the same order; only the manifest is the leader's alone, between the gather and the last barrier."""
         started = time.perf_counter()
         barrier(f"infer-{step}-start", self.timeout_s)
+        if self._exports("pauses"):  # before the manifest: a completed pause has its copy
+            export_hf(self.trainer.model, export_dir(self.config.export, step), self.config.export,
+                      self.export_files)
         evaluation = self._evaluate(step) if self.held_out is not None else None
         generate_started = time.perf_counter()
         completions = self._generate(step)
@@ -225,6 +235,9 @@ class InterleavedRun:
                  json.dumps(summary["programs"], sort_keys=True))
         self.metrics.write({"event": "compile_cache", "step": step, **summary})
 
+    def _exports(self, at: str) -> bool:
+        return self.config.export.hf_dir is not None and at in self.config.export.at
+
     def _seed(self) -> int:
         seed = self.config.inference.seed
         return self.config.trainer.seed if seed is None else seed
@@ -251,6 +264,8 @@ def build_run(config: WorkerConfig, reporter: ProgressReporter | None = None,
               notice: TerminationNotice | None = None, compiles: CompileLog | None = None) -> InterleavedRun:
     """Everything a host needs, checked before the first train step: output dir, tokenizer, prompts, model."""
     outputs.check_writable(config.output_dir, jax.process_index())
+    if config.export.hf_dir is not None:
+        storage.check_writable(config.export.hf_dir, f"process_{jax.process_index()}")
     tokenizer = load_tokenizer(config.tokenizer or config.model.source)
     prompts = load_prompts(config.inference, tokenizer) if config.inference.enabled else PromptSet([], [])
     mesh = make_mesh(config.trainer.mesh)
@@ -263,5 +278,7 @@ def build_run(config: WorkerConfig, reporter: ProgressReporter | None = None,
     engine = Engine(trainer.model.config, config.inference, tokenizer.eos_token_ids,
                     compute_dtype=COMPUTE_DTYPES[config.trainer.compute_dtype], mesh=trainer.mesh,
                     tokenizer=tokenizer)
+    export_files = (tokenizer_files(config.tokenizer or config.model.source, tokenizer)
+                    if config.export.hf_dir is not None else None)
     return InterleavedRun(config, trainer, engine, prompts, reporter or reporter_from_env(),
-                          MetricsWriter(config.output_dir), held_out, notice, compiles)
+                          MetricsWriter(config.output_dir), held_out, notice, compiles, export_files)
