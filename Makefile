@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIN = $(shell python3 -c "import tomllib; print(tomllib.load(open('pyproject.toml', 'rb'))['tool']['simpo-interleave']['pins']['$(1)'])")
 
-.PHONY: install install-peers demo test goldens control-plane
+.PHONY: install install-peers demo test goldens check-hf-export control-plane
 
 install: $(VENV)/.installed
 
@@ -36,3 +36,7 @@ goldens: install-peers
 	$(PY) tests/goldens/make_bf16_goldens.py
 	$(PY) tests/goldens/make_tokenizer_goldens.py
 	$(PY) tests/goldens/make_generate_goldens.py
+
+# The Hugging Face export against transformers: from_pretrained loads it, logits match ours (prints the max diff).
+check-hf-export: install-peers
+	$(PY) tests/goldens/check_hf_export.py

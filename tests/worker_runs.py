@@ -1,17 +1,27 @@
 """Helpers for tests that run the real worker entry point (`simpo-interleave worker`) in subprocesses."""
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 from functools import cache
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import yaml
 
 from simpo_worker import outputs
+from simpo_worker.checkpoint import step_dir
+from simpo_worker.config import parse_worker_config
+from simpo_worker.hf_weights import llama_to_hf_tensors
+from simpo_worker.model import Llama
+from simpo_worker.pretrained import load_model
+from simpo_worker.tokenizer import load_tokenizer
+from simpo_worker.trainer import Trainer
 from simpo_worker.make_preference_data import generate, main as make_preference_data, write_jsonl
 
 TINY_MODEL = {"vocab_size": 49152, "hidden_size": 32, "intermediate_size": 64, "num_layers": 2, "num_heads": 4,
@@ -135,3 +145,32 @@ def assert_steps_match_straight_run(output_dir, rel: float, abs_tol: float) -> N
     for a, b in zip(one, other):
         for name in ("loss", "rewards/margins", "grad_norm", "tokens"):
             assert b[name] == pytest.approx(a[name], rel=rel, abs=abs_tol), (a["step"], name)
+
+
+def live_params(config: dict, step: int, workdir: Path) -> Llama:
+    """The params a run held after `step`: its checkpoint of that step (bit-identical to the live state),
+    restored in this process on one device."""
+    output_dir = workdir / f"restore-{step}"
+    checkpoints = str(Path(config["output_dir"]) / "checkpoints")
+    shutil.copytree(step_dir(checkpoints, step), step_dir(str(output_dir / "checkpoints"), step))
+    worker_config = parse_worker_config({**config, "output_dir": str(output_dir), "inference": {}, "export": {},
+                                         "trainer": {**config["trainer"], "mesh": {}}})
+    trainer = Trainer(worker_config, load_model(worker_config.model), load_tokenizer(worker_config.tokenizer))
+    assert trainer.restore_latest() == step
+    return trainer.model
+
+
+def logits(model: Llama, seed: int = 0) -> np.ndarray:
+    tokens = jax.random.randint(jax.random.key(seed), (2, 19), 0, model.config.vocab_size)
+    positions = jnp.broadcast_to(jnp.arange(19), (2, 19))
+    return np.asarray(jax.jit(model.__call__)(tokens, positions))
+
+
+def assert_same_model(copy: Llama, live: Llama) -> None:
+    """Every weight bit for bit, and so the logits exactly (float32, the same program on the same device)."""
+    assert copy.config == live.config
+    ours, theirs = llama_to_hf_tensors(copy), llama_to_hf_tensors(live)
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        np.testing.assert_array_equal(ours[name], theirs[name], err_msg=name)
+    np.testing.assert_array_equal(logits(copy), logits(live))

@@ -7,27 +7,22 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from simpo_worker import export
-from simpo_worker.checkpoint import step_dir
 from simpo_worker.config import ArchitectureConfig, ExportConfig, RopeScaling, parse_worker_config
 from simpo_worker.errors import ConfigError
 from simpo_worker.export import export_hf, tokenizer_files
-from simpo_worker.hf_weights import (CONFIG_FILE, INDEX_FILE, WEIGHTS_FILE, hf_tensor_shapes, llama_to_hf_tensors,
-                                     save_hf_model)
-from simpo_worker.model import Llama, init_llama
-from simpo_worker.pretrained import load_model, load_pretrained
+from simpo_worker.hf_weights import CONFIG_FILE, INDEX_FILE, WEIGHTS_FILE, hf_tensor_shapes, save_hf_model
+from simpo_worker.model import init_llama
+from simpo_worker.pretrained import load_pretrained
 from simpo_worker.tokenizer import load_tokenizer
-from simpo_worker.trainer import Trainer
 from ultrafeedback import ultrafeedback_row, write_parquet
-from worker_runs import checked, run_worker, tiny_config
+from worker_runs import assert_same_model, checked, live_params, run_worker, tiny_config
 
 TOKENIZER_HF_DIR = Path(__file__).parents[1] / "goldens" / "tokenizer_smollm2_hf"
 TINY = ArchitectureConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_layers=3, num_heads=4,
@@ -35,22 +30,6 @@ TINY = ArchitectureConfig(vocab_size=96, hidden_size=32, intermediate_size=48, n
                           rope_scaling=RopeScaling(factor=4.0, original_max_position_embeddings=32),
                           tie_word_embeddings=False, max_position_embeddings=128, bos_token_id=1,
                           eos_token_ids=[2, 3])
-
-
-def logits(model: Llama, seed: int = 0) -> np.ndarray:
-    tokens = jax.random.randint(jax.random.key(seed), (2, 19), 0, model.config.vocab_size)
-    positions = jnp.broadcast_to(jnp.arange(19), (2, 19))
-    return np.asarray(jax.jit(model.__call__)(tokens, positions))
-
-
-def assert_same_model(copy: Llama, live: Llama) -> None:
-    """Every weight bit for bit, and so the logits exactly (float32, the same program on the same device)."""
-    assert copy.config == live.config
-    ours, theirs = llama_to_hf_tensors(copy), llama_to_hf_tensors(live)
-    assert ours.keys() == theirs.keys()
-    for name in ours:
-        np.testing.assert_array_equal(ours[name], theirs[name], err_msg=name)
-    np.testing.assert_array_equal(logits(copy), logits(live))
 
 
 def test_shards_index_and_config_as_transformers_writes_them(tmp_path):
@@ -107,19 +86,6 @@ def test_tokenizer_files_of_an_hf_directory_are_copied_and_a_gguf_s_config_is_wr
 def test_bad_export_settings_are_config_errors(tmp_path, export_config, problem):
     with pytest.raises(ConfigError, match=re.escape(problem)):
         parse_worker_config(tiny_config(tmp_path, export=export_config))
-
-
-def live_params(config: dict, step: int, workdir: Path) -> Llama:
-    """The params a run held after `step`: its checkpoint of that step (bit-identical to the live state),
-    restored in this process on one device."""
-    output_dir = workdir / f"restore-{step}"
-    checkpoints = str(Path(config["output_dir"]) / "checkpoints")
-    shutil.copytree(step_dir(checkpoints, step), step_dir(str(output_dir / "checkpoints"), step))
-    worker_config = parse_worker_config({**config, "output_dir": str(output_dir), "inference": {}, "export": {},
-                                         "trainer": {**config["trainer"], "mesh": {}}})
-    trainer = Trainer(worker_config, load_model(worker_config.model), load_tokenizer(worker_config.tokenizer))
-    assert trainer.restore_latest() == step
-    return trainer.model
 
 
 def test_a_run_exports_its_live_params_at_pauses_and_end(tmp_path):

@@ -1,0 +1,96 @@
+"""The peers' anchor for the Hugging Face export: transformers' LlamaForCausalLM.from_pretrained loads what
+export_hf writes, with no missing, unexpected or mismatched tensors, and its float32 logits match our forward of
+the params that were exported.
+
+    .venv/bin/python tests/goldens/check_hf_export.py      (make check-hf-export; needs the `peers` extra)
+
+Two models, each exported from params split over a 2 x 2 CPU mesh (fsdp x model), so the gather runs across
+shards (SmolLM2 into several safetensors files: a small max_shard_mb):
+- the tiny golden Llama (tiny_llama/: GQA, head_dim != hidden / heads, Llama-3 rope scaling, untied head), random
+  tokens at positions near 0 and far from it;
+- SmolLM2-135M-Instruct (the wheel's GGUF, tied head), real text including a chat-rendered conversation.
+Prints the largest |logit| difference of each; exits non-zero past TOLERANCE x the largest |logit|.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+
+import json  # noqa: E402  (the device count is fixed when jax starts)
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+from simpo_worker.config import SMOLLM2, ExportConfig, MeshConfig  # noqa: E402
+from simpo_worker.export import export_hf, tokenizer_files  # noqa: E402
+from simpo_worker.hf_weights import INDEX_FILE  # noqa: E402
+from simpo_worker.mesh import make_mesh  # noqa: E402
+from simpo_worker.pretrained import load_pretrained  # noqa: E402
+from simpo_worker.tokenizer import load_tokenizer  # noqa: E402
+
+HERE = Path(__file__).parent
+TOLERANCE = 1e-4  # relative to the largest |logit|, as tests/worker/test_model_parity.py
+TEXTS = ["The capital of France is",
+         "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n"]
+CHAT = [{"role": "user", "content": "Give me three tips for writing clear Python code."}]
+
+
+def ours(model, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """Our float32 forward of the exported params, gathered onto one device."""
+    whole = jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), model)
+    return np.asarray(jax.jit(whole.__call__)(jnp.asarray(tokens[None]), jnp.asarray(positions[None])))[0]
+
+
+def theirs(hf_model, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        out = hf_model(input_ids=torch.from_numpy(tokens[None]), position_ids=torch.from_numpy(positions[None]))
+    return out.logits[0].float().numpy()
+
+
+def check(name: str, source: str, sequences: list[tuple[np.ndarray, np.ndarray]], max_shard_mb: int) -> bool:
+    model = load_pretrained(source, make_mesh(MeshConfig(data=1, fsdp=2, model=2)))
+    files = tokenizer_files(SMOLLM2, load_tokenizer(SMOLLM2)) if source == SMOLLM2 else {}
+    with tempfile.TemporaryDirectory() as tmp:
+        export_hf(model, tmp, ExportConfig(hf_dir=tmp, max_shard_mb=max_shard_mb), files)
+        index = Path(tmp) / INDEX_FILE
+        shards = len(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else 1
+        hf_model, info = transformers.LlamaForCausalLM.from_pretrained(
+            tmp, dtype=torch.float32, attn_implementation="eager", output_loading_info=True)
+    problems = {kind: keys for kind, keys in info.items() if keys}
+    if problems:
+        print(f"{name}: transformers did not load the export cleanly: {problems}")
+        return False
+    hf_model.eval()
+    diff = scale = 0.0
+    for tokens, positions in sequences:
+        a, b = ours(model, tokens, positions), theirs(hf_model, tokens, positions)
+        diff, scale = max(diff, float(np.abs(a - b).max())), max(scale, float(np.abs(b).max()))
+    ok = diff <= TOLERANCE * scale
+    print(f"{name}: {shards} safetensors files; max |logit diff| {diff:.3g} (max |logit| {scale:.3g}, "
+          f"relative {diff / scale:.3g}): {'ok' if ok else 'TOO LARGE'}")
+    return ok
+
+
+def main() -> int:
+    rng = np.random.default_rng(7)
+    tiny = [(rng.integers(0, 256, length).astype(np.int64), np.arange(start, start + length, dtype=np.int64))
+            for length, start in [(17, 0), (40, 0), (12, 300)]]
+    tokenizer = load_tokenizer(SMOLLM2)
+    texts = TEXTS + [tokenizer.apply_chat_template(CHAT, add_generation_prompt=True)]
+    smollm2 = [(np.array(ids, np.int64), np.arange(len(ids), dtype=np.int64))
+               for ids in (tokenizer.encode(text) for text in texts)]
+    results = [check("tiny_llama", str(HERE / "tiny_llama"), tiny, max_shard_mb=1),
+               check("smollm2", SMOLLM2, smollm2, max_shard_mb=200)]
+    return 0 if all(results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
