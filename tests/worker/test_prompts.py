@@ -1,12 +1,15 @@
-"""Prompt sets: the file formats (local, gzip, gs:// through the GCS emulator), chat rendering with the real
+"""Prompt sets: the file formats (local, gzip, UltraFeedback's Parquet, gs:// through the GCS emulator), chat rendering with the real
 SmolLM2 tokenizer, errors naming the file / prompt and limit, synthetic prompts and host shards."""
 
 from __future__ import annotations
 
 import gzip
 import json
+import re
 
 import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from gcs_emulator import BUCKET, gcs_emulator, point_this_process_at
@@ -14,6 +17,7 @@ from simpo_worker.config import InferenceConfig
 from simpo_worker.errors import DataError
 from simpo_worker.prompts import host_shard, load_prompts, read_prompt_file, render_prompts, synthetic_prompts
 from simpo_worker.tokenizer import load_tokenizer
+from ultrafeedback import ultrafeedback_row, write_parquet
 
 ROWS = [
     [{"role": "user", "content": "Hi there"}],
@@ -86,6 +90,38 @@ def test_an_ultrafeedback_row_is_answered_at_its_prompt_not_after_its_answer(tmp
     path = tmp_path / "p.jsonl"
     path.write_text(json.dumps(row) + "\n")
     assert read_prompt_file(str(path)) == [[{"role": "user", "content": "Name a prime."}]]
+
+
+def ultrafeedback_prompt_rows(count: int) -> list[dict]:
+    return [ultrafeedback_row({"prompt": f"Name {i} primes.",
+                               "chosen": [{"role": "user", "content": f"Name {i} primes."},
+                                          {"role": "assistant", "content": "2"}],
+                               "rejected": [{"role": "user", "content": f"Name {i} primes."},
+                                            {"role": "assistant", "content": "4"}]}) for i in range(count)]
+
+
+def test_ultrafeedback_parquet_is_answered_at_its_prompts(tmp_path):
+    rows = ultrafeedback_prompt_rows(3)
+    expected = [[{"role": "user", "content": f"Name {i} primes."}] for i in range(3)]
+    assert read_prompt_file(write_parquet(str(tmp_path / "test_gen.parquet"), rows, row_group_size=2)) == expected
+    # A file with a `prompt` column alone (no `messages`) gives the same prompts.
+    pq.write_table(pa.Table.from_pylist([{"prompt": row["prompt"]} for row in rows]), tmp_path / "prompts.parquet")
+    assert read_prompt_file(str(tmp_path / "prompts.parquet")) == expected
+
+
+def test_a_bad_parquet_prompt_names_the_file_and_row(tmp_path):
+    rows = ultrafeedback_prompt_rows(4)
+    rows[3]["messages"] = [{"role": "assistant", "content": "hi"}]
+    file = write_parquet(str(tmp_path / "p.parquet"), rows, row_group_size=2)
+    with pytest.raises(DataError, match=re.escape(f"{file}: row 3: the conversation has only assistant turns")):
+        read_prompt_file(file)
+
+
+def test_parquet_prompts_through_the_emulator(monkeypatch):
+    with gcs_emulator() as env:
+        point_this_process_at(env, monkeypatch)
+        url = write_parquet(f"gs://{BUCKET}/prompts/test_gen.parquet", ultrafeedback_prompt_rows(2))
+        assert read_prompt_file(url) == [[{"role": "user", "content": f"Name {i} primes."}] for i in range(2)]
 
 
 def test_missing_file_is_a_data_error(tmp_path):
