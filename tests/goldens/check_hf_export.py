@@ -59,7 +59,7 @@ def check(name: str, source: str, sequences: list[tuple[np.ndarray, np.ndarray]]
     model = load_pretrained(source, make_mesh(MeshConfig(data=1, fsdp=2, model=2)))
     files = tokenizer_files(SMOLLM2, load_tokenizer(SMOLLM2)) if source == SMOLLM2 else {}
     with tempfile.TemporaryDirectory() as tmp:
-        export_hf(model, tmp, ExportConfig(hf_dir=tmp, max_shard_mb=max_shard_mb), files)
+        export_hf(model, tmp, ExportConfig(hf_dir=tmp, max_shard_mb=max_shard_mb), files, 60)
         index = Path(tmp) / INDEX_FILE
         shards = len(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else 1
         hf_model, info = transformers.LlamaForCausalLM.from_pretrained(

@@ -22,8 +22,9 @@ def test_two_processes_export_the_live_params(tmp_path):
         "trainer.checkpoint": {"every": None, "keep": 5},
         "inference": {"eval_at_steps": [2], "synthetic_prompt_count": 2, "max_new_tokens": 2},
         "export": {"hf_dir": str(hf_dir), "at": ["pauses", "end"], "max_shard_mb": 1}})
-    for result in run_workers(config, 2, 2):
+    for result in run_workers(config, 2, 2, timeout=900):
         checked(result)
+        assert "exported the policy to" in result.stderr
     for step, copy in ((2, hf_dir / "step_2"), (3, hf_dir)):
         assert len(set(json.loads((copy / INDEX_FILE).read_text())["weight_map"].values())) == 2
         assert_same_model(load_pretrained(str(copy)), live_params(config, step, tmp_path))

@@ -60,7 +60,7 @@ def test_the_gather_in_pieces_gives_the_whole_tensors(tmp_path, monkeypatch):
     monkeypatch.setattr(export, "GATHER_PIECE_BYTES", 5 * 32 * 4)
     model = init_llama(TINY, jax.random.key(1))
     files = tokenizer_files(str(TOKENIZER_HF_DIR), None)
-    export_hf(model, str(tmp_path), ExportConfig(hf_dir=str(tmp_path), max_shard_mb=1), files)
+    export_hf(model, str(tmp_path), ExportConfig(hf_dir=str(tmp_path), max_shard_mb=1), files, 60)
     assert_same_model(load_pretrained(str(tmp_path)), model)
     for name, data in files.items():
         assert (tmp_path / name).read_bytes() == data

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import time
 
 import jax
@@ -25,7 +26,7 @@ from jax.experimental import multihost_utils
 
 from simpo_worker import storage
 from simpo_worker.config import SMOLLM2, ExportConfig
-from simpo_worker.distributed import is_leader
+from simpo_worker.distributed import barrier, is_leader
 from simpo_worker.hf_weights import TensorPlace, to_hf_orientation, write_hf_model
 from simpo_worker.model import Llama
 
@@ -44,11 +45,14 @@ def export_dir(config: ExportConfig, step: int | None) -> str:
     return config.hf_dir if step is None else storage.join(config.hf_dir, f"step_{step}")
 
 
-def export_hf(model: Llama, destination: str, config: ExportConfig, tokenizer_files: dict[str, bytes]) -> None:
-    """Write `model` (the live, sharded params) as an HF model directory. Every process calls it."""
+def export_hf(model: Llama, destination: str, config: ExportConfig, tokenizer_files: dict[str, bytes],
+              barrier_timeout_s: float) -> None:
+    """Write `model` (the live, sharded params) as an HF model directory; complete for everyone when this returns
+    (every process calls it)."""
     started = time.perf_counter()
     write_hf_model(model.config, lambda name, place: gather_tensor(place.of(model), place), destination,
                    config.max_shard_mb * 10**6, write=is_leader(), extra_files=tokenizer_files)
+    barrier("export-" + re.sub(r"[^A-Za-z0-9_.-]", "_", destination), barrier_timeout_s)
     log.info("exported the policy to %s in %.1fs", destination, time.perf_counter() - started)
 
 

@@ -110,7 +110,8 @@ class InterleavedRun:
                 raise Preempted(f"after step {trainer.step}", trainer.step)
         if trainer.step >= total:  # not after a drill's stop_at
             if self._exports("end"):
-                export_hf(trainer.model, export_dir(config.export, None), config.export, self.export_files)
+                export_hf(trainer.model, export_dir(config.export, None), config.export, self.export_files,
+                          self.timeout_s)
             self._report(Progress(stage="done", step=trainer.step, totalSteps=total))
 
     def pause_for_inference(self, step: int) -> None:
@@ -120,7 +121,7 @@ class InterleavedRun:
         barrier(f"infer-{step}-start", self.timeout_s)
         if self._exports("pauses"):  # before the manifest: a completed pause has its copy
             export_hf(self.trainer.model, export_dir(self.config.export, step), self.config.export,
-                      self.export_files)
+                      self.export_files, self.timeout_s)
         evaluation = self._evaluate(step) if self.held_out is not None else None
         generate_started = time.perf_counter()
         completions = self._generate(step)
