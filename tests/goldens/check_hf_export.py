@@ -46,13 +46,23 @@ CHAT = [{"role": "user", "content": "Give me three tips for writing clear Python
 def ours(model, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
     """Our float32 forward of the exported params, gathered onto one device."""
     whole = jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), model)
-    return np.asarray(jax.jit(whole.__call__)(jnp.asarray(tokens[None]), jnp.asarray(positions[None])))[0]
+    return np.asarray(jax.jit(whole.__call__)(jnp.asarray(tokens), jnp.asarray(positions)))
 
 
 def theirs(hf_model, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
     with torch.no_grad():
-        out = hf_model(input_ids=torch.from_numpy(tokens[None]), position_ids=torch.from_numpy(positions[None]))
-    return out.logits[0].float().numpy()
+        out = hf_model(input_ids=torch.from_numpy(tokens), position_ids=torch.from_numpy(positions))
+    return out.logits.float().numpy()
+
+
+def batch(sequences: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """Right-padded rows (causal attention: padding after a row's tokens cannot change their logits)."""
+    longest = max(len(tokens) for tokens, _ in sequences)
+    tokens, positions = np.zeros((len(sequences), longest), np.int64), np.zeros((len(sequences), longest), np.int64)
+    for i, (row, pos) in enumerate(sequences):
+        tokens[i, :len(row)] = row
+        positions[i] = np.arange(pos[0], pos[0] + longest)
+    return tokens, positions, [len(row) for row, _ in sequences]
 
 
 def check(name: str, source: str, sequences: list[tuple[np.ndarray, np.ndarray]], max_shard_mb: int) -> bool:
@@ -69,10 +79,10 @@ def check(name: str, source: str, sequences: list[tuple[np.ndarray, np.ndarray]]
         print(f"{name}: transformers did not load the export cleanly: {problems}")
         return False
     hf_model.eval()
-    diff = scale = 0.0
-    for tokens, positions in sequences:
-        a, b = ours(model, tokens, positions), theirs(hf_model, tokens, positions)
-        diff, scale = max(diff, float(np.abs(a - b).max())), max(scale, float(np.abs(b).max()))
+    tokens, positions, lengths = batch(sequences)
+    a, b = ours(model, tokens, positions), theirs(hf_model, tokens, positions)
+    diff = max(float(np.abs(a[i, :n] - b[i, :n]).max()) for i, n in enumerate(lengths))
+    scale = max(float(np.abs(b[i, :n]).max()) for i, n in enumerate(lengths))
     ok = diff <= TOLERANCE * scale
     print(f"{name}: {shards} safetensors files; max |logit diff| {diff:.3g} (max |logit| {scale:.3g}, "
           f"relative {diff / scale:.3g}): {'ok' if ok else 'TOO LARGE'}")
@@ -80,6 +90,7 @@ def check(name: str, source: str, sequences: list[tuple[np.ndarray, np.ndarray]]
 
 
 def main() -> int:
+    torch.set_num_threads(os.cpu_count() or 1)
     rng = np.random.default_rng(7)
     tiny = [(rng.integers(0, 256, length).astype(np.int64), np.arange(start, start + length, dtype=np.int64))
             for length, start in [(17, 0), (40, 0), (12, 300)]]

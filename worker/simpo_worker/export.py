@@ -8,7 +8,8 @@ orientation and sharding as transformers writes them) and the tokenizer's files.
 Every host joins every gather; only the leader writes. The params are sharded over the training mesh, across hosts:
 each HF tensor is gathered on its own (one layer of a stacked field; rows of at most GATHER_PIECE_BYTES at a time
 for the large ones, e.g. the embedding), with process_allgather into host memory, so no device ever holds more
-than one such piece beyond its own share, and the leader's host at most one safetensors file.
+than one such piece beyond its own share, and the leader's host memory holds one safetensors file (twice: its
+tensors and their serialized bytes) at most.
 """
 
 from __future__ import annotations
