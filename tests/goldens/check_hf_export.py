@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import json  # noqa: E402  (the device count is fixed when jax starts)
 import sys  # noqa: E402

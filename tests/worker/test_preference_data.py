@@ -1,5 +1,6 @@
-"""Preference data: formats (JSONL, gzip, UltraFeedback's Parquet; local, fsspec, gs://), rendering with SmolLM2's chat template, response-only loss mask, overlength policy,
-deterministic order and host sharding, bad input; and the project's generated preference set."""
+"""Preference data: formats (JSONL, gzip, UltraFeedback's Parquet; local, fsspec, gs://), rendering with SmolLM2's
+chat template, response-only loss mask, overlength policy, deterministic order and host sharding, bad input (naming
+the file and line or row); training from Parquet; and the project's generated preference set."""
 
 import dataclasses
 import gzip

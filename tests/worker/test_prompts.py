@@ -1,5 +1,6 @@
-"""Prompt sets: the file formats (local, gzip, UltraFeedback's Parquet, gs:// through the GCS emulator), chat rendering with the real
-SmolLM2 tokenizer, errors naming the file / prompt and limit, synthetic prompts and host shards."""
+"""Prompt sets: the file formats (local, gzip, UltraFeedback's Parquet, gs:// through the GCS emulator), chat
+rendering with the real SmolLM2 tokenizer, errors naming the file / prompt and limit, synthetic prompts and host
+shards."""
 
 from __future__ import annotations
 

@@ -2,11 +2,11 @@
 
 Files: JSONL / JSONL.gz, or Parquet in the layout UltraFeedback-binarized is published in (columns `prompt`,
 `chosen`, `rejected`, plus `prompt_id`, `messages`, `score_chosen`, `score_rejected`, which are not read); local
-or any fsspec URL (records.py). A row is `{"prompt": ..., "chosen": ..., "rejected": ...}` where chosen/rejected are either message lists ending
-in the assistant's answer (`[{"role": "user", ...}, {"role": "assistant", ...}]`, the binarized form) or plain
-answer strings, with `prompt` a string or a message list. The conversation before the answer is rendered with
-the model's chat template (add_generation_prompt), the answer as the rest of the rendered conversation, and only
-answer tokens carry loss weight.
+or any fsspec URL (records.py). A row is `{"prompt": ..., "chosen": ..., "rejected": ...}` where chosen/rejected
+are either message lists ending in the assistant's answer (`[{"role": "user", ...}, {"role": "assistant", ...}]`,
+the binarized form) or plain answer strings, with `prompt` a string or a message list. The conversation before the
+answer is rendered with the model's chat template (add_generation_prompt), the answer as the rest of the rendered
+conversation, and only answer tokens carry loss weight.
 
 Order and sharding: epoch e visits rows in a permutation drawn from (seed, e); batch k holds global rows
 k*B .. (k+1)*B-1 of that endless sequence. The position (batches consumed) is part of the training state, so a
