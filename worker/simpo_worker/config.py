@@ -202,6 +202,20 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True)
+class WandbConfig:
+    """The Weights & Biases run (trainer.trackers: wandb). Online when WANDB_API_KEY is set, else offline (a run
+    directory under `<output_dir>/wandb`, for `wandb sync`)."""
+
+    project: str = setting("The W&B project.", "simpo-interleave", min_length=1)
+    entity: Optional[str] = setting("The W&B entity (user or team); default: the API key's.", None, min_length=1)
+    init_timeout_s: float = setting("wandb.init: how long to wait for the W&B service (and server, online).", 120.0,
+                                    **POSITIVE)
+    finish_timeout_s: float = setting(
+        "The run's end: how long to wait for uploads (online) before giving up on them; what is left stays in the "
+        "run directory for `wandb sync`.", 300.0, **POSITIVE)
+
+
+@dataclass(frozen=True)
 class TrainerConfig:
     """The SimPO training run."""
 
@@ -239,6 +253,12 @@ class TrainerConfig:
                  "steps must be unique")))
     profile_hosts: Literal["leader", "all"] = setting(
         "Which hosts trace profile_steps and inference.profile: the leader (process 0), or every host.", "leader")
+    trackers: list[Literal["jsonl", "tensorboard", "wandb"]] = setting(
+        "Where the leader sends the metrics (train steps; eval, inference and a sample of the completions at each "
+        "pause). jsonl: the records under `<output_dir>/metrics`, always on, listed or not; tensorboard: event "
+        "files under `<output_dir>/tensorboard`; wandb: a Weights & Biases run (trainer.wandb).",
+        default_factory=lambda: ["jsonl"], unique_items=True)
+    wandb: WandbConfig = setting("The W&B run, with `wandb` in trackers.", default_factory=WandbConfig)
 
     RULES: ClassVar = (
         Rule("self.batch_size % self.microbatches == 0", lambda t: t.batch_size % t.microbatches == 0,

@@ -9,7 +9,7 @@ A pause at step s (after optimizer step s):
   3. each host generates its shard of the prompts from the live params (host_data_parallel: a replica on the
      host's own devices; global_mesh: the sharded params) and writes its JSONL atomically
   4. small per-host stats gathered to the leader; the leader checks coverage, writes manifest.json last, then the
-     pause's metrics records (eval, inference)
+     pause's metrics records (eval, inference) and a sample of the completions to the trackers
   5. barrier; training continues with the same params, optimizer state, data position and compiled step
 
 On restart the worker resumes from the newest complete checkpoint. An inference step whose manifest exists is
@@ -37,7 +37,6 @@ from simpo_worker.engine import Completion, Engine
 from simpo_worker.errors import ConfigError
 from simpo_worker.export import export_dir, export_hf, tokenizer_files
 from simpo_worker.mesh import make_mesh
-from simpo_worker.metrics import MetricsWriter
 from simpo_worker.preemption import Preempted, TerminationNotice
 from simpo_worker.pretrained import load_model
 from simpo_worker.profiling import Profiler
@@ -46,6 +45,7 @@ from simpo_worker.preference_data import PreferenceData
 from simpo_worker.prompts import PromptSet, host_shard, load_prompts
 from simpo_worker.tokenizer import load_tokenizer
 from simpo_worker.train_step import COMPUTE_DTYPES
+from simpo_worker.trackers import SAMPLES_PER_HOST, Trackers, open_trackers
 from simpo_worker.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 
 class InterleavedRun:
     def __init__(self, config: WorkerConfig, trainer: Trainer, engine: Engine, prompts: PromptSet,
-                 reporter: ProgressReporter, metrics: MetricsWriter, held_out: PreferenceData | None = None,
+                 reporter: ProgressReporter, trackers: Trackers, held_out: PreferenceData | None = None,
                  notice: TerminationNotice | None = None, compiles: CompileLog | None = None,
                  export_files: dict[str, bytes] | None = None):
         self.config = config
@@ -66,7 +66,7 @@ class InterleavedRun:
         # The latest evaluation's record: status.progress keeps showing it in every later report.
         self.last_eval: dict | None = None
         self.reporter = reporter
-        self.metrics = metrics
+        self.trackers = trackers
         self.schedule = set(config.inference.schedule(config.trainer.num_train_steps))
         self.timeout_s = config.distributed.barrier_timeout_s
         self.notice = notice or TerminationNotice()
@@ -91,8 +91,8 @@ class InterleavedRun:
                 record = trainer.train_step()
             logs.set_context(step=trainer.step)
             # train_step_compilations stays 1 across pauses: resuming reuses the compiled step.
-            self.metrics.write({"event": "train", **record,
-                                "train_step_compilations": trainer.train_step_compilations})
+            self.trackers.record({"event": "train", **record,
+                                  "train_step_compilations": trainer.train_step_compilations})
             if is_leader():
                 log.info("step %d: loss %.4f, reward accuracy %.2f, %.2fs", trainer.step, record["loss"],
                          record["rewards/accuracies"], record["step_time"])
@@ -104,6 +104,7 @@ class InterleavedRun:
             saved = durable_pause or (every is not None and trainer.step % every == 0) or trainer.step == last
             if saved:
                 trainer.save_checkpoint()
+                self.trackers.flush()  # what a restart from here would not redo
             if trainer.step < last and self.notice.received_anywhere():  # the same branch on every host
                 if not saved:
                     trainer.save_checkpoint()
@@ -207,13 +208,17 @@ class InterleavedRun:
         storage.write_atomic(outputs.manifest_path(self.config.output_dir, step),
                              json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         if evaluation is not None:
-            self.metrics.write(evaluation)
-        self.metrics.write({"event": "inference", "step": step, "prompts": total_prompts,
-                            "completion_tokens": manifest["completion_tokens"],
-                            "finish_reasons": manifest["finish_reasons"],
-                            "tokens_per_second": manifest["tokens_per_second"],
-                            "phase_seconds": phase_seconds,
-                            "engine_compilations": self.engine.compilations})
+            self.trackers.record(evaluation)
+        self.trackers.record({"event": "inference", "step": step, "prompts": total_prompts,
+                              "completion_tokens": manifest["completion_tokens"],
+                              "finish_reasons": manifest["finish_reasons"],
+                              "tokens_per_second": manifest["tokens_per_second"],
+                              "phase_seconds": phase_seconds,
+                              "engine_compilations": self.engine.compilations})
+        if self.trackers.takes_samples:
+            self.trackers.samples(step, outputs.sample_rows(self.config.output_dir, step, jax.process_count(),
+                                                            SAMPLES_PER_HOST))
+        self.trackers.flush()
         log.info("inference at step %d: %d prompts, %d tokens, %.1f tok/s, %.1fs", step, total_prompts,
                  manifest["completion_tokens"], manifest["tokens_per_second"] or 0.0, phase_seconds["total"])
         self._report(Progress(stage="infer", step=step, totalSteps=self.config.trainer.num_train_steps,
@@ -234,7 +239,7 @@ class InterleavedRun:
         log.info("host %d: compiles after step %d: %d loaded from the persistent cache, %d compiled, %.1fs; %s",
                  jax.process_index(), step, summary["hits"], summary["misses"], summary["compile_seconds"],
                  json.dumps(summary["programs"], sort_keys=True))
-        self.metrics.write({"event": "compile_cache", "step": step, **summary})
+        self.trackers.record({"event": "compile_cache", "step": step, **summary})
 
     def _exports(self, at: str) -> bool:
         return self.config.export.hf_dir is not None and at in self.config.export.at
@@ -282,4 +287,4 @@ def build_run(config: WorkerConfig, reporter: ProgressReporter | None = None,
     export_files = (tokenizer_files(config.tokenizer or config.model.source, tokenizer)
                     if config.export.hf_dir is not None else None)
     return InterleavedRun(config, trainer, engine, prompts, reporter or reporter_from_env(),
-                          MetricsWriter(config.output_dir), held_out, notice, compiles, export_files)
+                          open_trackers(config), held_out, notice, compiles, export_files)

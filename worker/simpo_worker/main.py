@@ -44,11 +44,12 @@ def run(args: argparse.Namespace) -> int:
     notice = TerminationNotice().install()
     try:
         interleaved = build_run(config, notice=notice, compiles=compiles)
-        resumed = interleaved.trainer.restore_latest()
-        interleaved.metrics.discard_after(resumed or 0)
-        log.info("host %d of %d: training from step %d to %d", jax.process_index(), jax.process_count(),
-                 interleaved.trainer.step, config.trainer.num_train_steps)
-        interleaved.run(stop_at=args.stop_at_step)
+        with interleaved.trackers:  # closed however the run ends
+            resumed = interleaved.trainer.restore_latest()
+            interleaved.trackers.start(resumed or 0)
+            log.info("host %d of %d: training from step %d to %d", jax.process_index(), jax.process_count(),
+                     interleaved.trainer.step, config.trainer.num_train_steps)
+            interleaved.run(stop_at=args.stop_at_step)
     except Preempted as error:
         log.warning("host %d: %s (exit %d)", jax.process_index(), error, ExitCode.PREEMPTED)
         exit_now(ExitCode.PREEMPTED)

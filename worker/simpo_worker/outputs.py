@@ -86,6 +86,12 @@ def write_host_shard(output_dir: str, step: int, process_index: int, process_cou
     return url
 
 
+def sample_rows(output_dir: str, step: int, process_count: int, per_host: int) -> list[dict[str, Any]]:
+    """The first `per_host` rows of each host's shard at `step`, host by host."""
+    return [row for host in range(process_count)
+            for row in storage.read_jsonl(host_shard_path(output_dir, step, host, process_count))[:per_host]]
+
+
 def read_manifest(output_dir: str, step: int) -> dict[str, Any] | None:
     """The step's manifest if the inference step completed, else None."""
     url = manifest_path(output_dir, step)
