@@ -75,8 +75,12 @@ class WandbTracker:
         if self._run is None:
             return
         run_dir = self._run.settings.sync_dir
-        self._run.finish(exit_code=0 if error is None else 1)
+        exit_code = 0 if error is None else 1
+        self._run.finish(exit_code=exit_code)
         self._run = None
+        # Stops wandb's service process now, not at interpreter exit (which a failing worker skips), and only then is
+        # the run's file complete on disk.
+        wandb.teardown(exit_code)
         if self._staging is not None:
             self._upload(run_dir)
             shutil.rmtree(self._staging)
