@@ -258,7 +258,7 @@ class TrainerConfig:
         "pause). jsonl: the records under `<output_dir>/metrics`, always on, listed or not; tensorboard: event "
         "files under `<output_dir>/tensorboard`; wandb: a Weights & Biases run (trainer.wandb).",
         default_factory=lambda: ["jsonl"], unique_items=True)
-    wandb: WandbConfig = setting("The W&B run, with `wandb` in trackers.", default_factory=WandbConfig)
+    wandb: WandbConfig = setting("With `wandb` in trackers:", default_factory=WandbConfig)
 
     RULES: ClassVar = (
         Rule("self.batch_size % self.microbatches == 0", lambda t: t.batch_size % t.microbatches == 0,
