@@ -6,21 +6,15 @@ from __future__ import annotations
 import glob
 import json
 import os
-import struct
 import subprocess
 import sys
 import tempfile
 import time
-import zlib
 from functools import cache
 from pathlib import Path
 
 import fsspec
 import pytest
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from tensorboard.util import tensor_util
-from wandb.proto import wandb_internal_pb2
-
 from gcs_emulator import BUCKET, gcs_emulator, point_this_process_at
 from simpo_worker import outputs
 from simpo_worker.config import TrainerConfig, parse_worker_config
@@ -29,6 +23,8 @@ from simpo_worker.schema import openapi_schema
 from simpo_worker.trackers import SAMPLE_COLUMNS, open_trackers
 from simpo_worker.trackers.tensorboard_events import TensorBoardTracker
 from simpo_worker.trackers.wandb_run import run_identity
+from tracker_files import (scalar_steps, shard_rows, tensorboard_series, text_tables, wandb_history,
+                           wandb_records)
 from worker_runs import checked, eval_config, records, run_worker, tiny_config
 
 JOB = {"SIMPO_JOB_NAMESPACE": "team-a", "SIMPO_JOB_NAME": "simpo-run"}
@@ -48,60 +44,6 @@ def tracked_run() -> tuple[str, list[float]]:
         checked(run_worker(config, *args, env={**JOB, **OFFLINE}))
         seconds.append(time.perf_counter() - started)
     return str(output_dir), seconds
-
-
-def tensorboard_series(logdir: str) -> EventAccumulator:
-    events = EventAccumulator(logdir, size_guidance={"tensors": 0})  # 0: keep every event
-    events.Reload()
-    return events
-
-
-def scalar_steps(events: EventAccumulator, tag: str) -> dict[int, float]:
-    return {event.step: float(tensor_util.make_ndarray(event.tensor_proto)) for event in events.Tensors(tag)}
-
-
-def shard_rows(output_dir: str, step: int) -> list[dict]:
-    return outputs.sample_rows(output_dir, step, 1, per_host=100)
-
-
-def wandb_records(path: str) -> list[wandb_internal_pb2.Record]:
-    """The records of a .wandb file: W&B's 7-byte header (":W&B", magic, version), then the LevelDB log format
-    (32 KiB blocks of records: CRC-32 of type and data, length, type FULL/FIRST/MIDDLE/LAST, data), each record a
-    wandb_internal_pb2.Record. wandb 0.31 ships no Python reader of its own (its Go service reads these)."""
-    data = Path(path).read_bytes()
-    assert data[:4] == b":W&B", path
-    block, position, pending, found = 32768, 7, b"", []
-    while position + 7 <= len(data):
-        if block - position % block < 7:  # a block's trailer
-            position += block - position % block
-            continue
-        checksum, length, kind = struct.unpack("<IHB", data[position:position + 7])
-        payload = data[position + 7:position + 7 + length]
-        assert zlib.crc32(payload, zlib.crc32(bytes([kind]))) == checksum, f"{path}: bad record at {position}"
-        position += 7 + length
-        pending = payload if kind in (1, 2) else pending + payload
-        if kind in (1, 4):  # FULL, LAST
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(pending)
-            found.append(record)
-    return found
-
-
-def wandb_history(path: str) -> dict[int, dict[str, object]]:
-    """Each logged step's values (JSON-decoded; a logged object, such as a table, as the mapping W&B stores its
-    fields in), by step."""
-    history = {}
-    for record in wandb_records(path):
-        if record.WhichOneof("record_type") == "history":
-            items: dict = {}
-            for item in record.history.item:
-                *parents, last = [item.key] if item.key else list(item.nested_key)
-                node = items
-                for parent in parents:
-                    node = node.setdefault(parent, {})
-                node[last] = json.loads(item.value_json)
-            history[items["_step"]] = items
-    return history
 
 
 def wandb_run_dirs(output_dir: str) -> list[str]:
@@ -128,11 +70,9 @@ def test_tensorboard_holds_every_step_and_each_pause():
                                                                    for r in inference}
     assert scalar_steps(events, "inference/phase_seconds/total") == {
         r["step"]: pytest.approx(r["phase_seconds"]["total"], rel=1e-6) for r in inference}
-    samples = {event.step: tensor_util.make_ndarray(event.tensor_proto) for event in events.Tensors(
-        "inference/samples")}
+    samples = text_tables(events, "inference/samples")
     assert sorted(samples) == [2, 5]
-    for step, table in samples.items():
-        header, *rows = [[cell.decode() for cell in row] for row in table]
+    for step, (header, *rows) in samples.items():
         assert header == list(SAMPLE_COLUMNS)
         assert rows == [[str(row[column]) for column in SAMPLE_COLUMNS] for row in shard_rows(output_dir, step)]
 
