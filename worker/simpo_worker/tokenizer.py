@@ -8,12 +8,14 @@ vocabulary and merges; control and user-defined tokens are added tokens, matched
 
 from __future__ import annotations
 
+import codecs
 import json
 from collections.abc import Iterable, Mapping
 
 import fsspec
 import tokenizers
 from gguf import GGUFReader
+from gguf.vocab import bytes_to_unicode
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 
 from simpo_worker import storage
@@ -54,6 +56,9 @@ END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>
 # GGUF token types (llama.cpp): control tokens are special; user-defined ones are matched whole but not special.
 GGUF_CONTROL, GGUF_USER_DEFINED = 3, 4
 
+# Byte-level BPE spells each byte as one printable character; tokens are strings of these.
+_CHAR_TO_BYTE = {char: byte for byte, char in bytes_to_unicode().items()}
+
 
 class Tokenizer:
     """A `tokenizers.Tokenizer` (`backend`) with the model's special token ids and chat template. Build it with
@@ -65,6 +70,7 @@ class Tokenizer:
         self.backend = backend
         self.vocab_size = max(backend.get_vocab(with_added_tokens=True).values()) + 1
         self._special_ids = {i for i, token in backend.get_added_tokens_decoder().items() if token.special}
+        self._bytes: dict[int, bytes] = {}  # token_bytes, as tokens are asked for
 
         self.bos_token_id = bos_token_id
         self.eos_token_id = eos_token_id
@@ -102,6 +108,20 @@ class Tokenizer:
                                 f"(size {self.vocab_size})")
         return ids
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The token's bytes, as HF's ByteLevel decoder reads them: each character of its spelling is a byte, or if
+        one is not (an added token such as `<tool>` written in other characters), its text's UTF-8."""
+        found = self._bytes.get(token_id)
+        if found is None:
+            [token_id] = self.checked_ids([token_id])
+            spelling = self.backend.id_to_token(token_id) or ""  # None for an id the vocabulary skips
+            if all(char in _CHAR_TO_BYTE for char in spelling):
+                found = bytes(_CHAR_TO_BYTE[char] for char in spelling)
+            else:
+                found = spelling.encode("utf-8")
+            self._bytes[token_id] = found
+        return found
+
     def is_special(self, token_id: int) -> bool:
         return token_id in self._special_ids
 
@@ -134,29 +154,24 @@ class Tokenizer:
 
 
 class StreamDecoder:
-    """Decodes ids one at a time as they are generated (`tokenizers`' DecodeStream). A character whose bytes span
-    several tokens comes out once complete, so the concatenated pieces equal `decode` of all the ids."""
+    """Decodes ids one at a time as they are generated. Every character comes out as soon as its last byte has,
+    so the concatenated pieces equal `decode` of all the ids. Not `tokenizers`' DecodeStream: that one holds a
+    whole token back while the token ends inside a character, e.g. the space of " 🎉" (tokens "ĠðŁ", "İ", "ī"), so
+    a stop string ending in that space would be found two tokens late."""
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False):
         self._tokenizer = tokenizer
         self._skip_special_tokens = skip_special_tokens
-        self._stream = decoders.DecodeStream(skip_special_tokens=skip_special_tokens)
-        self._pending: list[int] = []  # ids fed since the last piece of text
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def add(self, token_id: int) -> str:
-        [token_id] = self._tokenizer.checked_ids([token_id])
-        self._pending.append(token_id)
-        text = self._stream.step(self._tokenizer.backend, token_id)
-        if text is None:
+        if self._skip_special_tokens and self._tokenizer.is_special(token_id):
             return ""
-        self._pending.clear()
-        return text
+        return self._utf8.decode(self._tokenizer.token_bytes(token_id))
 
     def finish(self) -> str:
         """Whatever is left: an unfinished character at the end becomes U+FFFD."""
-        text = self._tokenizer.decode(self._pending, self._skip_special_tokens)
-        self._pending.clear()
-        return text
+        return self._utf8.decode(b"", final=True)
 
 
 def load_tokenizer(source: str) -> Tokenizer:
@@ -293,10 +308,13 @@ def _from_hf(url: str) -> Tokenizer:
     generation_url = f"{base}/generation_config.json"
     generation = _parse_json(_read_text(generation_url, required=False), generation_url) or {}
 
-    # What `tokenizers` would run without complaint but the worker does not take: another model family.
+    # What `tokenizers` would run but the worker does not take: not byte-level BPE (StreamDecoder reads bytes).
     model = spec.get("model") or {}
     if model.get("type") != "BPE":
         raise ModelError(f"{where}: model type {model.get('type')!r} is not supported (only byte-level BPE)")
+    decoder = spec.get("decoder") or {}
+    if decoder.get("type") != "ByteLevel":
+        raise ModelError(f"{where}: decoder {decoder.get('type')!r} is not supported (only ByteLevel)")
     if spec.get("pre_tokenizer") is None:
         raise ModelError(f"{where}: no pre_tokenizer: not a byte-level BPE tokenizer")
     steps = _pre_tokenizer_steps(spec["pre_tokenizer"])
