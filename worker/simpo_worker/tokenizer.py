@@ -99,7 +99,7 @@ class Tokenizer:
         ids = self.backend.encode(text, add_special_tokens=False).ids
         return [self.bos_token_id, *ids] if add_special_tokens and self.add_bos else ids
 
-    def checked_ids(self, ids: Iterable[int]) -> list[int]:
+    def _checked_ids(self, ids: Iterable[int]) -> list[int]:
         """The ids as Python ints; one outside the vocabulary is a DataError (`tokenizers` would skip it)."""
         ids = [int(i) for i in ids]
         for token_id in ids:
@@ -113,7 +113,7 @@ class Tokenizer:
         one is not (an added token such as `<tool>` written in other characters), its text's UTF-8."""
         found = self._bytes.get(token_id)
         if found is None:
-            [token_id] = self.checked_ids([token_id])
+            [token_id] = self._checked_ids([token_id])
             spelling = self.backend.id_to_token(token_id) or ""  # None for an id the vocabulary skips
             if all(char in _CHAR_TO_BYTE for char in spelling):
                 found = bytes(_CHAR_TO_BYTE[char] for char in spelling)
@@ -127,7 +127,7 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """Text of the ids; bytes that do not form valid UTF-8 (e.g. a character cut in half) become U+FFFD."""
-        return self.backend.decode(self.checked_ids(ids), skip_special_tokens=skip_special_tokens)
+        return self.backend.decode(self._checked_ids(ids), skip_special_tokens=skip_special_tokens)
 
     def stream_decoder(self, skip_special_tokens: bool = False) -> StreamDecoder:
         return StreamDecoder(self, skip_special_tokens)
@@ -156,8 +156,8 @@ class Tokenizer:
 class StreamDecoder:
     """Decodes ids one at a time as they are generated. Every character comes out as soon as its last byte has,
     so the concatenated pieces equal `decode` of all the ids. Not `tokenizers`' DecodeStream: that one holds a
-    whole token back while the token ends inside a character, e.g. the space of " 🎉" (tokens "ĠðŁ", "İ", "ī"), so
-    a stop string ending in that space would be found two tokens late."""
+    whole token back while the token ends inside a character, e.g. the space of " 🎉" (tokens "ĠðŁ", "İ",
+    "ī"), so a stop string ending in that space would be found two tokens late."""
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False):
         self._tokenizer = tokenizer
