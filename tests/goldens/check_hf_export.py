@@ -1,6 +1,7 @@
 """The peers' anchor for the Hugging Face export: transformers' LlamaForCausalLM.from_pretrained loads what
 export_hf writes, with no missing, unexpected or mismatched tensors, and its float32 logits match our forward of
-the params that were exported.
+the params that were exported; for SmolLM2 (a GGUF source), AutoTokenizer loads the exported tokenizer and
+encodes as ours.
 
     .venv/bin/python tests/goldens/check_hf_export.py      (make check-hf-export; needs the `peers` extra)
 
@@ -66,6 +67,19 @@ def batch(sequences: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, n
     return tokens, positions, [len(row) for row, _ in sequences]
 
 
+def same_tokenizer(name: str, export_dir: str) -> bool:
+    """transformers' AutoTokenizer on the exported tokenizer files: the same ids and chat rendering as ours."""
+    ours_tokenizer = load_tokenizer(SMOLLM2)
+    theirs_tokenizer = transformers.AutoTokenizer.from_pretrained(export_dir)
+    texts = TEXTS + ["Wie viel ist 7 × 8? 🎉  tabs\tand  spaces <|im_end|>"]
+    same_ids = all(theirs_tokenizer.encode(t, add_special_tokens=False) == ours_tokenizer.encode(t) for t in texts)
+    same_chat = (theirs_tokenizer.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
+                 == ours_tokenizer.apply_chat_template(CHAT, add_generation_prompt=True))
+    print(f"{name}: transformers' AutoTokenizer on the exported tokenizer: ids {'equal' if same_ids else 'DIFFER'}, "
+          f"chat template {'equal' if same_chat else 'DIFFERS'}")
+    return same_ids and same_chat
+
+
 def check(name: str, source: str, sequences: list[tuple[np.ndarray, np.ndarray]], max_shard_mb: int) -> bool:
     model = load_pretrained(source, make_mesh(MeshConfig(data=1, fsdp=2, model=2)))
     files = tokenizer_files(SMOLLM2, load_tokenizer(SMOLLM2)) if source == SMOLLM2 else {}
@@ -75,6 +89,8 @@ def check(name: str, source: str, sequences: list[tuple[np.ndarray, np.ndarray]]
         shards = len(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else 1
         hf_model, info = transformers.LlamaForCausalLM.from_pretrained(
             tmp, dtype=torch.float32, attn_implementation="eager", output_loading_info=True)
+        if files and not same_tokenizer(name, tmp):
+            return False
     problems = {kind: keys for kind, keys in info.items() if keys}
     if problems:
         print(f"{name}: transformers did not load the export cleanly: {problems}")

@@ -66,13 +66,25 @@ def test_the_gather_in_pieces_gives_the_whole_tensors(tmp_path, monkeypatch):
         assert (tmp_path / name).read_bytes() == data
 
 
-def test_tokenizer_files_of_an_hf_directory_are_copied_and_a_gguf_s_config_is_written():
+def test_tokenizer_files_of_an_hf_directory_are_copied_and_a_gguf_s_are_written(tmp_path):
     copied = tokenizer_files(str(TOKENIZER_HF_DIR), None)
     assert copied["tokenizer.json"] == (TOKENIZER_HF_DIR / "tokenizer.json").read_bytes()
     assert copied["tokenizer_config.json"] == (TOKENIZER_HF_DIR / "tokenizer_config.json").read_bytes()
-    # SmolLM2's GGUF: no tokenizer.json yet (export.py's TODO); the chat template and special tokens are there.
-    written = json.loads(tokenizer_files("smollm2", load_tokenizer("smollm2"))["tokenizer_config.json"])
+    # SmolLM2's GGUF: the tokenizer built from its metadata, and its chat template and special tokens.
+    gguf = load_tokenizer("smollm2")
+    files = tokenizer_files("smollm2", gguf)
+    written = json.loads(files["tokenizer_config.json"])
     assert written["eos_token"] == "<|im_end|>" and "<|im_start|>" in written["chat_template"]
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name, data in files.items():
+        (copy / name).write_bytes(data)
+    reloaded = load_tokenizer(str(copy))
+    text = gguf.apply_chat_template([{"role": "user", "content": "Wie viel ist 7 × 8? 🎉  tabs\tand  spaces"}],
+                                    add_generation_prompt=True)
+    assert reloaded.encode(text) == gguf.encode(text) and reloaded.decode(gguf.encode(text)) == text
+    assert (reloaded.eos_token_ids, reloaded.bos_token_id, reloaded.pad_token_id) == \
+        (gguf.eos_token_ids, gguf.bos_token_id, gguf.pad_token_id)
 
 
 @pytest.mark.parametrize("export_config,problem", [

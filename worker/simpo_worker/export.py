@@ -77,12 +77,11 @@ def gather_tensor(array: jax.Array, place: TensorPlace) -> np.ndarray:
 
 def tokenizer_files(source: str, tokenizer) -> dict[str, bytes]:
     """The tokenizer's files for the copy. An HF tokenizer directory's are copied as they are. A GGUF's tokenizer
-    has no tokenizer.json to copy: tokenizer_config.json is written (chat template and special tokens), so
-    transformers' AutoTokenizer cannot load the copy yet."""
+    is written as the `tokenizers.Tokenizer` the worker built from the GGUF metadata (tokenizer.json) with
+    tokenizer_config.json (chat template and special tokens)."""
     if source == SMOLLM2 or source.endswith(".gguf"):
-        # TODO(tokenizer facade): write tokenizer.json once the tokenizers-based facade serializes itself
-        # (`Tokenizer.to_json_str()`, i.e. tokenizers.Tokenizer.to_str()).
-        return {"tokenizer_config.json": (json.dumps(_tokenizer_config(tokenizer), indent=2) + "\n").encode()}
+        return {"tokenizer.json": tokenizer.backend.to_str().encode(),
+                "tokenizer_config.json": (json.dumps(_tokenizer_config(tokenizer), indent=2) + "\n").encode()}
     base = source.rstrip("/").removesuffix("/tokenizer.json")
     return {name: storage.read_bytes(storage.join(base, name), "tokenizer file") for name in HF_TOKENIZER_FILES
             if storage.exists(storage.join(base, name))}
@@ -91,7 +90,7 @@ def tokenizer_files(source: str, tokenizer) -> dict[str, bytes]:
 def _tokenizer_config(tokenizer) -> dict:
     names = {"bos_token": tokenizer.bos_token_id, "eos_token": tokenizer.eos_token_id,
              "pad_token": tokenizer.pad_token_id}
-    config = {name: tokenizer.id_to_token(i) for name, i in names.items() if i is not None}
+    config = {name: tokenizer.backend.id_to_token(i) for name, i in names.items() if i is not None}
     config["add_bos_token"] = tokenizer.add_bos
     config["tokenizer_class"] = "PreTrainedTokenizerFast"
     if tokenizer.chat_template is not None:
