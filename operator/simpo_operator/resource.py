@@ -396,7 +396,7 @@ def validate_job(resource: dict[str, Any], default_namespace: str = "default") -
         shape = spec.tpu.shape("spec.tpu")
         hosts, slices = shape.hosts, spec.tpu.slices
         # One JAX device per TPU chip (v4/v5p megacore included).
-        spec.config.trainer.check_devices(shape.chips * slices, "spec.config.trainer")
+        spec.config.trainer.check_devices(shape.chips * slices, "spec.config.trainer", slices)
         spec.config.inference.check_host_devices(shape.chips_per_host, "spec.config.inference")
     return Job(name=metadata["name"], namespace=metadata.get("namespace") or default_namespace,
                uid=metadata.get("uid"), spec=spec, hosts_per_slice=hosts, slices=slices, shape=shape)

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -17,8 +19,13 @@ import yaml
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from simpo_operator import tpu
+from simpo_operator.resource import validate_job
 from simpo_worker import aot  # sets ALLOW_MULTIPLE_LIBTPU_LOAD before libtpu loads in this process
 from simpo_worker.api import ExitCode
+from simpo_worker.config import MeshConfig, WorkerConfig
+from simpo_worker.errors import ConfigError
+from simpo_worker.mesh import AXES, make_mesh
+from simpo_worker.pretrained import load_architecture
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE_8B = REPO / "manifests" / "examples" / "llama3-8b-m11-v5p-32.yaml"
@@ -199,14 +206,74 @@ def test_the_compiler_hbm_in_the_table_is_what_libtpu_allows(generation):
     assert available == pytest.approx(generation.chip.compiler_hbm_bytes, rel=0.001)
 
 
-def test_a_multislice_mesh_keeps_the_inner_axes_within_a_slice():
-    from simpo_worker.config import MeshConfig
-    from simpo_worker.mesh import make_mesh
+# ---- multislice: slices on `data` over DCN, fsdp and model inside a slice over ICI ----------------------------
 
-    target = aot.tpu_target(tpu.libtpu_topology(tpu.shape_for_type("v5p-16"), slices=2))
-    by_data = make_mesh(MeshConfig(data=2, fsdp=-1), list(target.devices))
+def two_slices(accelerator: str) -> aot.Target:
+    return aot.tpu_target(tpu.libtpu_topology(tpu.shape_for_type(accelerator), slices=2))
+
+
+def test_a_multislice_mesh_splits_data_over_the_slices_and_refuses_fsdp_or_model_across_them():
+    target = two_slices("v5p-16")
+    devices = list(target.devices)
+    assert target.slices == 2
+    by_data = make_mesh(MeshConfig(data=2, fsdp=-1), devices)
     for replica in by_data.devices:  # [data, fsdp, model]: each data-parallel replica is one whole slice
         assert len({device.slice_index for device in replica.flat}) == 1
-    fsdp_only = make_mesh(MeshConfig(data=1, fsdp=-1), list(target.devices))
-    halves = fsdp_only.devices.reshape(2, -1)  # fsdp spans both slices, one contiguous half each
-    assert [len({device.slice_index for device in half}) for half in halves] == [1, 1]
+    mixed = make_mesh(MeshConfig(data=4, fsdp=2, model=-1), devices)  # 2 data replicas in each slice
+    assert [{device.slice_index for device in replica.flat} for replica in mixed.devices] == [{0}, {0}, {1}, {1}]
+    for fsdp_across in (MeshConfig(data=1, fsdp=-1), MeshConfig(data=-1, fsdp=4, model=4)):
+        with pytest.raises(ConfigError, match=r"a job of 2 slices x 8 devices splits only `data` over the slices, "
+                                              r"so data must be a multiple of 2"):
+            make_mesh(fsdp_across, devices)
+    with pytest.raises(ConfigError, match="the job has 1 slice\\(s\\) but the devices are in 2"):
+        make_mesh(MeshConfig(), devices, slices=1)
+
+
+@pytest.fixture(scope="module")
+def two_slice_step() -> tuple[WorkerConfig, aot.Target, Any]:
+    """The tiny model's train step for 2 x v5p-8 (data 2 over the slices x fsdp 4 within each)."""
+    job = tiny_job(tpu={"type": "v5p-8", "slices": 2})
+    job["spec"]["config"]["trainer"]["mesh"] = {"data": 2, "fsdp": -1}
+    config = validate_job(job).spec.config
+    target = two_slices("v5p-8")
+    mesh = make_mesh(config.trainer.mesh, list(target.devices), target.slices)
+    _, arrays, lowered = aot.lower_train_step(config, load_architecture(config.model), mesh)
+    return config, arrays, lowered.compile().as_text()
+
+
+def test_over_dcn_a_multislice_train_step_sends_its_gradients_once_and_nothing_else(two_slice_step):
+    """libtpu compiles one program per slice; what crosses slices are its multislice transfers. Each is a sum
+    over the slices of this chip's gradient shard (the within-slice reduce-scatter's output), plus the step's
+    token and metric sums: no params, no activations."""
+    config, arrays, hlo = two_slice_step
+    found = aot.collectives(hlo)
+    dcn = [c for c in found if c.network == "dcn"]
+    assert dcn and {c.kind for c in dcn} == {"ALL_REDUCE"}, [(c.kind, c.shape) for c in dcn]
+    assert all(c.count == 1 for c in dcn), "once per step, not per layer or microbatch"
+    compute_bytes = jnp.dtype(config.trainer.compute_dtype).itemsize
+    gradient_bytes = aot.per_chip_bytes(arrays.model) // 4 * compute_bytes  # float32 param shards, 1 per chip
+    compute_dtype = {"bfloat16": "bf16", "float32": "f32"}[config.trainer.compute_dtype]
+    sent = sum(c.bytes for c in dcn if c.dtype == compute_dtype)
+    # At least the chip's gradient shard; above it only the (8, 128) tiles the transfers are padded to.
+    assert gradient_bytes <= sent <= 2 * gradient_bytes, (sent, gradient_bytes)
+    assert sum(c.bytes for c in dcn) - sent <= 2 * 512, "beyond the gradients: the step's scalar sums"
+
+
+def test_within_a_slice_the_fsdp_all_gathers_run_on_its_own_chips(two_slice_step):
+    _, _, hlo = two_slice_step
+    assert re.search(r"\bnum_partitions=4\b", hlo), "one program per slice of 4 chips"
+    ici = [c for c in aot.collectives(hlo) if c.network == "ici"]
+    gathers = [c for c in ici if c.kind == "all-gather"]
+    assert sum(c.count for c in gathers) >= 2 * 7, "each layer's params gathered (forward and backward)"
+    assert all(c.replica_groups == "{{0,1,2,3}}" for c in ici), {c.replica_groups for c in ici}
+
+
+def test_fsdp_across_slices_would_gather_params_over_dcn(two_slice_step):
+    """What the refusal prevents: the same step with fsdp over both slices (a mesh made by hand; make_mesh
+    refuses it) sends params over DCN in every layer."""
+    config, _, _ = two_slice_step
+    target = two_slices("v5p-8")
+    mesh = Mesh(np.array(target.devices).reshape(1, 8, 1), AXES)
+    _, _, lowered = aot.lower_train_step(config, load_architecture(config.model), mesh)
+    dcn = [c for c in aot.collectives(lowered.compile().as_text()) if c.network == "dcn"]
+    assert sum(c.count for c in dcn if c.kind == "ALL_GATHER") >= 2 * 7, [(c.kind, c.count) for c in dcn]

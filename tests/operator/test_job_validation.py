@@ -99,6 +99,15 @@ GAPS = [
     (with_changes(tpu_job(type="v5p-32"), config__trainer__batch_size=32,
                   config__trainer__mesh={"data": 2, "fsdp": 4}),
      r"^spec\.config\.trainer\.mesh: data x fsdp x model = \[2, 4, 1\] needs 8 devices, there are 16"),
+    (with_changes(tpu_job(type="v5p-16", slices=2), config__trainer__batch_size=32,
+                  config__trainer__mesh={"data": 1, "fsdp": -1}),
+     r"^spec\.config\.trainer\.mesh: a job of 2 slices x 8 devices splits only `data` over the slices, so data "
+     r"must be a multiple of 2; data x fsdp x model = \[1, 16, 1\] would put fsdp x model = 16 devices across "
+     r"slices, over the data-center network \(at most 8 fit in one slice\)"),
+    (with_changes(tpu_job(type="v5p-16", slices=2), config__trainer__batch_size=32,
+                  config__trainer__mesh={"data": -1, "fsdp": 2, "model": 8}),
+     r"^spec\.config\.trainer\.mesh: a job of 2 slices .* data x fsdp x model = \[1, 2, 8\] would put fsdp x "
+     r"model = 16 devices across slices"),
     (with_changes(tpu_job(type="v5p-32"), config__trainer__batch_size=8),
      r"^spec\.config\.trainer\.batch_size: each of the 1 microbatches holds 8 pairs, not divisible by the 16 "
      r"data-parallel devices"),
@@ -187,3 +196,11 @@ def test_a_mesh_that_fits_the_slice_is_accepted():
     job = validate_job(with_changes(tpu_job(type="v5p-32"), config__trainer__batch_size=32,
                                     config__trainer__mesh={"data": 2, "fsdp": -1}))
     assert job.spec.config.trainer.check_devices(16) == (2, 8, 1)
+
+
+def test_a_multislice_mesh_splits_data_over_the_slices():
+    job = validate_job(with_changes(tpu_job(type="v5p-16", slices=2), config__trainer__batch_size=32,
+                                    config__trainer__mesh={"data": 2, "fsdp": -1}))
+    assert (job.slices, job.spec.config.trainer.check_devices(16, slices=2)) == (2, (2, 8, 1))
+    # The default mesh (data -1) is pure data parallelism: any slice count divides it.
+    assert validate_job(with_changes(tpu_job(type="v5p-16", slices=4), config__trainer__batch_size=32)).slices == 4

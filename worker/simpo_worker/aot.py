@@ -73,13 +73,14 @@ class CompileFailed(RuntimeError):
 
 @dataclass(frozen=True)
 class Target:
-    """The devices a job runs on: every device (all hosts, all slices, in jax.devices() order), and the first
-    host's (a host-data-parallel replica lives on them)."""
+    """The devices a job runs on: every device (all hosts, all slices, in jax.devices() order), the first
+    host's (a host-data-parallel replica lives on them), and how many slices they are in."""
 
     platform: str
     devices: tuple
     host_devices: tuple
     process_count: int
+    slices: int = 1
 
 
 def _topology_devices(topology) -> tuple:
@@ -105,7 +106,8 @@ def tpu_target(topology, host_topology=None) -> Target:
     first = devices[0].process_index
     host = (_topology_devices(host_topology) if host_topology is not None
             else tuple(d for d in devices if d.process_index == first))
-    return Target("tpu", devices, host, len({d.process_index for d in devices}))
+    return Target("tpu", devices, host, len({d.process_index for d in devices}),
+                  len({getattr(d, "slice_index", 0) for d in devices}))  # single slices may lack it
 
 
 def cpu_target(hosts: int) -> Target:
@@ -234,29 +236,119 @@ def _report(name: str, lowered, *, params: int, optimizer: int, kv_args: int, fl
     return report, compiled
 
 
+# ---- collectives: what a compiled program sends over ICI and over DCN -----------------------------------------
+#
+# For a mesh over several slices libtpu compiles one SPMD program per slice: its collectives (replica groups of
+# the slice's own devices) run on the slice's links (ICI), and what crosses slices (the data-center network, DCN)
+# is sent to the multislice runtime as host transfers (`send`, is_host_transfer, with
+# _xla_megascale_transfer_type naming the collective: ALL_REDUCE, ALL_GATHER, ...).
+
+_ICI_OPS = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
+                "f64": 8, "s64": 8, "u64": 8}
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%([\w.-]+) ")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.-]+) = (.+?) ([a-z][a-z0-9-]*)\((.*)$")
+_ARRAY = re.compile(r"\b([a-z]+\d*)\[([\d,]*)\]")
+_CALLED = re.compile(r"\b(?:body|condition|calls|to_apply|true_computation|false_computation)=%([\w.-]+)")
+_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+
+
+@dataclass(frozen=True)
+class Collective:
+    """One collective of a compiled program, per chip: `network` "ici" or "dcn"; `kind` the HLO op (ICI) or the
+    multislice transfer type (DCN); `bytes` what its result holds (an all-gather's gathered arrays, an
+    all-reduce's operands; dtype and shape: its largest array); `count` how many times one call of the program runs it (its loops' trip counts)."""
+
+    network: str
+    kind: str
+    dtype: str
+    shape: tuple[int, ...]
+    bytes: int
+    count: int
+    replica_groups: Optional[str]
+
+
+def _arrays(hlo_type: str) -> list[tuple[str, tuple[int, ...], int]]:
+    found = []
+    for dtype, dims in _ARRAY.findall(hlo_type):
+        if dtype in _DTYPE_BYTES:
+            shape = tuple(int(d) for d in dims.split(",") if d)
+            found.append((dtype, shape, math.prod(shape) * _DTYPE_BYTES[dtype]))
+    return found
+
+
+def collectives(hlo_text: str) -> list[Collective]:
+    """Every collective of a compiled program's HLO text (Compiled.as_text()), each with how often it runs."""
+    computations: dict[str, list[tuple[str, str, str, str]]] = {}
+    entry, current = None, None
+    for line in hlo_text.splitlines():
+        head = _COMPUTATION.match(line)
+        if head and line.rstrip().endswith("{"):
+            current = computations.setdefault(head.group(1), [])
+            entry = head.group(1) if line.startswith("ENTRY") else entry
+            continue
+        instruction = _INSTRUCTION.match(line) if current is not None else None
+        if instruction:
+            current.append(instruction.groups()[1:])  # (type, op, rest)
+    if entry is None:
+        raise ValueError("no ENTRY computation in the HLO text")
+
+    counts: dict[str, int] = {}
+
+    def visit(name: str, count: int) -> None:
+        counts[name] = counts.get(name, 0) + count
+        for hlo_type, op, rest in computations[name]:
+            called = _CALLED.findall(rest) + [c.strip().lstrip("%") for m in _BRANCHES.findall(rest)
+                                               for c in m.split(",") if c.strip()]
+            trips = _trip_count(computations, rest) if op == "while" else 1
+            for callee in called:
+                if callee in computations:
+                    visit(callee, count * (trips if f"body=%{callee}" in rest else 1))
+
+    visit(entry, 1)
+    found = []
+    for name, count in counts.items():
+        for hlo_type, op, rest in computations[name]:
+            transfer = re.search(r'_xla_megascale_transfer_type="(\w+)"', rest)
+            if op == "send" and transfer:
+                dtype, shape, size = _arrays(hlo_type)[0]  # (data, context, token)
+                found.append(Collective("dcn", transfer.group(1), dtype, shape, size, count, None))
+            elif op.removesuffix("-start") in _ICI_OPS:
+                arrays = _arrays(hlo_type)
+                # A combined collective's result is a tuple of its arrays; an asynchronous start's holds its
+                # input and output (and context), of which the largest is what it moves.
+                dtype, shape, size = max(arrays, key=lambda array: array[2])
+                size = size if op.endswith("-start") else sum(array[2] for array in arrays)
+                groups = re.search(r"replica_groups=(\{[{}\d,]*\}|\[[^ ]*)", rest)
+                found.append(Collective("ici", op.removesuffix("-start"), dtype, shape, size, count,
+                                        groups.group(1) if groups else None))
+    return found
+
+
+def _trip_count(computations, while_rest: str) -> int:
+    """A while loop's trip count: XLA's known_trip_count, else the bound its condition compares the counter
+    with (jax's scans and fori_loops count from 0 while i < N)."""
+    known = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', while_rest)
+    if known:
+        return int(known.group(1))
+    condition = re.search(r"condition=%([\w.-]+)", while_rest).group(1)
+    bounds = {int(m) for _, op, rest in computations[condition] if op == "constant"
+              for m in re.findall(r"^(-?\d+)\)", rest)}
+    if len(bounds) != 1:
+        raise ValueError(f"while loop {condition}: cannot tell its trip count from constants {sorted(bounds)}")
+    return bounds.pop()
+
+
 # ---- the programs -------------------------------------------------------------------------------------------
 
 def plan_programs(config: WorkerConfig, arch: ArchitectureConfig, target: Target) -> Plan:
     """Compile every program of the job for `target`; see the module docstring."""
     trainer = config.trainer
-    trainer.check_devices(len(target.devices))
-    mesh = make_mesh(trainer.mesh, list(target.devices))
+    trainer.check_devices(len(target.devices), slices=target.slices)
+    mesh = make_mesh(trainer.mesh, list(target.devices), target.slices)
     compute_dtype = COMPUTE_DTYPES[trainer.compute_dtype]
-
-    # The trainer's step, on abstract state (init_llama and optimizer.init traced, never run).
-    optimizer, schedule = make_optimizer(config.optimizer, trainer.num_train_steps)
-    state = jax.eval_shape(lambda: init_state(init_llama(arch, jax.random.key(0)), optimizer))
-    step = CompiledStep(state, mesh, optimizer, schedule, config.simpo, trainer.compute_dtype,
-                        MemoryOptions.from_config(trainer))
-    arrays = _with_shardings(eqx.filter(state, lambda x: isinstance(x, jax.ShapeDtypeStruct)),
-                             step.state_shardings)
+    step, arrays, lowered = lower_train_step(config, arch, mesh)
     params, optimizer_bytes = per_chip_bytes(arrays.model), per_chip_bytes((arrays.opt_state, arrays.step))
-    pairs = trainer.batch_size // trainer.microbatches
-    batch = {name: jax.ShapeDtypeStruct((trainer.microbatches, pairs, *shape), dtype)
-             for name, shape, dtype in (("tokens", (2, config.data.max_seq_len), jnp.int32),
-                                        ("loss_mask", (2, config.data.max_seq_len), jnp.float32),
-                                        ("lengths", (2,), jnp.int32))}
-    lowered = step.program.lower(arrays, batch)
     # XLA compiles outside the GIL: the train step compiles on a thread while the inference programs (which need
     # none of its results) compile here, so the two longest compiles overlap on a machine with spare cores.
     with ThreadPoolExecutor(1) as pool:
@@ -270,6 +362,24 @@ def plan_programs(config: WorkerConfig, arch: ArchitectureConfig, target: Target
     if step.memory.remat == "full":
         plan.train_recompute_flops = flops.layers_forward_flops(arch, trainer.batch_size, config.data.max_seq_len)
     return plan
+
+
+def lower_train_step(config: WorkerConfig, arch: ArchitectureConfig, mesh: Mesh):
+    """The trainer's step on `mesh`, lowered for one global batch on abstract state (init_llama and
+    optimizer.init traced, never run): (the CompiledStep, the state's ShapeDtypeStructs, the Lowered)."""
+    trainer = config.trainer
+    optimizer, schedule = make_optimizer(config.optimizer, trainer.num_train_steps)
+    state = jax.eval_shape(lambda: init_state(init_llama(arch, jax.random.key(0)), optimizer))
+    step = CompiledStep(state, mesh, optimizer, schedule, config.simpo, trainer.compute_dtype,
+                        MemoryOptions.from_config(trainer))
+    arrays = _with_shardings(eqx.filter(state, lambda x: isinstance(x, jax.ShapeDtypeStruct)),
+                             step.state_shardings)
+    pairs = trainer.batch_size // trainer.microbatches
+    batch = {name: jax.ShapeDtypeStruct((trainer.microbatches, pairs, *shape), dtype)
+             for name, shape, dtype in (("tokens", (2, config.data.max_seq_len), jnp.int32),
+                                        ("loss_mask", (2, config.data.max_seq_len), jnp.float32),
+                                        ("lengths", (2,), jnp.int32))}
+    return step, arrays, step.program.lower(arrays, batch)
 
 
 def _empty_plan(config: WorkerConfig, arch: ArchitectureConfig, target: Target, mesh: Mesh,

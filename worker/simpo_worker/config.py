@@ -174,8 +174,11 @@ class MeshConfig:
              lambda m: [m.data, m.fsdp, m.model].count(-1) <= 1, "at most one axis may be -1"),
     )
 
-    def resolve(self, device_count: int, path: str = "trainer.mesh") -> tuple[int, int, int]:
-        """Axis sizes with -1 resolved to the remaining devices; their product must be the device count."""
+    def resolve(self, device_count: int, path: str = "trainer.mesh", slices: int = 1) -> tuple[int, int, int]:
+        """Axis sizes with -1 resolved to the remaining devices; their product must be the device count. On
+        `slices` slices (multislice: joined by the data-center network, far slower than the links inside a slice)
+        only `data` may span slices, whose traffic is one gradient reduction per step: fsdp and model (params
+        gathered in every layer, activations in every matmul) must stay within one slice."""
         sizes = [self.data, self.fsdp, self.model]
         fixed = math.prod(size for size in sizes if size != -1)
         if -1 in sizes:
@@ -186,7 +189,14 @@ class MeshConfig:
         if math.prod(sizes) != device_count:
             raise ConfigError(f"{path}: data x fsdp x model = {sizes} needs {math.prod(sizes)} devices, there are "
                               f"{device_count}")
-        return tuple(sizes)
+        data, fsdp, model = sizes
+        if data % slices:
+            raise ConfigError(
+                f"{path}: a job of {slices} slices x {device_count // slices} devices splits only `data` over the "
+                f"slices, so data must be a multiple of {slices}; data x fsdp x model = {sizes} would put fsdp x "
+                f"model = {fsdp * model} devices across slices, over the data-center network (at most "
+                f"{device_count // slices} fit in one slice)")
+        return data, fsdp, model
 
 
 @dataclass(frozen=True)
@@ -268,9 +278,10 @@ class TrainerConfig:
              "a step is beyond the run", "profile_steps", ("num_train_steps",)),
     )
 
-    def check_devices(self, device_count: int, path: str = "trainer") -> tuple[int, int, int]:
-        """The mesh on `device_count` devices, and that each microbatch splits evenly over data x fsdp."""
-        data, fsdp, model = self.mesh.resolve(device_count, f"{path}.mesh")
+    def check_devices(self, device_count: int, path: str = "trainer", slices: int = 1) -> tuple[int, int, int]:
+        """The mesh on `device_count` devices in `slices` slices, and that each microbatch splits evenly over
+        data x fsdp."""
+        data, fsdp, model = self.mesh.resolve(device_count, f"{path}.mesh", slices)
         self.check_batch_split(data, fsdp, path)
         return data, fsdp, model
 

@@ -35,6 +35,11 @@ def process_id_from_env(env: Mapping[str, str]) -> int:
     raise ConfigError("JAX_NUM_PROCESSES is set but neither JAX_PROCESS_ID nor SIMPO_HOST_INDEX is")
 
 
+def num_slices(env: Mapping[str, str] = os.environ) -> int:
+    """The job's slices (the operator sets SIMPO_NUM_SLICES on every pod; 1 when run by hand)."""
+    return _int_env(env, api.ENV_NUM_SLICES, 1)
+
+
 def initialize_from_env(init_timeout_s: int, env: Mapping[str, str] = os.environ) -> None:
     """Start jax.distributed as the environment says (a no-op for a single process), then check that it joined
     as many processes as the job has hosts."""
@@ -47,7 +52,7 @@ def check_process_count(env: Mapping[str, str]) -> None:
     once, naming the expected and actual counts, rather than let the job hang or diverge."""
     if api.ENV_HOSTS_PER_SLICE not in env:
         return  # not started by a job (a single worker run by hand)
-    expected = _int_env(env, api.ENV_NUM_SLICES, 1) * _int_env(env, api.ENV_HOSTS_PER_SLICE)
+    expected = num_slices(env) * _int_env(env, api.ENV_HOSTS_PER_SLICE)
     if jax.process_count() != expected:
         raise ConfigError(f"jax.distributed has {jax.process_count()} process(es), the job has {expected} hosts "
                           f"({api.ENV_NUM_SLICES} x {api.ENV_HOSTS_PER_SLICE}): the TPU environment "

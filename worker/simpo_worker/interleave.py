@@ -32,7 +32,7 @@ from simpo_worker.api import Progress
 from simpo_worker.checkpoint import latest_step
 from simpo_worker.compile_cache import CompileLog
 from simpo_worker.config import InferenceConfig, WorkerConfig
-from simpo_worker.distributed import barrier, is_leader
+from simpo_worker.distributed import barrier, is_leader, num_slices
 from simpo_worker.engine import Completion, Engine
 from simpo_worker.errors import ConfigError
 from simpo_worker.export import export_dir, export_hf, tokenizer_files
@@ -274,7 +274,7 @@ def build_run(config: WorkerConfig, reporter: ProgressReporter | None = None,
         storage.check_writable(config.export.hf_dir, f"process_{jax.process_index()}")
     tokenizer = load_tokenizer(config.tokenizer or config.model.source)
     prompts = load_prompts(config.inference, tokenizer) if config.inference.enabled else PromptSet([], [])
-    mesh = make_mesh(config.trainer.mesh)
+    mesh = make_mesh(config.trainer.mesh, slices=num_slices())
     model = load_model(config.model, mesh)  # every param made on its training sharding
     check_context(config.inference, model.config.max_position_embeddings, config.model.source)
     trainer = Trainer(config, model, tokenizer, mesh)

@@ -5,8 +5,8 @@ sharded on the model width d), `model` (tensor parallelism, Megatron style: atte
 the vocabulary split over it). Which dimension of which weight goes where is declared once, in PARAM_AXES and
 RULES below; optimizer state follows its params. Batches split their pair axis over data x fsdp.
 The mesh spans jax.devices(), i.e. every device of every process. On a multislice job the slices are joined by
-the data-center network, far slower than the links inside a slice: the slices split the outermost axis they
-divide (data before fsdp before model), so the other axes stay within a slice.
+the data-center network, far slower than the links inside a slice: the slices split `data` alone (the hybrid
+mesh of mesh_utils), so fsdp and model stay within a slice.
 """
 
 from __future__ import annotations
@@ -30,24 +30,31 @@ BATCH_AXES = ("data", "fsdp")
 REGION_PIECE_BYTES = 32 << 20
 
 
-def make_mesh(config: MeshConfig, devices: list | None = None) -> Mesh:
+def make_mesh(config: MeshConfig, devices: list | None = None, slices: int | None = None) -> Mesh:
+    """The training mesh over `devices` (default: every device of every process) in `slices` slices (default:
+    as the devices' slice_index says; 1 for devices without one). Multislice: the slices split `data` over the
+    data-center network (DCN) and each slice holds data / slices x fsdp x model devices on its own links (ICI);
+    MeshConfig.resolve refuses a mesh that would put fsdp or model across slices."""
     devices = jax.devices() if devices is None else devices
-    shape = config.resolve(len(devices))
-    slices = len({getattr(device, "slice_index", 0) for device in devices})
+    tpu_slices = hasattr(devices[0], "slice_index")
+    found = len({device.slice_index for device in devices}) if tpu_slices else 1
+    slices = found if slices is None else slices
+    if tpu_slices and slices != found:
+        raise ConfigError(f"the job has {slices} slice(s) but the devices are in {found}: the multislice "
+                          f"environment (MEGASCALE_*) is missing or wrong on this pod")
+    shape = config.resolve(len(devices), slices=slices)
     if slices == 1:
         return Mesh(mesh_utils.create_device_mesh(shape, devices), AXES)
-    across = slice_split(shape, slices)
-    within = tuple(size // split for size, split in zip(shape, across))
-    return Mesh(mesh_utils.create_hybrid_device_mesh(within, across, devices), AXES)
-
-
-def slice_split(shape: tuple[int, ...], slices: int) -> tuple[int, ...]:
-    """How many slices each mesh axis spans: the whole count on the outermost axis it divides."""
-    for axis, size in enumerate(shape):
-        if size % slices == 0:
-            return tuple(slices if a == axis else 1 for a in range(len(shape)))
-    raise ConfigError(f"trainer.mesh: no axis of data x fsdp x model = {list(shape)} is divisible by the "
-                      f"{slices} slices (each axis spans whole slices or stays within one)")
+    within, across = (shape[0] // slices, *shape[1:]), (slices, 1, 1)
+    if tpu_slices:
+        return Mesh(mesh_utils.create_hybrid_device_mesh(within, across, devices), AXES)
+    # Devices without a slice_index (CPU): a slice is a run of consecutive processes (process index //
+    # hosts per slice, as jax.distributed numbers the pods: SIMPO_SLICE_INDEX * SIMPO_HOSTS_PER_SLICE + host).
+    processes = len({device.process_index for device in devices})
+    if processes % slices:
+        raise ConfigError(f"{processes} processes do not split into {slices} slices of equal hosts")
+    members = [[d for d in devices if d.process_index * slices // processes == s] for s in range(slices)]
+    return Mesh(np.concatenate([mesh_utils.create_device_mesh(within, group) for group in members]), AXES)
 
 
 # ---- the layout of every weight, in one place -------------------------------------------------------------
