@@ -29,8 +29,8 @@ CONFIG = REPO / "bench" / "llama3-8b-config.json"
 
 
 def job_for(slice_name: str, model_dir: Path, settings: list[str] = ()) -> dict:
-    """The example job on `slice_name` ("v6e-16", or "2xv5p-16" for two slices), its model the local config, with
-    `settings` ("trainer.remat=none") applied to spec.config."""
+    """The example job on `slice_name` ("v6e-16", or "2xv5p-16" for two slices: data over the slices, FSDP within
+    each), its model the local config, with `settings` ("trainer.remat=none") applied to spec.config."""
     job = copy.deepcopy(yaml.safe_load(EXAMPLE.read_text()))
     for setting in settings:
         key, _, value = setting.partition("=")
@@ -43,6 +43,8 @@ def job_for(slice_name: str, model_dir: Path, settings: list[str] = ()) -> dict:
     if not count.isdigit():
         count, accelerator = "1", slice_name
     job["spec"]["tpu"] = {"type": accelerator, "slices": int(count)}
+    if int(count) > 1:  # the slices split `data` (over DCN); FSDP stays within each slice
+        job["spec"]["config"]["trainer"]["mesh"] = {"data": int(count), "fsdp": -1}
     job["spec"]["config"]["model"]["source"] = str(model_dir)
     job["metadata"]["name"] = f"m11-llama3-8b-{slice_name}"
     return job

@@ -86,6 +86,7 @@ def plan_job(job: Job) -> dict[str, Any]:
             "input_bytes_per_chip": program.input_bytes, "kv_cache_bytes_per_chip": program.kv_cache_bytes,
             "output_bytes_per_chip": program.output_bytes, "temp_bytes_per_chip": program.temp_bytes,
             "code_bytes_per_chip": program.code_bytes, "flops": program.flops,
+            "ici_bytes_per_chip": program.ici_bytes, "dcn_bytes_per_chip": program.dcn_bytes,
             "xla_flops_per_chip": program.xla_flops_per_chip, "compile_seconds": round(program.compile_seconds, 1),
             "refused": program.refused, "notes": program.notes,
             "knobs": [] if fits else knobs(config, job, program.name, plan),
@@ -191,8 +192,8 @@ def knobs(config: WorkerConfig, job: Job, program: str, plan) -> list[str]:
         if trainer.compute_dtype == "float32":
             found.append("trainer.compute_dtype: float32 -> bfloat16 (the inference weights and cache are in it)")
     if job.shape is not None:
-        found.append(f"spec.tpu: a larger slice or more slices than {job.shape.accelerator_type} x {job.slices}, "
-                     f"with trainer.mesh.fsdp over their chips (the sharded state shrinks per chip)")
+        found.append(f"spec.tpu: a larger slice than {job.shape.accelerator_type}, with trainer.mesh.fsdp over its "
+                     f"chips (the sharded state shrinks per chip; more slices would not: fsdp stays within a slice)")
     else:
         found.append("spec.resources.limits.memory (the container's memory)")
     return found
@@ -269,6 +270,11 @@ def render(result: dict[str, Any]) -> str:
         "  buffer assignment (and generated code); peak: the sum, an upper bound on what is live at once.",
     ]
     out += [f"  {p['name']}: {note}" for p in result["programs"] for note in p["notes"]]
+    train = next((p for p in result["programs"] if p["name"] == "train_step" and not p["refused"]), None)
+    if train and t["slices"] > 1:
+        out += ["", f"train step collectives per chip: {train['ici_bytes_per_chip'] / 2**20:.1f} MiB within a "
+                    f"slice (ICI), {train['dcn_bytes_per_chip'] / 2**20:.1f} MiB between slices (DCN: the gradient "
+                    f"sums of data parallelism over the slices)"]
     out += ["", "FLOPs (counted from the shapes; XLA's cost analysis skips loop bodies): "
             + ", ".join(f"{p['name']} {p['flops']:.3g}" for p in result["programs"] if p["flops"])
             + " (train_step: one optimizer step; prefill: one wave; decode: one token step of a wave at the full "

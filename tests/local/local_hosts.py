@@ -37,20 +37,27 @@ def host_envs(hosts: int, devices_per_host: int = 1, config: dict[str, Any] | No
 
 
 def start_workers(config: dict[str, Any], processes: int, devices_per_process: int,
-                  *args: str) -> list[subprocess.Popen]:
+                  *args: str, slices: int = 1) -> list[subprocess.Popen]:
     """The job's pods as local processes running the container's own command (the worker), each with its own
     stdout/stderr; extra `args` go to every worker. Unlike the local runner, nothing stops the others when one
-    exits: each host lives or dies by itself."""
+    exits: each host lives or dies by itself. `slices` > 1: the processes are that many slices of consecutive
+    processes, with a multislice pod's SIMPO_* slice environment (a CPU pool job has one slice; this stands in
+    for a multislice TPU job, whose devices the worker groups by process on CPU)."""
     base = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}"}
     pods = local_pods(validate_job(cpu_job(processes, config)), Path(tempfile.mkdtemp(prefix="simpo-hosts-")), base)
+    hosts_per_slice = processes // slices
+    for index, pod in enumerate(pods):
+        pod.env.update({api.ENV_NUM_SLICES: str(slices), api.ENV_HOSTS_PER_SLICE: str(hosts_per_slice),
+                        api.ENV_SLICE_INDEX: str(index // hosts_per_slice),
+                        api.ENV_HOST_INDEX: str(index % hosts_per_slice)})
     return [subprocess.Popen([*pod.argv, *args], env=pod.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True) for pod in pods]
 
 
 def run_workers(config: dict[str, Any], processes: int, devices_per_process: int, *args: str,
-                timeout: int = 300) -> list[subprocess.CompletedProcess]:
+                timeout: int = 300, slices: int = 1) -> list[subprocess.CompletedProcess]:
     """start_workers, waited for."""
-    running = start_workers(config, processes, devices_per_process, *args)
+    running = start_workers(config, processes, devices_per_process, *args, slices=slices)
     results = []
     for process in running:
         stdout, stderr = process.communicate(timeout=timeout)

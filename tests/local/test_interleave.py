@@ -162,6 +162,31 @@ def test_resume_is_exact(runs):
     assert outputs.read_manifest(twice, 5) is not None
 
 
+@pytest.mark.parametrize("mode", ["host_data_parallel", "global_mesh"])
+def test_two_slices_train_and_infer_like_one_slice(runs, workdir, mode):
+    """4 hosts as 2 slices of 2 (SIMPO_NUM_SLICES=2; on CPU a slice is a run of consecutive processes), data 2
+    over the slices x fsdp 2 within each (global_mesh decodes on that mesh): the losses and completions of the
+    one-slice run on data 4."""
+    out = workdir / f"slices-{mode}"
+    config = job_config(workdir, str(out), mode=mode)
+    config["trainer"]["mesh"] = {"data": 2, "fsdp": -1}
+    results = [checked(result) for result in run_workers(config, 4, 1, slices=2, timeout=900)]
+    assert "mesh data 2 x fsdp 2 x model 1 over 2 slice(s)" in results[0].stderr
+    reference = runs.get(f"flow-4-{mode}", 4, mode=mode)
+    assert completions(str(out)) == completions(reference)
+    assert train_losses(str(out)) == pytest.approx(train_losses(reference), rel=1e-4, abs=1e-5)
+
+
+def test_a_multislice_mesh_with_fsdp_across_the_slices_is_refused(workdir):
+    config = job_config(workdir, str(workdir / "fsdp-across-slices"), eval_at_steps=[])
+    config["trainer"]["mesh"] = {"data": 1, "fsdp": -1}
+    for result in run_workers(config, 2, 1, slices=2):
+        assert result.returncode == ExitCode.BAD_CONFIG, result.stderr[-3000:]
+        assert ("trainer.mesh: a job of 2 slices x 1 devices splits only `data` over the slices, so data must be "
+                "a multiple of 2; data x fsdp x model = [1, 2, 1] would put fsdp x model = 2 devices across "
+                "slices") in result.stderr
+
+
 def test_host_killed_while_decoding_is_detected_by_the_others_and_the_rerun_resumes_from_the_pause(runs, workdir):
     """The kill drill. 4 hosts, 7 prompts decoded one at a time (shards of 2, 2, 2 and 1), 200 tokens each. Host 1
     is SIGKILLed while decoding: after it reported a decode chunk, once host 3 (one prompt) has written its shard.

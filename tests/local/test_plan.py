@@ -143,7 +143,7 @@ def test_a_job_that_cannot_fit_its_slice_fails_at_plan_naming_need_and_capacity(
     capacity = tpu.generation(tpu.shape_for_type("v5litepod-1")).chip.compiler_hbm_bytes / GIB
     assert "train_step does not fit: needs " in result.stderr
     assert f"GiB per chip against {capacity:.2f} GiB" in result.stderr
-    assert "spec.tpu: a larger slice or more slices" in result.stderr, "names a knob that would help"
+    assert "spec.tpu: a larger slice than v5litepod-1" in result.stderr, "names a knob that would help"
     assert "NO" in result.stdout, "the table marks it"
 
 
@@ -277,3 +277,21 @@ def test_fsdp_across_slices_would_gather_params_over_dcn(two_slice_step):
     _, _, lowered = aot.lower_train_step(config, load_architecture(config.model), mesh)
     dcn = [c for c in aot.collectives(lowered.compile().as_text()) if c.network == "dcn"]
     assert sum(c.count for c in dcn if c.kind == "ALL_GATHER") >= 2 * 7, [(c.kind, c.count) for c in dcn]
+
+
+def test_plan_of_a_multislice_job_reports_the_train_steps_bytes_over_dcn_and_refuses_fsdp_across(tmp_path):
+    across = tiny_job(tpu={"type": "v5p-8", "slices": 2})  # the example's mesh: fsdp over every chip
+    refused = run_plan(across, tmp_path)
+    assert refused.returncode == ExitCode.BAD_CONFIG
+    assert ("spec.config.trainer.mesh: a job of 2 slices x 4 devices splits only `data` over the slices"
+            in refused.stderr), refused.stderr[-3000:]
+    job = tiny_job(tpu={"type": "v5p-8", "slices": 2})
+    job["spec"]["config"]["trainer"]["mesh"] = {"data": 2, "fsdp": -1}
+    result = run_plan(job, tmp_path, "--json")
+    assert result.returncode == 0, result.stderr[-4000:]
+    plan = json.loads(result.stdout)
+    assert plan["target"]["slices"] == 2 and plan["target"]["mesh"] == {"data": 2, "fsdp": 4, "model": 1}
+    train = next(p for p in plan["programs"] if p["name"] == "train_step")
+    assert 0 < train["dcn_bytes_per_chip"] < train["ici_bytes_per_chip"]
+    # Inference runs within each slice (host data parallel): nothing crosses slices.
+    assert all(p["dcn_bytes_per_chip"] == 0 for p in plan["programs"] if p["name"] != "train_step")

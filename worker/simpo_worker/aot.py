@@ -22,6 +22,8 @@ What is reported per program and per chip, and where each number comes from:
 - temporaries and generated code: XLA's memory analysis;
 - peak: the sum of the above, an upper bound on what is live at once;
 - FLOPs: flops.py's count (XLA's cost analysis skips loop bodies; its figure is kept as xla_flops_per_chip).
+- collectives: the bytes one call moves per chip inside a slice (ICI) and between slices (DCN, multislice), read
+  from the compiled HLO (`collectives`).
 When XLA refuses to compile for lack of memory (RESOURCE_EXHAUSTED), its message states the program's whole need
 (arguments, outputs and temporaries: what it calls "HLO temporaries"); the program is reported with the arguments
 counted above and the rest of that need as temporaries, and `refused` holding the message.
@@ -139,6 +141,9 @@ class ProgramReport:
     compile_seconds: float
     refused: Optional[str] = None  # XLA's message when it refused to compile for lack of memory
     notes: list[str] = field(default_factory=list)
+    # What one call's collectives move per chip (see `collectives`): inside a slice, and between slices.
+    ici_bytes: int = 0
+    dcn_bytes: int = 0
 
     @property
     def peak_bytes(self) -> int:
@@ -233,6 +238,12 @@ def _report(name: str, lowered, *, params: int, optimizer: int, kv_args: int, fl
     report = ProgramReport(name, params + resident[0], optimizer + resident[1], inputs, kv_args + cache_out,
                            outputs, memory.temp_size_in_bytes, memory.generated_code_size_in_bytes, flop_count,
                            (cost or {}).get("flops"), seconds)
+    for collective in collectives(compiled.as_text()):
+        moved = collective.bytes * collective.count
+        if collective.network == "dcn":
+            report.dcn_bytes += moved
+        else:
+            report.ici_bytes += moved
     return report, compiled
 
 
@@ -257,7 +268,8 @@ _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 class Collective:
     """One collective of a compiled program, per chip: `network` "ici" or "dcn"; `kind` the HLO op (ICI) or the
     multislice transfer type (DCN); `bytes` what its result holds (an all-gather's gathered arrays, an
-    all-reduce's operands; dtype and shape: its largest array); `count` how many times one call of the program runs it (its loops' trip counts)."""
+    all-reduce's operands; dtype and shape: its largest array); `count` how many times one call of the program
+    runs it (its loops' trip counts)."""
 
     network: str
     kind: str
@@ -279,7 +291,7 @@ def _arrays(hlo_type: str) -> list[tuple[str, tuple[int, ...], int]]:
 
 def collectives(hlo_text: str) -> list[Collective]:
     """Every collective of a compiled program's HLO text (Compiled.as_text()), each with how often it runs."""
-    computations: dict[str, list[tuple[str, str, str, str]]] = {}
+    computations: dict[str, list[tuple[str, str, str]]] = {}  # name -> its instructions' (type, op, rest)
     entry, current = None, None
     for line in hlo_text.splitlines():
         head = _COMPUTATION.match(line)
@@ -289,7 +301,7 @@ def collectives(hlo_text: str) -> list[Collective]:
             continue
         instruction = _INSTRUCTION.match(line) if current is not None else None
         if instruction:
-            current.append(instruction.groups()[1:])  # (type, op, rest)
+            current.append(instruction.groups()[1:])
     if entry is None:
         raise ValueError("no ENTRY computation in the HLO text")
 
@@ -300,10 +312,11 @@ def collectives(hlo_text: str) -> list[Collective]:
         for hlo_type, op, rest in computations[name]:
             called = _CALLED.findall(rest) + [c.strip().lstrip("%") for m in _BRANCHES.findall(rest)
                                                for c in m.split(",") if c.strip()]
-            trips = _trip_count(computations, rest) if op == "while" else 1
+            body = re.search(r"\bbody=%([\w.-]+)", rest) if op == "while" else None
             for callee in called:
                 if callee in computations:
-                    visit(callee, count * (trips if f"body=%{callee}" in rest else 1))
+                    visit(callee, count * (_trip_count(computations, rest) if body and callee == body.group(1)
+                                           else 1))
 
     visit(entry, 1)
     found = []
@@ -327,16 +340,15 @@ def collectives(hlo_text: str) -> list[Collective]:
 
 def _trip_count(computations, while_rest: str) -> int:
     """A while loop's trip count: XLA's known_trip_count, else the bound its condition compares the counter
-    with (jax's scans and fori_loops count from 0 while i < N)."""
+    with (jax's scans and fori_loops count from 0 while i < N); 1 for a loop without one bound (the decode loop
+    runs until its rows are done: its collectives are counted per iteration)."""
     known = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', while_rest)
     if known:
         return int(known.group(1))
     condition = re.search(r"condition=%([\w.-]+)", while_rest).group(1)
     bounds = {int(m) for _, op, rest in computations[condition] if op == "constant"
               for m in re.findall(r"^(-?\d+)\)", rest)}
-    if len(bounds) != 1:
-        raise ValueError(f"while loop {condition}: cannot tell its trip count from constants {sorted(bounds)}")
-    return bounds.pop()
+    return bounds.pop() if len(bounds) == 1 else 1
 
 
 # ---- the programs -------------------------------------------------------------------------------------------

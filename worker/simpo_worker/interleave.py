@@ -275,6 +275,8 @@ def build_run(config: WorkerConfig, reporter: ProgressReporter | None = None,
     tokenizer = load_tokenizer(config.tokenizer or config.model.source)
     prompts = load_prompts(config.inference, tokenizer) if config.inference.enabled else PromptSet([], [])
     mesh = make_mesh(config.trainer.mesh, slices=num_slices())
+    log.info("mesh %s over %d slice(s)", " x ".join(f"{axis} {size}" for axis, size in mesh.shape.items()),
+             num_slices())
     model = load_model(config.model, mesh)  # every param made on its training sharding
     check_context(config.inference, model.config.max_position_embeddings, config.model.source)
     trainer = Trainer(config, model, tokenizer, mesh)

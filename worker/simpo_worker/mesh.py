@@ -32,23 +32,23 @@ REGION_PIECE_BYTES = 32 << 20
 
 def make_mesh(config: MeshConfig, devices: list | None = None, slices: int | None = None) -> Mesh:
     """The training mesh over `devices` (default: every device of every process) in `slices` slices (default:
-    as the devices' slice_index says; 1 for devices without one). Multislice: the slices split `data` over the
+    as the TPU devices' slice_index says; 1 off TPU). Multislice: the slices split `data` over the
     data-center network (DCN) and each slice holds data / slices x fsdp x model devices on its own links (ICI);
     MeshConfig.resolve refuses a mesh that would put fsdp or model across slices."""
     devices = jax.devices() if devices is None else devices
-    tpu_slices = hasattr(devices[0], "slice_index")
-    found = len({device.slice_index for device in devices}) if tpu_slices else 1
+    on_tpu = devices[0].platform == "tpu"  # elsewhere slice_index is absent or 0 on every device
+    found = len({getattr(device, "slice_index", 0) for device in devices}) if on_tpu else 1
     slices = found if slices is None else slices
-    if tpu_slices and slices != found:
+    if on_tpu and slices != found:
         raise ConfigError(f"the job has {slices} slice(s) but the devices are in {found}: the multislice "
                           f"environment (MEGASCALE_*) is missing or wrong on this pod")
     shape = config.resolve(len(devices), slices=slices)
     if slices == 1:
         return Mesh(mesh_utils.create_device_mesh(shape, devices), AXES)
     within, across = (shape[0] // slices, *shape[1:]), (slices, 1, 1)
-    if tpu_slices:
+    if on_tpu:
         return Mesh(mesh_utils.create_hybrid_device_mesh(within, across, devices), AXES)
-    # Devices without a slice_index (CPU): a slice is a run of consecutive processes (process index //
+    # Off TPU devices carry no slice: a slice is a run of consecutive processes (process index //
     # hosts per slice, as jax.distributed numbers the pods: SIMPO_SLICE_INDEX * SIMPO_HOSTS_PER_SLICE + host).
     processes = len({device.process_index for device in devices})
     if processes % slices:
