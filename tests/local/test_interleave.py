@@ -180,11 +180,13 @@ def test_two_slices_train_and_infer_like_one_slice(runs, workdir, mode):
 def test_a_multislice_mesh_with_fsdp_across_the_slices_is_refused(workdir):
     config = job_config(workdir, str(workdir / "fsdp-across-slices"), eval_at_steps=[])
     config["trainer"]["mesh"] = {"data": 1, "fsdp": -1}
-    for result in run_workers(config, 2, 1, slices=2):
-        assert result.returncode == ExitCode.BAD_CONFIG, result.stderr[-3000:]
-        assert ("trainer.mesh: a job of 2 slices x 1 devices splits only `data` over the slices, so data must be "
-                "a multiple of 2; data x fsdp x model = [1, 2, 1] would put fsdp x model = 2 devices across "
-                "slices") in result.stderr
+    leader, other = run_workers(config, 2, 1, slices=2)
+    assert leader.returncode == ExitCode.BAD_CONFIG, leader.stderr[-3000:]
+    assert ("trainer.mesh: a job of 2 slices x 1 devices splits only `data` over the slices, so data must be "
+            "a multiple of 2; data x fsdp x model = [1, 2, 1] would put fsdp x model = 2 devices across "
+            "slices") in leader.stderr
+    # The other host refuses it too, unless the leader's exit (its coordination service) aborted it first.
+    assert other.returncode in (ExitCode.BAD_CONFIG, -signal.SIGABRT), other.stderr[-3000:]
 
 
 def test_host_killed_while_decoding_is_detected_by_the_others_and_the_rerun_resumes_from_the_pause(runs, workdir):
