@@ -11,6 +11,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 import yaml
 
@@ -114,13 +115,12 @@ def train_records(output_dir) -> list[dict]:
 
 
 def checkpoint_arrays(output_dir, step: int) -> dict[str, np.ndarray]:
-    """Every stored shard of a checkpoint, by file and key."""
-    folder = Path(output_dir) / "checkpoints" / f"step_{step:08d}"
-    arrays = {}
-    for file in sorted(folder.glob("*.npz")):
-        with np.load(file) as archive:
-            arrays.update({f"{file.name}/{key}": archive[key] for key in archive.files})
-    return arrays
+    """Every array of a checkpoint, whole, by name (read back with Orbax as numpy arrays on this host)."""
+    path = Path(output_dir) / "checkpoints" / f"step_{step:08d}" / "state"
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        names = checkpointer.metadata(path).item_metadata.tree
+        as_numpy = {name: ocp.RestoreArgs(restore_type=np.ndarray) for name in names}
+        return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
 
 
 @cache

@@ -3,6 +3,7 @@ non-retryable exit codes for bad data, bad config, a missing model and an unread
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +22,12 @@ def test_resume_after_a_restart_is_bit_identical(tmp_path):
     first = checked(run_worker(config, "--stop-at-step", "3"))
     assert complete_steps(str(resumed / "checkpoints")) == [2, 3]
     assert "stage='done'" not in first.stderr  # a drill's stop is not the end of the run
-    # A crash while writing step 5 leaves a checkpoint without its manifest: it must never be restored.
-    half = resumed / "checkpoints" / "step_00000005"
-    half.mkdir()
-    (half / "process_0000_of_0001.npz").write_bytes(b"truncated")
+    # A crash while writing step 5 leaves Orbax's uncommitted temporary directory: it must never be restored.
+    half = resumed / "checkpoints" / "step_00000005.orbax-checkpoint-tmp"
+    shutil.copytree(resumed / "checkpoints" / "step_00000003" / "state", half / "state")
+    for file in (half / "state").rglob("*"):
+        if file.is_file():
+            file.write_bytes(file.read_bytes()[:10])
     second = checked(run_worker(config))
     assert "training from step 3 to 7" in second.stderr
     # The leader's last report (the log reporter here; status.progress in a pod).
@@ -42,8 +45,9 @@ def test_resume_after_a_restart_is_bit_identical(tmp_path):
     for key in want:
         assert np.array_equal(want[key], got[key]), key
     assert complete_steps(str(resumed / "checkpoints")) == [6, 7]  # keep: 2 (step 5 rewritten, then pruned)
-    manifest = json.loads((resumed / "checkpoints" / "step_00000007" / "manifest.json").read_text())
-    assert manifest["step"] == 7 and manifest["data_position"] == 7 and manifest["seed"] == 5
+    assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == ["step_00000006", "step_00000007"]
+    info = json.loads((resumed / "checkpoints" / "step_00000007" / "info" / "metadata").read_text())
+    assert info == {"step": 7, "data_position": 7, "seed": 5}
 
 
 def test_unreadable_checkpoint_is_a_clear_non_retryable_error(tmp_path):

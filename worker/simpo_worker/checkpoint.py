@@ -1,37 +1,39 @@
-"""Sharded training checkpoints on any fsspec filesystem (local, gs://), complete or invisible.
+"""Sharded training checkpoints with Orbax (orbax-checkpoint's CheckpointManager) on local disk or gs://.
 
-Layout of one checkpoint:
+Layout of one checkpoint (Orbax's own):
 
-    {directory}/step_{step:08d}/process_{i:04d}_of_{n:04d}.npz   the array shards process i owns
-    {directory}/step_{step:08d}/manifest.json                    written last, by the leader
+    {directory}/step_{step:08d}/state/    the training state (params, optimizer state, step): an OCDBT
+                                          tensorstore; every process writes the shards it owns
+    {directory}/step_{step:08d}/info/     CheckpointInfo (step, data position, seed) as JSON
+    {directory}/step_{step:08d}/_CHECKPOINT_METADATA   Orbax's commit record
 
-Every process writes the shards it owns (replica 0 of each of its addressable shards); a barrier; then the leader
-writes the manifest (step, data position, seed, the arrays' shapes and dtypes, the shard files). A checkpoint
-without a manifest is half-written and never restored. Restoring makes each array directly on its target
-sharding and reads, for each shard a device needs, only the stored shards that overlap it, so the mesh may differ
-between save and restore.
+Orbax commits atomically: a checkpoint is written under a temporary name and renamed when every process is done
+(on gs://, which cannot rename, a commit_success.txt marks it), so a half-written checkpoint is never listed, let
+alone restored. Saves are asynchronous: `save` returns once the arrays are copied off the devices (the next train
+step may donate them) and the write goes on in the background, overlapping training or an inference pause. The
+next save, `wait`, and every restore wait for it first and raise its error. Restoring reads each array straight
+onto its target sharding, each process reading only the regions its devices hold, so the mesh may differ between
+save and restore. Orbax's cross-process barriers go through jax.distributed's coordination service, with timeouts.
+Arrays go through tensorstore, which reads TENSORSTORE_GCS_HTTP_URL (an emulator) and retries transient GCS errors
+itself; the directories through etils.epath (gcsfs).
 """
 
 from __future__ import annotations
 
-import io
-import json
+import contextlib
 import re
-import zipfile
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
-import fsspec
 import jax
-import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
 
-from simpo_worker import distributed
 from simpo_worker.errors import ConfigError, OutputError
-from simpo_worker.mesh import from_regions
-from simpo_worker.storage import exists, join, list_names, read_text, remove, retrying, write_atomic
 
-MANIFEST = "manifest.json"
-STEP_DIR = re.compile(r"step_(\d{8})$")
+STATE, INFO = "state", "info"
+# step_00000042, as the project's other per-step outputs.
+NAME_FORMAT = ocp.step.standard_name_format(step_prefix="step", step_format_fixed_length=8)
 
 
 @dataclass(frozen=True)
@@ -42,174 +44,118 @@ class CheckpointInfo:
 
 
 def step_dir(directory: str, step: int) -> str:
-    return join(directory, f"step_{step:08d}")
+    return f"{directory.rstrip('/')}/step_{step:08d}"
 
 
 def complete_steps(directory: str) -> list[int]:
-    """Steps with a complete checkpoint (manifest present), ascending."""
-    steps = []
-    for name in list_names(directory):
-        match = STEP_DIR.fullmatch(name)
-        if match and exists(join(step_dir(directory, int(match.group(1))), MANIFEST)):
-            steps.append(int(match.group(1)))
-    return sorted(steps)
-
-
-def latest_step(directory: str) -> int | None:
-    steps = complete_steps(directory)
-    return steps[-1] if steps else None
+    """Steps with a committed checkpoint, ascending."""
+    path = epath.Path(directory)
+    if not path.exists():
+        return []
+    return sorted(metadata.step for metadata in NAME_FORMAT.find_all(path))
 
 
 class Checkpointer:
     def __init__(self, directory: str, keep: int, barrier_timeout_s: float):
-        self.directory, self.keep, self.barrier_timeout_s = directory, keep, barrier_timeout_s
-        self._saves = 0  # makes barrier names unique; every process counts alike
+        self.directory = directory
+        count = jax.process_count()
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, step_name_format=NAME_FORMAT, enable_async_checkpointing=True,
+            cleanup_tmp_directories=True,  # an earlier attempt's half-written checkpoints
+            async_options=ocp.AsyncOptions(timeout_secs=int(barrier_timeout_s)),
+            # Naming every process routes Orbax's barriers through the coordination service, which times out
+            # (without it they are device collectives that wait forever for a missing host).
+            multiprocessing_options=ocp.options.MultiprocessingOptions(
+                active_processes=set(range(count)) if count > 1 else None))
+        self._manager = ocp.CheckpointManager(
+            epath.Path(directory), options=options, item_names=(STATE, INFO),
+            item_handlers={STATE: ocp.StandardCheckpointHandler(), INFO: ocp.JsonCheckpointHandler()})
 
     def save(self, arrays: Any, info: CheckpointInfo) -> None:
-        """Durable and complete for everyone when this returns (all processes call it)."""
-        self._saves += 1
-        tag = f"checkpoint-{info.step}-{self._saves}"
-        target = step_dir(self.directory, info.step)
-        self._barrier(f"{tag}-start")
-        if exists(join(target, MANIFEST)):
-            return  # this exact state is already durable
-        self._barrier(f"{tag}-checked")
-        if distributed.is_leader():
-            remove(target, recursive=True)  # a half-written leftover of an earlier attempt, if any
-        self._barrier(f"{tag}-clean")
-        leaves = jax.tree.leaves(arrays)
-        me, count = jax.process_index(), jax.process_count()
-        shards = {}
-        for number, leaf in enumerate(leaves):
-            for shard in leaf.addressable_shards:
-                if shard.replica_id == 0:
-                    shards[_shard_key(number, shard.index, leaf.shape)] = np.asarray(shard.data)
-        buffer = io.BytesIO()
-        np.savez(buffer, **shards)
-        write_atomic(join(target, _process_file(me, count)), buffer.getvalue(), "checkpoint shard")
-        self._barrier(f"{tag}-written")
-        if distributed.is_leader():
-            manifest = {"step": info.step, "data_position": info.data_position, "seed": info.seed,
-                        "files": [_process_file(i, count) for i in range(count)],
-                        "arrays": [{"shape": list(leaf.shape), "dtype": str(leaf.dtype)} for leaf in leaves]}
-            write_atomic(join(target, MANIFEST), json.dumps(manifest, indent=1))
-            self._prune()
-        self._barrier(f"{tag}-committed")
+        """Start saving (all processes call it): returns once the arrays are off the devices; the write goes on
+        in the background. A step already saved is left as it is (this exact state is durable)."""
+        self.wait()
+        self._manager.reload()
+        if info.step in self._manager.all_steps():
+            return
+        with _storage_errors(self.directory, "save the checkpoint"):
+            self._manager.save(info.step, args=ocp.args.Composite(**{
+                STATE: ocp.args.StandardSave(_by_name(arrays)),
+                INFO: ocp.args.JsonSave({"step": info.step, "data_position": info.data_position,
+                                         "seed": info.seed})}))
+
+    def wait(self) -> None:
+        """Until the pending save (if any) is committed everywhere; raises its error."""
+        with _storage_errors(self.directory, "save the checkpoint"):
+            self._manager.wait_until_finished()
+
+    def latest_step(self) -> int | None:
+        """The newest committed checkpoint (after any pending save)."""
+        self.wait()
+        self._manager.reload()
+        return self._manager.latest_step()
 
     def info(self, step: int, template: Any) -> CheckpointInfo:
         """The info saved at `step`, after checking that its arrays fit `template` (arrays or ShapeDtypeStructs)."""
-        return self._manifest(step, template)[0]
+        target = step_dir(self.directory, step)
+        with _storage_errors(target, "read the checkpoint's metadata"):
+            metadata = self._manager.item_metadata(step)
+            stored = metadata[STATE]
+            saved = self._manager.restore(step, args=ocp.args.Composite(**{INFO: ocp.args.JsonRestore()}))[INFO]
+        expected = _by_name(template)
+        if stored is None or set(stored) != set(expected):
+            raise ConfigError(f"{target}: the checkpoint does not fit this model and optimizer (it holds "
+                              f"{len(stored or {})} arrays, this run has {len(expected)}); was the config changed "
+                              f"for an existing output_dir?")
+        for name, leaf in expected.items():
+            if tuple(stored[name].shape) != tuple(leaf.shape) or stored[name].dtype != leaf.dtype:
+                raise ConfigError(f"{target}: the checkpoint does not fit this model and optimizer ({name}: stored "
+                                  f"{stored[name].dtype}{list(stored[name].shape)}, expected "
+                                  f"{leaf.dtype}{list(leaf.shape)}); was the config changed for an existing "
+                                  f"output_dir?")
+        try:
+            return CheckpointInfo(step=saved["step"], data_position=saved["data_position"], seed=saved["seed"])
+        except (KeyError, TypeError) as error:
+            raise OutputError(f"{target}: unreadable checkpoint info: {error!r}") from error
 
     def restore(self, step: int, template: Any, shardings: Any) -> tuple[Any, CheckpointInfo]:
-        """The arrays (structure, shapes and dtypes of `template`: arrays or ShapeDtypeStructs) made directly on
-        `shardings`, each process reading only the stored shards its devices' regions overlap; and the info saved
-        at `step`."""
-        info, files = self._manifest(step, template)
-        target = step_dir(self.directory, step)
+        """The arrays (structure, shapes and dtypes of `template`) made directly on `shardings`, each process
+        reading only the regions its devices hold; and the info saved at `step`."""
+        info = self.info(step, template)
         leaves, treedef = jax.tree.flatten(template)
-        store = _ShardStore([join(target, name) for name in files])
-        try:
-            restored = [from_regions(leaf.shape, leaf.dtype, sharding, lambda index, n=n, leaf=leaf:
-                                     store.read(n, index, leaf.shape, leaf.dtype))
-                        for n, (leaf, sharding) in enumerate(zip(leaves, jax.tree.leaves(shardings)))]
-        finally:
-            store.close()
-        return jax.tree.unflatten(treedef, restored), info
-
-    def _manifest(self, step: int, template: Any) -> tuple[CheckpointInfo, list[str]]:
-        target = step_dir(self.directory, step)
-        manifest_url = join(target, MANIFEST)
-        try:
-            manifest = json.loads(read_text(manifest_url))
-            files, specs = manifest["files"], manifest["arrays"]
-            info = CheckpointInfo(step=manifest["step"], data_position=manifest["data_position"],
-                                  seed=manifest["seed"])
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            raise OutputError(f"{manifest_url}: unreadable checkpoint manifest: {error!r}") from error
-        leaves = jax.tree.leaves(template)
-        expected = [{"shape": list(leaf.shape), "dtype": str(leaf.dtype)} for leaf in leaves]
-        if specs != expected:
-            mismatch = next(i for i in range(max(len(specs), len(expected)))
-                            if i >= len(specs) or i >= len(expected) or specs[i] != expected[i])
-            raise ConfigError(f"{target}: the checkpoint does not fit this model and optimizer (array #{mismatch}: "
-                              f"stored {specs[mismatch] if mismatch < len(specs) else 'none'}, expected "
-                              f"{expected[mismatch] if mismatch < len(expected) else 'none'}); was the config "
-                              f"changed for an existing output_dir?")
-        return info, files
-
-    def _prune(self) -> None:
-        """Keep the newest `keep` complete checkpoints; the manifest goes first so a partial delete is invisible."""
-        for old in complete_steps(self.directory)[:-self.keep]:
-            target = step_dir(self.directory, old)
-            remove(join(target, MANIFEST))
-            remove(target, recursive=True)
-
-    def _barrier(self, name: str) -> None:
-        distributed.barrier(name, self.barrier_timeout_s)
+        targets = _by_name(jax.tree.unflatten(treedef, [
+            jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
+            for leaf, sharding in zip(leaves, jax.tree.leaves(shardings))]))
+        with _storage_errors(step_dir(self.directory, step), "read the checkpoint"):
+            restored = self._manager.restore(step, args=ocp.args.Composite(**{
+                STATE: ocp.args.StandardRestore(targets)}))[STATE]
+        return jax.tree.unflatten(treedef, [restored[name] for name in targets]), info
 
 
-class _ShardStore:
-    """The stored shards of one checkpoint, read lazily per array region."""
-
-    def __init__(self, urls: list[str]):
-        self.archives: dict[str, np.lib.npyio.NpzFile] = {}
-        self.handles = []
-        self.shards: dict[int, list[tuple[str, tuple[tuple[int, int], ...], str]]] = {}
-        for url in urls:
-            try:
-                handle = retrying(url, "open the checkpoint shard", fsspec.open(url, "rb").open)
-                self.handles.append(handle)
-                archive = retrying(url, "read the checkpoint shard's index", lambda: _load_from_start(handle))
-                keys = archive.files
-            except (OSError, ValueError, zipfile.BadZipFile) as error:
-                raise OutputError(f"{url}: unreadable checkpoint shard file: {error!r}") from error
-            self.archives[url] = archive
-            for key in keys:
-                number, bounds = _parse_shard_key(key)
-                self.shards.setdefault(number, []).append((url, bounds, key))
-
-    def read(self, number: int, index: tuple, shape: tuple[int, ...], dtype) -> np.ndarray:
-        """Array #number's region `index` (a tuple of slices), assembled from the stored shards overlapping it."""
-        region = [s.indices(size)[:2] for s, size in zip(index, shape)]
-        out = np.empty([stop - start for start, stop in region], dtype)
-        covered = 0
-        for url, bounds, key in self.shards.get(number, []):
-            overlap = [(max(a, c), min(b, d)) for (a, b), (c, d) in zip(region, bounds)]
-            if any(start >= stop for start, stop in overlap):
-                continue
-            try:
-                data = retrying(url, f"read checkpoint shard {key}", lambda: self.archives[url][key])
-            except (OSError, ValueError, zipfile.BadZipFile) as error:
-                raise OutputError(f"{url}: unreadable checkpoint shard {key}: {error!r}") from error
-            source = tuple(slice(a - c, b - c) for (a, b), (c, _) in zip(overlap, bounds))
-            dest = tuple(slice(a - r, b - r) for (a, b), (r, _) in zip(overlap, region))
-            out[dest] = data[source]
-            covered += int(np.prod([b - a for a, b in overlap]))
-        if covered != out.size:
-            raise OutputError(f"{next(iter(self.archives))}: checkpoint shards of array #{number} cover {covered} "
-                              f"of the {out.size} elements of region {region}")
-        return out
-
-    def close(self) -> None:
-        for archive in self.archives.values():
-            archive.close()
-        for handle in self.handles:
-            handle.close()
+def _by_name(tree: Any) -> dict[str, Any]:
+    """The leaves by their path in the tree (model_layers_wq, opt_state_1_0_mu_model_embed, ...): Orbax's item
+    is a flat dict, so restoring needs no equinox module structure."""
+    named = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        name = re.sub(r"[^A-Za-z0-9]+", "_", jax.tree_util.keystr(path)).strip("_")
+        if name in named:
+            raise ValueError(f"two state arrays named {name!r}")
+        named[name] = leaf
+    return named
 
 
-def _shard_key(number: int, index: tuple, shape: tuple[int, ...]) -> str:
-    return ".".join([str(number)] + [f"{s.indices(n)[0]}-{s.indices(n)[1]}" for s, n in zip(index, shape)])
-
-
-def _parse_shard_key(key: str) -> tuple[int, tuple[tuple[int, int], ...]]:
-    number, *bounds = key.split(".")
-    return int(number), tuple(tuple(int(v) for v in bound.split("-")) for bound in bounds)
-
-
-def _process_file(index: int, count: int) -> str:
-    return f"process_{index:04d}_of_{count:04d}.npz"
-
-
-def _load_from_start(handle) -> np.lib.npyio.NpzFile:
-    handle.seek(0)  # a failed try may have read part way
-    return np.load(handle)
+@contextlib.contextmanager
+def _storage_errors(where: str, what: str) -> Iterator[None]:
+    """Storage failures a restart cannot fix (a refused permission, unreadable data) as OutputError (exit 13),
+    naming the checkpoint; others propagate as they are (retryable: tensorstore already retried transient ones)."""
+    try:
+        yield
+    except (ConfigError, OutputError):
+        raise
+    except Exception as error:
+        message = str(error)
+        if isinstance(error, PermissionError) or "PERMISSION_DENIED" in message:
+            raise OutputError(f"{where}: cannot {what}: permission denied: {message}") from error
+        if what.startswith("read") and isinstance(error, (OSError, ValueError)):
+            raise OutputError(f"{where}: unreadable checkpoint: cannot {what}: {message}") from error
+        raise

@@ -2,7 +2,8 @@
 host, then resume training from the in-memory state.
 
 A pause at step s (after optimizer step s):
-  1. checkpoint (the state is durable: a crash during inference restarts here, not from scratch)
+  1. checkpoint (the state is durable: a crash during inference restarts here, not from scratch); the save is
+     asynchronous, its write overlaps the rest of the pause (and training after it) until the next save waits
   2. barrier; with export.at `pauses`, the live params exported to Hugging Face format (export.py); with
      data.eval_files, every host evaluates the live params on the held-out pairs (trainer.evaluate:
      the train step's loss and reward metrics, forward only, on the training mesh)
@@ -29,7 +30,6 @@ from jax.experimental import multihost_utils
 
 from simpo_worker import logs, outputs, storage
 from simpo_worker.api import Progress
-from simpo_worker.checkpoint import latest_step
 from simpo_worker.compile_cache import CompileLog
 from simpo_worker.config import InferenceConfig, WorkerConfig
 from simpo_worker.distributed import barrier, is_leader, num_slices
@@ -108,7 +108,9 @@ class InterleavedRun:
             if trainer.step < last and self.notice.received_anywhere():  # the same branch on every host
                 if not saved:
                     trainer.save_checkpoint()
+                trainer.wait_for_checkpoint()
                 raise Preempted(f"after step {trainer.step}", trainer.step)
+        trainer.wait_for_checkpoint()  # before the process exits
         if trainer.step >= total:  # not after a drill's stop_at
             if self._exports("end"):
                 export_hf(trainer.model, export_dir(config.export, None), config.export, self.export_files,
@@ -163,7 +165,7 @@ class InterleavedRun:
             # Called after every decode chunk; global_mesh hosts decode together, so they stop together.
             if self.notice.received_anywhere() if self.config.inference.mode == "global_mesh" else self.notice.received:
                 raise Preempted(f"during the inference pause at step {step}",
-                                latest_step(self.trainer.checkpointer.directory))
+                                self.trainer.checkpointer.latest_step())
             # While decoding, hosts do not talk: the leader reports its own shard; the totals come at the end.
             if not is_leader():
                 log.info("inference at step %d: %d/%d prompts done, %d tokens", step, done, len(indices), tokens)

@@ -54,4 +54,5 @@ def configure(log_format: str | None = None) -> None:
         raise ConfigError(f"{ENV_LOG_FORMAT}: must be one of {', '.join(LOG_FORMATS)}, got {log_format!r}")
     handler = logging.StreamHandler()
     handler.setFormatter(CloudLoggingJson() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
+    # force: importing Orbax puts absl's handler on the root logger.
     logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)

@@ -34,6 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     logs.configure()
+    logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax's per-save INFO chatter
     if not args.config:
         raise ConfigError("no worker config: pass --config or set SIMPO_CONFIG")
     config = load_worker_config(args.config)

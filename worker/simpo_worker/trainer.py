@@ -2,7 +2,8 @@
 
 The interleaved loop drives it: `train_step()` advances one optimizer step; `evaluate()` scores the live params on
 held-out pairs without changing anything; `model` is the live params (the inference engine reads these directly);
-`save_checkpoint()` / `restore_latest()` make and find durable state.
+`save_checkpoint()` (asynchronous: `wait_for_checkpoint()` makes it durable) / `restore_latest()` make and find
+durable state.
 The state arrays are donated to every step, so read `model` again after each step rather than keeping it.
 """
 
@@ -14,7 +15,7 @@ import equinox as eqx
 import jax
 import numpy as np
 
-from simpo_worker.checkpoint import Checkpointer, CheckpointInfo, latest_step
+from simpo_worker.checkpoint import Checkpointer, CheckpointInfo
 from simpo_worker.config import WorkerConfig
 from simpo_worker.errors import ConfigError
 from simpo_worker.eval_step import EVAL_FIELDS, CompiledEval
@@ -108,11 +109,16 @@ class Trainer:
         return batch
 
     def save_checkpoint(self) -> None:
+        """Starts the save; training may go on at once (the write continues in the background)."""
         self.checkpointer.save(self._arrays, CheckpointInfo(step=self.step, data_position=self.data_position,
                                                             seed=self.config.trainer.seed))
 
+    def wait_for_checkpoint(self) -> None:
+        """Until the last save is committed on every host (raises its error)."""
+        self.checkpointer.wait()
+
     def restore_latest(self) -> int | None:
-        step = latest_step(self.checkpointer.directory)
+        step = self.checkpointer.latest_step()
         if step is None:
             return None
         template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self._arrays)
