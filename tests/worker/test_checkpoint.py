@@ -54,11 +54,12 @@ def test_unreadable_checkpoint_is_a_clear_non_retryable_error(tmp_path):
     output_dir = tmp_path / "run"
     config = tiny_config(output_dir, **{"trainer.num_train_steps": 2, "trainer.checkpoint.every": 1})
     checked(run_worker(config))
-    shard = output_dir / "checkpoints" / "step_00000002" / "process_0000_of_0001.npz"
-    shard.write_bytes(shard.read_bytes()[:100])
+    step = output_dir / "checkpoints" / "step_00000002"
+    for data in (step / "state").glob("ocdbt.process_*/d/*"):
+        data.write_bytes(data.read_bytes()[:100])
     result = run_worker(config)
     assert result.returncode == 13, result.stderr[-2000:]
-    assert f"{shard}: unreadable checkpoint shard file" in result.stderr
+    assert f"{step}: unreadable checkpoint: cannot read the checkpoint" in result.stderr
 
 
 def write_lines(path: Path, lines: list[str]) -> str:

@@ -147,15 +147,25 @@ def _by_name(tree: Any) -> dict[str, Any]:
 @contextlib.contextmanager
 def _storage_errors(where: str, what: str) -> Iterator[None]:
     """Storage failures a restart cannot fix (a refused permission, unreadable data) as OutputError (exit 13),
-    naming the checkpoint; others propagate as they are (retryable: tensorstore already retried transient ones)."""
+    naming the checkpoint; others propagate as they are (retryable: tensorstore already retried transient ones).
+    Orbax wraps tensorstore's errors in a bare Exception: the cause chain says what failed."""
     try:
         yield
     except (ConfigError, OutputError):
         raise
     except Exception as error:
-        message = str(error)
-        if isinstance(error, PermissionError) or "PERMISSION_DENIED" in message:
-            raise OutputError(f"{where}: cannot {what}: permission denied: {message}") from error
-        if what.startswith("read") and isinstance(error, (OSError, ValueError)):
-            raise OutputError(f"{where}: unreadable checkpoint: cannot {what}: {message}") from error
+        chain = _chain(error)
+        details = "; ".join(str(e) for e in chain)
+        if any(isinstance(e, PermissionError) or "PERMISSION_DENIED" in str(e) for e in chain):
+            raise OutputError(f"{where}: cannot {what}: permission denied: {details}") from error
+        if what.startswith("read") and any(isinstance(e, (OSError, ValueError)) for e in chain):
+            raise OutputError(f"{where}: unreadable checkpoint: cannot {what}: {details}") from error
         raise
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+    chain = []
+    while error is not None and error not in chain:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    return chain
