@@ -53,6 +53,10 @@ def gcs_emulator(timeout_s: float = 30.0) -> Iterator[dict[str, str]]:
             "FSSPEC_GS_TOKEN": "anon",
             # gcsfs probes the bucket layout over gRPC (storage control API), which the emulator lacks.
             "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+            # tensorstore (Orbax's array writes) has its own GCS client: the emulator's URL, and a fixed bearer
+            # token instead of Google's credential discovery (the emulator checks none).
+            "TENSORSTORE_GCS_HTTP_URL": url,
+            "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",
         }
     finally:
         os.killpg(process.pid, signal.SIGTERM)
@@ -149,7 +153,7 @@ def fault_proxy(env: dict[str, str]) -> Iterator[tuple[FaultProxy, dict[str, str
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield proxy, {**env, "STORAGE_EMULATOR_HOST": proxy.url}
+        yield proxy, {**env, "STORAGE_EMULATOR_HOST": proxy.url, "TENSORSTORE_GCS_HTTP_URL": proxy.url}
     finally:
         server.shutdown()
         server.server_close()

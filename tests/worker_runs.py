@@ -8,12 +8,14 @@ import tempfile
 from functools import cache
 from pathlib import Path
 
+import fsspec
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 import yaml
+from etils import epath
 
 from simpo_worker import outputs
 from simpo_worker.checkpoint import step_dir
@@ -116,11 +118,20 @@ def train_records(output_dir) -> list[dict]:
 
 def checkpoint_arrays(output_dir, step: int) -> dict[str, np.ndarray]:
     """Every array of a checkpoint, whole, by name (read back with Orbax as numpy arrays on this host)."""
-    path = Path(output_dir) / "checkpoints" / f"step_{step:08d}" / "state"
+    path = epath.Path(str(output_dir)) / "checkpoints" / f"step_{step:08d}" / "state"  # local or gs://
+    fsspec.core.url_to_fs(str(path))[0].invalidate_cache()  # written by another process since the last listing
     with ocp.PyTreeCheckpointer() as checkpointer:
         names = checkpointer.metadata(path).item_metadata.tree
         as_numpy = {name: ocp.RestoreArgs(restore_type=np.ndarray) for name in names}
         return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
+
+
+def checkpoint_specs(output_dir, step: int) -> dict[str, tuple]:
+    """Each array's partition spec when it was saved (Orbax records the sharding), by name."""
+    path = epath.Path(str(output_dir)) / "checkpoints" / f"step_{step:08d}" / "state"
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        return {name: tuple(meta.sharding.partition_spec)
+                for name, meta in checkpointer.metadata(path).item_metadata.tree.items()}
 
 
 @cache

@@ -6,8 +6,6 @@ Runs are cached per configuration for the module, since several checks read the 
 
 from __future__ import annotations
 
-import glob
-import os
 import re
 import signal
 import threading
@@ -24,7 +22,7 @@ from simpo_interleave.local_runner import run_job_file
 from simpo_worker import outputs, storage
 from simpo_worker.api import ExitCode
 from simpo_worker.make_preference_data import generate, write_jsonl
-from worker_runs import checked
+from worker_runs import checked, checkpoint_arrays
 
 pytestmark = pytest.mark.multiprocess
 
@@ -98,11 +96,7 @@ def train_losses(output_dir: str) -> list[float]:
 
 
 def final_params(output_dir: str) -> dict[str, np.ndarray]:
-    (step_dir,) = glob.glob(os.path.join(output_dir, "checkpoints", f"step_{STEPS:08d}"))
-    arrays = {}
-    for file in sorted(glob.glob(os.path.join(step_dir, "*.npz"))):
-        with np.load(file) as npz:
-            arrays.update({f"{os.path.basename(file)}/{key}": npz[key] for key in npz.files})
+    arrays = checkpoint_arrays(output_dir, STEPS)
     assert arrays
     return arrays
 

@@ -17,6 +17,7 @@ import pytest
 from local_hosts import run_workers, start_workers
 from simpo_worker import outputs, storage
 from simpo_worker.api import ExitCode
+from simpo_worker.checkpoint import complete_steps
 from worker_runs import (checked, checkpoint_arrays, run_worker, tiny_config, train_records, worker_command,
                          worker_env)
 
@@ -91,7 +92,7 @@ def test_sigterm_mid_train_checkpoints_exits_retryable_and_resumes_exactly(tmp_p
                  if "termination notice (SIGTERM) after step" in line}
     assert 2 <= stopped < STEPS
     assert [r["step"] for r in train_records(out)] == list(range(1, stopped + 1))
-    assert (out / "checkpoints" / f"step_{stopped:08d}" / "manifest.json").exists()
+    assert complete_steps(str(out / "checkpoints"))[-1] == stopped  # committed before the exit
 
     for result in run_workers(config(out), 2, 2, timeout=900):
         checked(result)

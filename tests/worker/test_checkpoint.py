@@ -6,9 +6,11 @@ import re
 import shutil
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import pytest
 
+from gcs_emulator import BUCKET, fault_proxy, gcs_emulator, point_this_process_at
 from simpo_worker import outputs
 from simpo_worker.checkpoint import complete_steps
 from worker_runs import (checked, checkpoint_arrays, preference_files, run_worker, straight_run, tiny_config,
@@ -48,6 +50,44 @@ def test_resume_after_a_restart_is_bit_identical(tmp_path):
     assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == ["step_00000006", "step_00000007"]
     info = json.loads((resumed / "checkpoints" / "step_00000007" / "info" / "metadata").read_text())
     assert info == {"step": 7, "data_position": 7, "seed": 5}
+
+
+def test_resume_on_gcs_is_bit_identical_and_ignores_an_uncommitted_checkpoint(monkeypatch):
+    """gs:// through fake-gcs-server: Orbax's directories via etils.epath (gcsfs), its arrays via tensorstore's
+    own GCS client. GCS cannot rename, so a checkpoint without Orbax's commit_success.txt is uncommitted."""
+    straight = straight_run()
+    with gcs_emulator() as env:
+        point_this_process_at(env, monkeypatch)
+        out = f"gs://{BUCKET}/resumed"
+        config = tiny_config(out)
+        checked(run_worker(config, "--stop-at-step", "3", env=env))
+        assert complete_steps(f"{out}/checkpoints") == [2, 3]
+        # What a crash while writing step 5 leaves on GCS: part of the step's objects, no commit marker.
+        fs = fsspec.filesystem("gs")
+        fs.cp(f"{BUCKET}/resumed/checkpoints/step_00000003/state/manifest.ocdbt",
+              f"{BUCKET}/resumed/checkpoints/step_00000005/state/manifest.ocdbt")
+        assert complete_steps(f"{out}/checkpoints") == [2, 3]
+        second = checked(run_worker(config, env=env))
+        assert "training from step 3 to 7" in second.stderr
+        want, got = checkpoint_arrays(straight, 7), checkpoint_arrays(out, 7)
+        assert complete_steps(f"{out}/checkpoints") == [6, 7]
+    assert want.keys() == got.keys() and len(want) > 10
+    for key in want:
+        assert np.array_equal(want[key], got[key]), key
+
+
+def test_a_refused_checkpoint_write_on_gcs_is_exit_13(monkeypatch):
+    """A 403 on the background write of the step-2 checkpoint surfaces at the next save (or at the end of the
+    run), not swallowed: exit 13 naming the checkpoint directory."""
+    with gcs_emulator() as env, fault_proxy(env) as (proxy, proxied):
+        point_this_process_at(proxied, monkeypatch)
+        out = f"gs://{BUCKET}/refused"
+        proxy.fail("POST", "refused/checkpoints/step_00000002", [403] * 1000)
+        result = run_worker(tiny_config(out), env=proxied)
+        assert result.returncode == 13, result.stderr[-3000:]
+        assert f"{out}/checkpoints: cannot save the checkpoint: permission denied" in result.stderr
+        assert complete_steps(f"{out}/checkpoints") == []
+        assert [r["step"] for r in outputs.read_metrics(out)][-1] < 7
 
 
 def test_unreadable_checkpoint_is_a_clear_non_retryable_error(tmp_path):

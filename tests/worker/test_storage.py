@@ -61,10 +61,10 @@ def test_an_outage_past_the_retry_window_ends_the_attempt_retryable(gcs, monkeyp
 
 
 def test_permission_denied_is_not_retried_and_exits_13(gcs):
-    url = f"gs://{BUCKET}/run/checkpoints/step_00000004/process_0000_of_0001.npz"
+    url = f"gs://{BUCKET}/run/inference/step_000004/host_0000_of_0001.jsonl"
     gcs.fail("POST", UPLOAD, [403])
-    with pytest.raises(OutputError, match=f"{url}: cannot write the checkpoint shard: Forbidden") as error:
-        storage.write_atomic(url, b"shard", "checkpoint shard")
+    with pytest.raises(OutputError, match=f"{url}: cannot write the completions: Forbidden") as error:
+        storage.write_atomic(url, b"shard", "completions")
     assert error.value.exit_code == ExitCode.OUTPUT_UNUSABLE
     assert [r.status for r in gcs.requests("POST", UPLOAD)] == [403]
     # Looking for a file where neither get nor list is allowed (gcsfs falls back from one to the other) is the

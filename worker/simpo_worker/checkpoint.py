@@ -25,6 +25,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Iterator
 
+import fsspec
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
@@ -49,6 +50,8 @@ def step_dir(directory: str, step: int) -> str:
 
 def complete_steps(directory: str) -> list[int]:
     """Steps with a committed checkpoint, ascending."""
+    fs, fs_path = fsspec.core.url_to_fs(directory)
+    fs.invalidate_cache(fs_path)  # other processes write here: a cached listing (gcsfs keeps one) would hide theirs
     path = epath.Path(directory)
     if not path.exists():
         return []
