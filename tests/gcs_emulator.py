@@ -67,11 +67,14 @@ def point_this_process_at(env: dict[str, str], monkeypatch) -> None:
     """This process's environment and fsspec's config pointed at an emulator (`gcs_emulator`'s env, or a proxy's);
     the monkeypatch undoes both."""
     import fsspec.config
+    from etils import epath
 
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setattr(fsspec.config, "conf", {})
     fsspec.config.set_conf_env(fsspec.config.conf)
+    # etils.epath (Orbax's paths) keeps its first gcsfs instance, made for an earlier emulator's port.
+    type(epath.Path("gs://bucket/path")._backend)._get_filesystem.cache_clear()
 
 
 @dataclass

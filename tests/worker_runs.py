@@ -8,7 +8,6 @@ import tempfile
 from functools import cache
 from pathlib import Path
 
-import fsspec
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -119,7 +118,6 @@ def train_records(output_dir) -> list[dict]:
 def checkpoint_arrays(output_dir, step: int) -> dict[str, np.ndarray]:
     """Every array of a checkpoint, whole, by name (read back with Orbax as numpy arrays on this host)."""
     path = epath.Path(str(output_dir)) / "checkpoints" / f"step_{step:08d}" / "state"  # local or gs://
-    fsspec.core.url_to_fs(str(path))[0].invalidate_cache()  # written by another process since the last listing
     with ocp.PyTreeCheckpointer() as checkpointer:
         names = checkpointer.metadata(path).item_metadata.tree
         as_numpy = {name: ocp.RestoreArgs(restore_type=np.ndarray) for name in names}

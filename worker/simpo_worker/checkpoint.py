@@ -25,7 +25,6 @@ import re
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-import fsspec
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
@@ -50,9 +49,8 @@ def step_dir(directory: str, step: int) -> str:
 
 def complete_steps(directory: str) -> list[int]:
     """Steps with a committed checkpoint, ascending."""
-    fs, fs_path = fsspec.core.url_to_fs(directory)
-    fs.invalidate_cache(fs_path)  # other processes write here: a cached listing (gcsfs keeps one) would hide theirs
     path = epath.Path(directory)
+    _fresh_listings(path)
     if not path.exists():
         return []
     return sorted(metadata.step for metadata in NAME_FORMAT.find_all(path))
@@ -78,8 +76,7 @@ class Checkpointer:
         """Start saving (all processes call it): returns once the arrays are off the devices; the write goes on
         in the background. A step already saved is left as it is (this exact state is durable)."""
         self.wait()
-        self._manager.reload()
-        if info.step in self._manager.all_steps():
+        if info.step in self._manager.all_steps():  # the same answer on every host: no listing involved
             return
         with _storage_errors(self.directory, "save the checkpoint"):
             self._manager.save(info.step, args=ocp.args.Composite(**{
@@ -95,6 +92,7 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         """The newest committed checkpoint (after any pending save)."""
         self.wait()
+        _fresh_listings(epath.Path(self.directory))
         self._manager.reload()
         return self._manager.latest_step()
 
@@ -133,6 +131,13 @@ class Checkpointer:
             restored = self._manager.restore(step, args=ocp.args.Composite(**{
                 STATE: ocp.args.StandardRestore(targets)}))[STATE]
         return jax.tree.unflatten(treedef, [restored[name] for name in targets]), info
+
+
+def _fresh_listings(path: epath.Path) -> None:
+    """Orbax lists steps through etils.epath's own gcsfs instance, whose cached listings would hide what other
+    processes, and tensorstore (a GCS client of its own), wrote since: drop them (local paths keep none)."""
+    if isinstance(path, epath.gpath.PosixGPath):
+        path._backend.fs(path).invalidate_cache()
 
 
 def _by_name(tree: Any) -> dict[str, Any]:
