@@ -29,7 +29,9 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from simpo_worker import distributed
 from simpo_worker.errors import ConfigError, OutputError
+from simpo_worker.storage import is_transient
 
 STATE, INFO = "state", "info"
 # step_00000042, as the project's other per-step outputs.
@@ -60,8 +62,12 @@ class Checkpointer:
     def __init__(self, directory: str, keep: int, barrier_timeout_s: float):
         self.directory = directory
         count = jax.process_count()
+        # Orbax cannot create it itself with active_processes set (below).
+        if distributed.is_leader():
+            epath.Path(directory).mkdir(parents=True, exist_ok=True)
+        distributed.barrier("checkpoint-directory", barrier_timeout_s)
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, step_name_format=NAME_FORMAT, enable_async_checkpointing=True,
+            create=False, max_to_keep=keep, step_name_format=NAME_FORMAT, enable_async_checkpointing=True,
             cleanup_tmp_directories=True,  # an earlier attempt's half-written checkpoints
             async_options=ocp.AsyncOptions(timeout_secs=int(barrier_timeout_s)),
             # Naming every process routes Orbax's barriers through the coordination service, which times out
@@ -136,7 +142,7 @@ class Checkpointer:
 def _fresh_listings(path: epath.Path) -> None:
     """Orbax lists steps through etils.epath's own gcsfs instance, whose cached listings would hide what other
     processes, and tensorstore (a GCS client of its own), wrote since: drop them (local paths keep none)."""
-    if isinstance(path, epath.gpath.PosixGPath):
+    if "://" in str(path):
         path._backend.fs(path).invalidate_cache()
 
 
@@ -154,20 +160,22 @@ def _by_name(tree: Any) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def _storage_errors(where: str, what: str) -> Iterator[None]:
-    """Storage failures a restart cannot fix (a refused permission, unreadable data) as OutputError (exit 13),
-    naming the checkpoint; others propagate as they are (retryable: tensorstore already retried transient ones).
-    Orbax wraps tensorstore's errors in a bare Exception: the cause chain says what failed."""
+    """Storage failures a restart cannot fix as OutputError (exit 13), naming the checkpoint, as simpo_worker.storage
+    does: a refused write (gcsfs's non-transient OSError, tensorstore's PERMISSION_DENIED) or unreadable data.
+    Others propagate as they are (retryable; gcsfs and tensorstore already retried the transient ones). Orbax wraps
+    tensorstore's errors in a bare Exception: the cause chain says what failed."""
     try:
         yield
     except (ConfigError, OutputError):
         raise
     except Exception as error:
         chain = _chain(error)
-        details = "; ".join(str(e) for e in chain)
-        if any(isinstance(e, PermissionError) or "PERMISSION_DENIED" in str(e) for e in chain):
-            raise OutputError(f"{where}: cannot {what}: permission denied: {details}") from error
-        if what.startswith("read") and any(isinstance(e, (OSError, ValueError)) for e in chain):
-            raise OutputError(f"{where}: unreadable checkpoint: cannot {what}: {details}") from error
+        refused = any("PERMISSION_DENIED" in str(e) or (isinstance(e, OSError) and not is_transient(e))
+                      for e in chain)
+        unreadable = what.startswith("read") and any(isinstance(e, (OSError, ValueError)) for e in chain)
+        if refused or unreadable:
+            raise OutputError(f"{where}: {'unreadable checkpoint: ' if unreadable else ''}cannot {what}: "
+                              f"{'; '.join(str(e) for e in chain)}") from error
         raise
 
 
