@@ -17,6 +17,7 @@ import numpy as np
 
 from simpo_worker.checkpoint import Checkpointer, CheckpointInfo
 from simpo_worker.config import WorkerConfig
+from simpo_worker.distributed import barrier
 from simpo_worker.errors import ConfigError
 from simpo_worker.eval_step import EVAL_FIELDS, CompiledEval
 from simpo_worker.mesh import host_rows, make_mesh, place
@@ -114,8 +115,11 @@ class Trainer:
                                                             seed=self.config.trainer.seed))
 
     def wait_for_checkpoint(self) -> None:
-        """Until the last save is committed on every host (raises its error)."""
+        """Until the last save is committed on every host (raises its error); all hosts call it. The closing
+        barrier keeps the leader, whose process hosts the coordination service, from exiting while another
+        host's Orbax is still in its last barrier."""
         self.checkpointer.wait()
+        barrier(f"checkpoint-{self.step}-durable", self.config.distributed.barrier_timeout_s)
 
     def restore_latest(self) -> int | None:
         step = self.checkpointer.latest_step()
