@@ -115,7 +115,8 @@ def test_multislice_gets_one_node_pool_per_slice(cluster, operator, tmp_path):
     # config mount's path and the DNS name of slice 0 / host 0.
     local = {(pod.slice_index, pod.host_index): pod.env
              for pod in local_pods(validate_job(job), tmp_path, base_env={}, port=1)}
-    stand_ins = {"SIMPO_CONFIG", "MEGASCALE_COORDINATOR_ADDRESS"}
+    # SIMPO_LOG_FORMAT: text for the runner's terminal, where pods log JSON for Cloud Logging.
+    stand_ins = {"SIMPO_CONFIG", "MEGASCALE_COORDINATOR_ADDRESS", "SIMPO_LOG_FORMAT"}
     for pod in pods_of(cluster, name):
         annotations = pod["metadata"]["annotations"]
         key = (int(annotations["jobset.sigs.k8s.io/job-index"]),
@@ -345,6 +346,24 @@ def test_every_cel_rule_rejects_what_it_should(cluster, operator):
         ("must divide num_heads", changed(arch, "spec.config.model.architecture.num_kv_heads", 3)),
         ("must be > low_freq_factor", changed(arch, "spec.config.model.architecture.rope_scaling",
                                                 {"low_freq_factor": 4.0, "high_freq_factor": 1.0})),
+        ("traces the inference pauses", changed(changed(base, "spec.config.inference.profile", True),
+                                                "spec.config.inference.eval_at_steps", None)),
+        ("`pauses` exports at the inference pauses", changed(changed(
+            base, "spec.config.export", {"hf_dir": "/export", "at": ["pauses"]}), "spec.config.inference.eval_at_steps",
+            None)),
+        ("spec.suspend cannot be true with spec.queueName", changed(base, "spec.queueName", "tpu-queue")),
+        ("it needs spec.queueName", changed(base, "spec.workloadPriorityClassName", "high")),
+        ("the TPU accelerator/topology labels come from spec.tpu",
+         changed(base, "spec.scheduling", {"nodeSelector": {"cloud.google.com/gke-tpu-topology": "2x2x2"}})),
+        ("the operator sets SIMPO_CONFIG", changed(base, "spec.pod", {"env": [{"name": "SIMPO_CONFIG", "value": "/x"}]})),
+        ("set `value` or `valueFrom`, not both", changed(base, "spec.pod", {"env": [
+            {"name": "HF_TOKEN", "value": "x", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}}]})),
+        ("set one of secretRef or configMapRef", changed(base, "spec.pod", {"envFrom": [
+            {"secretRef": {"name": "a"}, "configMapRef": {"name": "b"}}]})),
+        ("labels the operator, JobSet, the Job controller or Kueue set",
+         changed(base, "spec.pod", {"labels": {"kueue.x-k8s.io/queue-name": "x"}})),
+        ("annotations JobSet, the Job controller or Kueue set",
+         changed(base, "spec.pod", {"annotations": {"jobset.sigs.k8s.io/exclusive-topology": "x"}})),
     ]
     checked = set()
     for fragment, manifest in on_create:
@@ -357,7 +376,17 @@ def test_every_cel_rule_rejects_what_it_should(cluster, operator):
     cpu_job = reference_job("run-1s", suspend=True, hosts=2)
     del cpu_job["spec"]["tpu"]
     cluster.apply(cpu_job)
+    # Queued (no Kueue runs here: its JobSet stays suspended), with every create-only knob set.
+    queued = reference_job("run-1s", queueName="tpu-queue", workloadPriorityClassName="high",
+                           priorityClassName="high", scheduling={"spot": True}, pod={"labels": {"team": "a"}})
+    cluster.apply(queued)
+    queued_name = queued["metadata"]["name"]
     on_update = {  # (job, patch) the rule must refuse as an update
+        "spec.queueName is immutable": (queued_name, {"spec": {"queueName": "other"}}),
+        "spec.workloadPriorityClassName is immutable": (queued_name, {"spec": {"workloadPriorityClassName": "low"}}),
+        "spec.priorityClassName is immutable": (queued_name, {"spec": {"priorityClassName": "low"}}),
+        "spec.scheduling is immutable": (queued_name, {"spec": {"scheduling": {"spot": False}}}),
+        "spec.pod is immutable": (queued_name, {"spec": {"pod": {"labels": {"team": "b"}}}}),
         "spec.tpu is immutable": (name, {"spec": {"tpu": {"type": "v5p-16"}}}),
         "spec.image is immutable": (name, {"spec": {"image": f"{FAKE_WORKER}:other"}}),
         "spec.outputDir is immutable": (name, {"spec": {"outputDir": "gs://elsewhere/x"}}),
@@ -374,7 +403,7 @@ def test_every_cel_rule_rejects_what_it_should(cluster, operator):
     assert checked == rule_texts, f"CEL rules without a test here: {rule_texts - checked}"
     # What stays editable: suspend.
     cluster.kubectl("patch", "sij", name, "-n", JOBS_NAMESPACE, "--type=merge", "-p", '{"spec":{"suspend":false}}')
-    for job_name in (name, cpu_job["metadata"]["name"]):
+    for job_name in (name, cpu_job["metadata"]["name"], queued_name):
         cluster.kubectl("delete", "sij", job_name, "-n", JOBS_NAMESPACE, "--wait=false")
 
 
