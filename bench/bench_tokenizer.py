@@ -4,6 +4,8 @@ so metadata parsing is not counted) and encode the same texts one call per text,
 
     python bench/bench_tokenizer.py [--old-rev b0c4593] [--pairs 2048] [--golden-repeats 200] [--passes 3]
 
+(needs `regex`, which the old implementation imports: `make install-peers`)
+
 Corpora: `preference` is the project's generated preference data as PreferenceData encodes it (per answer: the
 chat-rendered prompt and the answer's text); `goldens` is the tokenizer goldens' texts (tests/goldens/
 tokenizer_smollm2.json: multilingual, emoji, code, whitespace runs) repeated; `repo` is this repository's own
