@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from typing import Any, Optional
 
 import kubernetes
@@ -32,7 +33,9 @@ def api_client() -> kubernetes.client.ApiClient:
     try:
         kubernetes.config.load_incluster_config(client_configuration=configuration)
     except kubernetes.config.ConfigException:
-        kubernetes.config.load_kube_config(client_configuration=configuration)
+        # $KUBECONFIG as it is now: the client's own default is the value it had when kubernetes was imported.
+        kubernetes.config.load_kube_config(config_file=os.environ.get("KUBECONFIG"),
+                                           client_configuration=configuration)
     configuration.connection_pool_maxsize = CONNECTIONS + 4
     return kubernetes.client.ApiClient(configuration)
 

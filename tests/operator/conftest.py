@@ -11,6 +11,11 @@ KUBECONFIG = os.environ.get("SIMPO_TEST_KUBECONFIG") or os.path.join(tempfile.mk
                                                                      "kubeconfig")
 os.environ["KUBECONFIG"] = KUBECONFIG
 
+import kubernetes  # noqa: E402
+
+# In a full run another tier may have imported it first (its default then is the old $KUBECONFIG).
+kubernetes.config.kube_config.KUBE_CONFIG_DEFAULT_LOCATION = KUBECONFIG
+
 import uuid  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
