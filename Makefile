@@ -29,7 +29,7 @@ control-plane: install
 	$(PY) tests/cluster/build_control_plane.py
 
 test: install control-plane
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=30
 
 goldens: install-peers
 	$(PY) tests/goldens/make_model_goldens.py
