@@ -174,13 +174,16 @@ def write_atomic(url: str, data: str | bytes, what: str = "file") -> None:
 
 
 def upload_tree(local_dir: str, url: str, what: str = "files") -> None:
-    """Copy a local directory's files under `url` (local or any fsspec URL), keeping their relative paths."""
+    """Copy a local directory's regular files (not links) under `url` (local or any fsspec URL), keeping their
+    relative paths."""
     fs, path = fsspec.core.url_to_fs(url)
 
     def upload() -> None:
         for root, _, names in os.walk(local_dir):
             for name in names:
                 source = os.path.join(root, name)
+                if os.path.islink(source) or not os.path.isfile(source):
+                    continue
                 target = f"{path}/{os.path.relpath(source, local_dir)}"
                 fs.makedirs(posixpath.dirname(target), exist_ok=True)
                 fs.put_file(source, target)

@@ -86,12 +86,5 @@ class WandbTracker:
             shutil.rmtree(self._staging)
 
     def _upload(self, run_dir: str) -> None:
-        """The finished run directory, file by file, to `<output_dir>/wandb/<its name>`."""
-        base = os.path.dirname(run_dir)
-        for folder, _, names in os.walk(run_dir):
-            for name in names:
-                path = os.path.join(folder, name)
-                if os.path.isfile(path) and not os.path.islink(path):
-                    with open(path, "rb") as handle:
-                        storage.write_atomic(storage.join(self.target, *os.path.relpath(path, base).split(os.sep)),
-                                             handle.read(), "W&B run file")
+        """The finished run directory to `<output_dir>/wandb/<its name>`."""
+        storage.upload_tree(run_dir, storage.join(self.target, os.path.basename(run_dir)), "W&B run files")
