@@ -4,9 +4,12 @@
 
 Three fresh processes (each pays its own compilation, as a real run would), same model, data, prompts:
   A  train 2 -> infer -> train 5   (the interleaved run, checkpoint before the pause included)
+  A0 the same without the checkpoint before the pause (checkpoint.at_eval: false)
   B  train 7, no inference
   C  inference alone (the same pause, on the initial params)
-overhead = A - B - C: what interleaving costs beyond its two parts. Also reported: train-step compilations in A
+overhead = A - B - C: what interleaving costs beyond its two parts. It splits into A - A0, the pause's checkpoint
+(B and C write none at step 2; its asynchronous write shares the CPUs with the inference), and A0 - B - C, the
+pause itself (switching programs, moving params, the barriers). Also reported: train-step compilations in A
 (target 1: resuming after the pause reuses the compiled step, 0 recompilations) and engine compilations.
 Generation uses ignore_eos so every scenario decodes the same number of tokens.
 """
@@ -24,11 +27,11 @@ from pathlib import Path
 
 import yaml
 
-SCENARIOS = ("interleaved", "train_only", "infer_only")
+SCENARIOS = ("interleaved", "interleaved_no_checkpoint", "train_only", "infer_only")
 
 
 def config_for(scenario: str, args: argparse.Namespace, workdir: Path) -> dict:
-    return {
+    config = {
         "model": {"source": "smollm2"},
         "tokenizer": "smollm2",
         "data": {"train_files": [str(workdir / "train.jsonl")], "max_seq_len": 128},
@@ -39,6 +42,9 @@ def config_for(scenario: str, args: argparse.Namespace, workdir: Path) -> dict:
                       "batch_size": args.prompts, "ignore_eos": True},
         "output_dir": str(workdir / scenario),
     }
+    if scenario == "interleaved_no_checkpoint":
+        config["trainer"]["checkpoint"] = {"at_eval": False}
+    return config
 
 
 def run_scenario(scenario: str, config_file: str) -> dict:
@@ -88,17 +94,19 @@ def main() -> int:
                                                                                       "JAX_PLATFORMS": "cpu"})
             line = next(l for l in output.stdout.splitlines() if l.startswith("RESULT "))
             results[scenario] = json.loads(line[len("RESULT "):])
-    a, b, c = (results[s]["wall_s"] for s in SCENARIOS)
+    a, a0, b, c = (results[s]["wall_s"] for s in SCENARIOS)
     print(f"SmolLM2-135M, {args.steps} steps x {args.batch_size} pairs; pause at step {args.eval_step}: "
           f"{args.prompts} prompts x {args.max_new_tokens} new tokens (ignore_eos), 1 host")
     print(f"{'scenario':<34}{'wall s':>9}{'train compiles':>16}{'engine compiles':>17}")
-    names = {"interleaved": "A train 2 -> infer -> train 5", "train_only": "B train 7",
-             "infer_only": "C inference alone"}
+    names = {"interleaved": "A train 2 -> infer -> train 5", "interleaved_no_checkpoint": "A0 A without its checkpoint",
+             "train_only": "B train 7", "infer_only": "C inference alone"}
     for scenario in SCENARIOS:
         r = results[scenario]
         print(f"{names[scenario]:<34}{r['wall_s']:>9.1f}{r['train_step_compilations']:>16}"
               f"{r['engine_compilations']:>17}")
-    print(f"{'overhead A - B - C':<34}{a - b - c:>9.1f}   ({100 * (a - b - c) / a:+.1f}% of A)")
+    for label, extra in (("overhead A - B - C", a - b - c), ("  the checkpoint: A - A0", a - a0),
+                         ("  the pause: A0 - B - C", a0 - b - c)):
+        print(f"{label:<34}{extra:>9.1f}   ({100 * extra / (b + c):+.1f}% of B + C)")
     print(f"train-step recompilations after resuming: {results['interleaved']['train_step_compilations'] - 1}")
     return 0
 

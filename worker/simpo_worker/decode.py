@@ -219,12 +219,13 @@ def _decode_layer(c: ArchitectureConfig, w: DecoderLayers, x, positions, cos, si
     rows = jnp.arange(batch)
     cache_k = cache_k.at[rows, :, :, positions].set(k[:, 0])
     cache_v = cache_v.at[rows, :, positions].set(v[:, 0])
-    # Query heads grouped by the KV head they share (HF's repeat_kv order): [B, kv, group, hd].
-    q = q.reshape(batch, kv_heads, -1, hd) * (1 / math.sqrt(hd))
-    scores = jnp.einsum("bkgd,bkds->bkgs", q, cache_k).astype(jnp.float32) + bias
-    unnormalised = jnp.exp(scores - scores.max(axis=-1, keepdims=True))
-    attn = jnp.einsum("bkgs,bksd->bkgd", unnormalised.astype(cache_v.dtype), cache_v)
-    attn = attn / unnormalised.sum(axis=-1, keepdims=True).astype(attn.dtype)
+    with jax.named_scope("attention"):
+        # Query heads grouped by the KV head they share (HF's repeat_kv order): [B, kv, group, hd].
+        q = q.reshape(batch, kv_heads, -1, hd) * (1 / math.sqrt(hd))
+        scores = jnp.einsum("bkgd,bkds->bkgs", q, cache_k).astype(jnp.float32) + bias
+        unnormalised = jnp.exp(scores - scores.max(axis=-1, keepdims=True))
+        attn = jnp.einsum("bkgs,bksd->bkgd", unnormalised.astype(cache_v.dtype), cache_v)
+        attn = attn / unnormalised.sum(axis=-1, keepdims=True).astype(attn.dtype)
     return mlp_residual(c, w, x + attn.reshape(batch, 1, -1) @ w.wo), cache_k, cache_v
 
 

@@ -169,11 +169,12 @@ def decoder_layer_with_kv(c: ArchitectureConfig, w: DecoderLayers, x, positions,
     stores them in its KV cache). attention_block > 0: blockwise attention for sequences longer than a block."""
     batch, length, _ = x.shape
     q, k, v = attention_inputs(c, w, x, cos, sin)
-    if 0 < attention_block < length:
-        attn = blockwise_attention(q, k, v, positions, positions, attention_block)
-    else:
-        mask = positions[:, None, :] <= positions[:, :, None]  # [B, T(query), S(key)]
-        attn = grouped_query_attention(q, k, v, mask)
+    with jax.named_scope("attention"):  # scopes name the work in profiles (bench/profile_cpu.py, xprof)
+        if 0 < attention_block < length:
+            attn = blockwise_attention(q, k, v, positions, positions, attention_block)
+        else:
+            mask = positions[:, None, :] <= positions[:, :, None]  # [B, T(query), S(key)]
+            attn = grouped_query_attention(q, k, v, mask)
     x = x + attn.reshape(batch, length, -1) @ w.wo
     return mlp_residual(c, w, x), k, v
 

@@ -28,7 +28,8 @@ def response_logps(model: Llama, tokens, loss_mask, compute_dtype=jnp.float32,
     """
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     hidden = model.hidden_states(tokens[:, :-1], positions[:, :-1], compute_dtype, memory)
-    token_logps = model.target_logps(hidden, tokens[:, 1:], memory.loss_chunk_tokens)
+    with jax.named_scope("loss"):
+        token_logps = model.target_logps(hidden, tokens[:, 1:], memory.loss_chunk_tokens)
     mask = loss_mask[:, 1:].astype(jnp.float32)
     return jnp.sum(token_logps * mask, axis=-1), jnp.sum(mask, axis=-1)
 

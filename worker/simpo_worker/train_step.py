@@ -94,11 +94,11 @@ def simpo_step(state: TrainState, batch: dict[str, jax.Array], optimizer: optax.
     # Every microbatch holds the same number of pairs, so the mean of microbatch means is the batch mean.
     grads = jax.tree.map(lambda g: g / microbatches, grads)
     metrics = {name: value if name == "tokens" else value / microbatches for name, value in metrics.items()}
-    metrics["grad_norm"] = optax.tree.norm(grads)
-    metrics["learning_rate"] = schedule(state.step)
-
-    updates, opt_state = optimizer.update(grads, state.opt_state, params)
-    model = eqx.apply_updates(state.model, updates)
+    with jax.named_scope("optimizer"):
+        metrics["grad_norm"] = optax.tree.norm(grads)
+        metrics["learning_rate"] = schedule(state.step)
+        updates, opt_state = optimizer.update(grads, state.opt_state, params)
+        model = eqx.apply_updates(state.model, updates)
     return TrainState(model=model, opt_state=opt_state, step=state.step + 1), metrics
 
 
