@@ -9,7 +9,10 @@ on). Each (side, batch) runs in its own process so its peak RSS is its own. A ru
 are compiled by a warm-up call first (the compile count is printed); HF gets the same warm-up.
 
 Also printed: the engine's time per decode step next to the compute floor, a jitted function doing only that
-step's matmuls (q/k/v/o, gate/up/down for every layer, the output head) at the same batch.
+step's matmuls (q/k/v/o, gate/up/down for every layer, the output head) at the same batch. And per side
+(bench/machine.py): the threads it kept busy while decoding (CPU seconds per wall second), its achieved GFLOP/s
+(flops.decode_step_flops at the mean cache window) and its own library's matmul GFLOP/s on the decode step's
+shapes, one matmul at a time; "mm share" = achieved / that rate.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ import sys
 import time
 
 import numpy as np
+
+from machine import Clock, describe, llama_matmul_shapes, matmul_rate
 
 SEED = 0
 THREADS_ENV = "BENCH_THREADS"
@@ -48,23 +53,28 @@ def run_engine(batch: int, prompt_tokens: int, new_tokens: int) -> dict:
     model = load_pretrained("smollm2")
     ids = prompts(batch, prompt_tokens, model.config.vocab_size).tolist()
 
-    def timed(max_new: int) -> tuple[float, Engine]:
+    def timed(max_new: int) -> tuple[Clock, Engine]:
         engine = Engine(model.config, InferenceConfig(max_new_tokens=max_new, max_prompt_len=prompt_tokens,
                                                       batch_size=batch, ignore_eos=True), eos_token_ids=[])
         engine.generate(model, ids, list(range(batch)), step=0, seed=0)  # compile
         compiled = engine.compilations
-        start = time.perf_counter()
-        out = engine.generate(model, ids, list(range(batch)), step=0, seed=0)
-        elapsed = time.perf_counter() - start
+        with Clock() as clock:
+            out = engine.generate(model, ids, list(range(batch)), step=0, seed=0)
         assert all(len(c.token_ids) == max_new for c in out) and engine.compilations == compiled
-        return elapsed, engine
+        return clock, engine
 
-    prefill_s, _ = timed(1)
-    total_s, engine = timed(new_tokens)
+    prefill, _ = timed(1)
+    total, engine = timed(new_tokens)
     floor_s = matmul_floor(model, batch)
-    return {"prefill_s": prefill_s, "total_s": total_s, "compilations": engine.compilations,
+    return {"prefill_s": prefill.wall_s, "total_s": total.wall_s, "compilations": engine.compilations,
             "floor_step_s": floor_s, "peak_rss_gib": peak_rss_gib(), "jax": jax.__version__,
-            "dtype": str(jnp.result_type(model.embed))}
+            "dtype": str(jnp.result_type(model.embed)), **decode_threads(prefill, total),
+            "matmul": matmul_rate("jax", llama_matmul_shapes(model.config, batch))}
+
+
+def decode_threads(prefill: Clock, total: Clock) -> dict:
+    """CPU seconds per wall second of the decode alone (the run with every token minus the prefill-only run)."""
+    return {"threads": (total.cpu_s - prefill.cpu_s) / (total.wall_s - prefill.wall_s)}
 
 
 def matmul_floor(model, batch: int, repeats: int = 5) -> float:
@@ -109,19 +119,22 @@ def run_hf(batch: int, prompt_tokens: int, new_tokens: int) -> dict:
     ids = torch.from_numpy(prompts(batch, prompt_tokens, model.config.vocab_size))
     mask = torch.ones_like(ids)
 
-    def timed(max_new: int) -> float:
-        with torch.no_grad():
-            start = time.perf_counter()
+    def timed(max_new: int) -> Clock:
+        with torch.no_grad(), Clock() as clock:
             out = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new,
                                  min_new_tokens=max_new, use_cache=True, pad_token_id=0)
-            elapsed = time.perf_counter() - start
         assert out.shape == (batch, prompt_tokens + max_new)
-        return elapsed
+        return clock
 
     timed(2)  # warm-up
-    return {"prefill_s": timed(1), "total_s": timed(new_tokens), "peak_rss_gib": peak_rss_gib(),
-            "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "attention": model.config._attn_implementation}
+    prefill, total = timed(1), timed(new_tokens)
+    from simpo_worker.pretrained import load_pretrained
+
+    shapes = llama_matmul_shapes(load_pretrained("smollm2").config, batch)
+    return {"prefill_s": prefill.wall_s, "total_s": total.wall_s, "peak_rss_gib": peak_rss_gib(),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "attention": model.config._attn_implementation, **decode_threads(prefill, total),
+            "matmul": matmul_rate("torch", shapes)}
 
 
 def child(args) -> None:
@@ -165,20 +178,33 @@ def main() -> None:
     if args.child:
         return child(args)
 
+    from simpo_worker.flops import decode_step_flops
+    from simpo_worker.pretrained import load_pretrained
+
+    arch = load_pretrained("smollm2").config
+    print("\n".join(describe()))
     print(f"SmolLM2-135M-Instruct f32, {args.prompt_tokens} prompt tokens, {args.new_tokens} new tokens, greedy, "
           f"EOS ignored; decode tok/s excludes the prefill; threads: {args.threads or 'library default'}")
     header = (f"{'batch':>5} | {'engine tok/s':>12} {'HF tok/s':>9} {'ratio':>6} | {'e2e engine':>10} {'e2e HF':>7} | "
-              f"{'step ms':>7} {'floor ms':>8} {'step/floor':>10} | {'peak GiB eng':>12} {'HF':>5} | compiles")
+              f"{'step ms':>7} {'floor ms':>8} {'step/floor':>10} | {'threads eng':>11} {'HF':>5} | "
+              f"{'GFLOP/s eng':>11} {'HF':>5} | {'mm GFLOP/s eng':>14} {'HF':>5} | {'mm share eng':>12} {'HF':>5} | "
+              f"{'peak GiB eng':>12} {'HF':>5} | compiles")
     print(header)
     print("-" * len(header))
     for batch in args.batches:
         engine, hf = measure("engine", batch, args), measure("hf", batch, args)
+        # The mean cache window over the decode: the prompt plus half the new tokens.
+        step_flops = decode_step_flops(arch, batch, args.prompt_tokens + args.new_tokens // 2)
+        achieved = {side: step_flops / r["step_s"] / 1e9 for side, r in (("engine", engine), ("hf", hf))}
         print(f"{batch:>5} | {engine['decode_tok_s']:>12.1f} {hf['decode_tok_s']:>9.1f} "
               f"{engine['decode_tok_s'] / hf['decode_tok_s']:>5.2f}x | {engine['end_to_end_tok_s']:>10.1f} "
               f"{hf['end_to_end_tok_s']:>7.1f} | {engine['step_s'] * 1e3:>7.1f} {engine['floor_step_s'] * 1e3:>8.1f} "
-              f"{engine['step_s'] / engine['floor_step_s']:>9.2f}x | {engine['peak_rss_gib']:>12.2f} "
+              f"{engine['step_s'] / engine['floor_step_s']:>9.2f}x | {engine['threads']:>11.2f} {hf['threads']:>5.2f} | "
+              f"{achieved['engine']:>11.1f} {achieved['hf']:>5.1f} | {engine['matmul']['gflops']:>14.1f} "
+              f"{hf['matmul']['gflops']:>5.1f} | {achieved['engine'] / engine['matmul']['gflops']:>12.0%} "
+              f"{achieved['hf'] / hf['matmul']['gflops']:>5.0%} | {engine['peak_rss_gib']:>12.2f} "
               f"{hf['peak_rss_gib']:>5.2f} | {engine['compilations']}", flush=True)
-    print(f"HF: torch {hf['torch']}, {hf['threads']} threads, attention {hf['attention']}")
+    print(f"HF: torch {hf['torch']}, {hf['torch_threads']} threads, attention {hf['attention']}")
 
 
 if __name__ == "__main__":

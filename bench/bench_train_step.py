@@ -13,11 +13,17 @@ agree: the two are the same computation.
 PyTorch gets its best settings: the fused CPU AdamW, and two thread counts (all CPUs, and 1: on a shared,
 oversubscribed machine OpenMP's spinning threads can make torch several times slower); the ratio is taken against
 the faster of the two.
+
+Each side also reports (bench/machine.py) the threads it kept busy while stepping (CPU seconds per wall second),
+its achieved GFLOP/s (flops.train_step_flops over the step time) and its own library's matmul GFLOP/s on this
+step's matmul shapes, forward and backward, one at a time: "matmul share" = achieved / that rate, the most the
+step's time could shrink to if everything but its matmuls were free.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -28,6 +34,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from machine import Clock, describe, llama_matmul_shapes, matmul_rate
 
 BETA, GAMMA_BETA_RATIO, LR, MAX_GRAD_NORM = 2.5, 0.55, 1e-5, 1.0
 
@@ -42,6 +50,9 @@ def make_inputs(workdir: Path, pairs: int, seq_len: int) -> None:
     loss_mask = np.zeros((pairs, 2, seq_len), np.float32)
     loss_mask[:, :, seq_len // 3:] = 1.0
     np.savez(workdir / "batch.npz", tokens=tokens, loss_mask=loss_mask)
+    config = load_pretrained("smollm2").config
+    (workdir / "matmul_shapes.json").write_text(
+        json.dumps(llama_matmul_shapes(config, rows=pairs * 2 * (seq_len - 1), backward=True)))
 
 
 def run_jax(workdir: Path, steps: int, warmup: int) -> dict:
@@ -66,13 +77,15 @@ def run_jax(workdir: Path, steps: int, warmup: int) -> dict:
     lengths = np.full(data["tokens"].shape[:2], data["tokens"].shape[2], np.int32)
     batch = {"tokens": jnp.asarray(data["tokens"][None]), "loss_mask": jnp.asarray(data["loss_mask"][None]),
              "lengths": jnp.asarray(lengths[None])}
-    losses, times = [], []
+    losses, times, clock = [], [], Clock()
     for i in range(warmup + steps):
         started = time.perf_counter()
-        arrays, metrics = step(arrays, batch)
-        losses.append(float(metrics["loss"]))  # blocks until the step is done
+        with clock if i >= warmup else contextlib.nullcontext():
+            arrays, metrics = step(arrays, batch)
+            losses.append(float(metrics["loss"]))  # blocks until the step is done
         times.append(time.perf_counter() - started)
-    return {"losses": losses, "step_seconds": times[warmup:], "compilations": step.compilations}
+    return {"losses": losses, "step_seconds": times[warmup:], "compilations": step.compilations,
+            "threads": clock.threads, "matmul": matmul_rate("jax", matmul_shapes(workdir))}
 
 
 def run_torch(workdir: Path, steps: int, warmup: int, threads: int) -> dict:
@@ -97,17 +110,23 @@ def run_torch(workdir: Path, steps: int, warmup: int, threads: int) -> dict:
         z = BETA * (avg[:, 0] - avg[:, 1]) - GAMMA_BETA_RATIO * BETA
         return -F.logsigmoid(z).mean()
 
-    losses, times = [], []
-    for _ in range(warmup + steps):
+    losses, times, clock = [], [], Clock()
+    for i in range(warmup + steps):
         started = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        loss = simpo_loss()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
-        optimizer.step()
-        losses.append(loss.item())
+        with clock if i >= warmup else contextlib.nullcontext():
+            optimizer.zero_grad(set_to_none=True)
+            loss = simpo_loss()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
+            optimizer.step()
+            losses.append(loss.item())
         times.append(time.perf_counter() - started)
-    return {"losses": losses, "step_seconds": times[warmup:], "threads": torch.get_num_threads()}
+    return {"losses": losses, "step_seconds": times[warmup:], "threads": clock.threads,
+            "matmul": matmul_rate("torch", matmul_shapes(workdir))}
+
+
+def matmul_shapes(workdir: Path) -> list[tuple[int, int, int]]:
+    return [tuple(shape) for shape in json.loads((workdir / "matmul_shapes.json").read_text())]
 
 
 def child(args: argparse.Namespace) -> None:
@@ -148,10 +167,16 @@ def main() -> None:
             line = next(l for l in done.stdout.splitlines() if l.startswith("RESULT "))
             results[impl] = json.loads(line[len("RESULT "):])
 
+    from simpo_worker.flops import train_step_flops
+    from simpo_worker.pretrained import load_pretrained
+
     tokens = args.pairs * 2 * args.seq_len
-    print(f"SimPO train step, SmolLM2-135M, {args.pairs} pairs x 2 x {args.seq_len} tokens = {tokens} tokens/step, "
-          f"float32, {os.cpu_count()} CPUs, {args.steps} timed steps after {args.warmup} warmup")
-    print(f"{'impl':<28}{'step s (median)':>16}{'tokens/s':>12}{'peak RSS MiB':>14}{'first loss':>14}")
+    step_flops = train_step_flops(load_pretrained("smollm2").config, args.pairs, args.seq_len)
+    print("\n".join(describe()))
+    print(f"SimPO train step, SmolLM2-135M, {args.pairs} pairs x 2 x {args.seq_len} tokens = {tokens} tokens/step "
+          f"({step_flops / 1e9:.0f} GFLOP), float32, {args.steps} timed steps after {args.warmup} warmup")
+    print(f"{'impl':<24}{'step s':>8}{'tokens/s':>10}{'threads':>9}{'GFLOP/s':>9}{'matmul GFLOP/s':>16}"
+          f"{'matmul share':>14}{'peak RSS MiB':>14}{'first loss':>12}")
     rates = {}
     labels = {"jax": "JAX (this project)", "torch": f"PyTorch, {os.cpu_count()} threads",
               "torch1": "PyTorch, 1 thread"}
@@ -159,7 +184,10 @@ def main() -> None:
         r = results[impl]
         median = float(np.median(r["step_seconds"]))
         rates[impl] = tokens / median
-        print(f"{label:<28}{median:>16.2f}{rates[impl]:>12.1f}{r['peak_rss_mib']:>14.0f}{r['losses'][0]:>14.6f}")
+        achieved = step_flops / median / 1e9
+        print(f"{label:<24}{median:>8.2f}{rates[impl]:>10.1f}{r['threads']:>9.2f}{achieved:>9.1f}"
+              f"{r['matmul']['gflops']:>10.1f} ({r['matmul']['threads']:.1f}t){achieved / r['matmul']['gflops']:>14.0%}"
+              f"{r['peak_rss_mib']:>14.0f}{r['losses'][0]:>12.6f}")
     best_torch = max(rates["torch"], rates["torch1"])
     print(f"ratio JAX / best PyTorch tokens/s: {rates['jax'] / best_torch:.2f}  "
           f"(JAX step compilations: {results['jax']['compilations']})")

@@ -61,13 +61,15 @@ def read_module_instructions(module: str) -> dict[str, tuple[str, str]]:
 
 
 def category(name: str, opcode: str, op_name: str) -> str:
-    scopes = set(op_name.split("/"))
+    # Scopes appear wrapped in the transformations applied to them: "jvp(loss)", "transpose(jvp(attention))".
+    scopes = set(re.findall(r"[\w\-]+", op_name))
     for scope in ("optimizer", "loss", "attention"):
         if scope in scopes:
             return scope
     if opcode in ("copy", "transpose") or name.startswith(("copy", "transpose")):
         return "copies"
-    if opcode == "dot" or "dot_general" in op_name.rsplit("/", 1)[-1] or name.startswith(("ynn_fusion", "dot")):
+    # A YNNPACK fusion is a matmul when its root op is one (it also runs some reductions and elementwise ops).
+    if opcode == "dot" or op_name.rsplit("/", 1)[-1] == "dot_general":
         return "dot"
     if opcode == "fusion":
         return "fusion"

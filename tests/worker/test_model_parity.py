@@ -78,7 +78,7 @@ def test_smollm2_bfloat16_is_as_close_to_float32_as_transformers_bfloat16(smollm
     """bfloat16, the compute dtype on TPU, anchored to HF transformers' own bfloat16 forward on the same weights
     (smollm2_bf16.npz, from make_bf16_goldens.py). Two bfloat16 programs round differently, so the anchor is the
     error each makes against the float32 truth (smollm2.npz), sequence by sequence: ours may not be much worse than
-    HF's. (Measured per sequence: mean |err| 0.107-0.162 ours vs 0.115-0.147 HF; max 0.51-1.38 vs 0.44-1.00.)"""
+    HF's. (Measured per sequence on an Intel AVX512-BF16 CPU: mean |err| 0.098-0.166 ours vs 0.115-0.147 HF.)"""
     truth, hf16 = load_model_golden("smollm2.npz"), load_model_golden("smollm2_bf16.npz")
     assert np.array_equal(truth["tokens"], hf16["tokens"]) and np.array_equal(truth["columns"], hf16["columns"])
     lengths, columns = truth["lengths"], truth["columns"]
@@ -95,8 +95,9 @@ def test_smollm2_bfloat16_is_as_close_to_float32_as_transformers_bfloat16(smollm
         agree_ours = (ours[i, :n].argmax(-1) == truth["argmax"][i, :n]).mean()
         agree_hf = (hf16["argmax"][i, :n] == truth["argmax"][i, :n]).mean()
         assert agree_ours >= agree_hf - 0.05, (i, agree_ours, agree_hf)
-    # The last token's whole vocabulary row, over the sequences (measured 0.098 ours vs 0.070 HF: ours rounds more
-    # there, the columns above do not show it).
+    # The last token's whole vocabulary row, over the sequences: measured 0.086 ours vs 0.070 HF. Before the
+    # matmuls' float32 accumulation was explicit (model.linear) it was 0.098 on an AMD CPU and 0.121 on an Intel
+    # one with AVX512-BF16, over this bound: the backend's choice of accumulation showed here first.
     last_ours = np.mean([np.abs(ours[i, n - 1] - truth["last_logits"][i]).mean() for i, n in enumerate(lengths)])
     last_hf = np.mean([np.abs(hf16["last_logits"][i] - truth["last_logits"][i]).mean() for i in range(len(lengths))])
     assert last_ours <= 1.6 * last_hf, (last_ours, last_hf)

@@ -31,8 +31,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from simpo_worker.config import ArchitectureConfig
 from simpo_worker.jit import counted_jit
 from simpo_worker.mesh import kv_heads_axis, param_spec
-from simpo_worker.model import (DecoderLayers, Llama, attention_inputs, decoder_layer_with_kv, mlp_residual,
-                                rms_norm, rotary_tables)
+from simpo_worker.model import (DecoderLayers, Llama, attention_inputs, decoder_layer_with_kv, linear,
+                                mlp_residual, rms_norm, rotary_tables)
 from simpo_worker.sampling import SamplingParams, next_tokens, prompt_keys, token_keys
 
 # The slot axis of the per-layer caches (see DecodeState).
@@ -119,7 +119,7 @@ def prefill(spec: DecodeSpec, weights: DecodeWeights, tokens, lengths, global_in
     k, v = tuple(k), tuple(v)
     hidden = rms_norm(x, weights.final_norm, c.rms_norm_eps)
     last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
-    logits = (last @ weights.head).astype(jnp.float32)
+    logits = linear(last, weights.head, jnp.float32)
 
     keys = prompt_keys(seed, step, global_index)
     first = next_tokens(logits, token_keys(keys, 0), spec.sampling)
@@ -140,7 +140,7 @@ def decode_chunk(spec: DecodeSpec, weights: DecodeWeights, state: DecodeState, s
 
     def step(s: DecodeState) -> DecodeState:
         hidden, k, v = _decode_forward(spec.arch, weights, s.tokens, s.positions, s.k, s.v)
-        logits = (hidden @ weights.head).astype(jnp.float32)
+        logits = linear(hidden, weights.head, jnp.float32)
         new = next_tokens(logits, token_keys(s.keys, s.generated), spec.sampling)
         live = ~s.done
         stop = live & _is_stop(spec, new)
@@ -226,7 +226,7 @@ def _decode_layer(c: ArchitectureConfig, w: DecoderLayers, x, positions, cos, si
         unnormalised = jnp.exp(scores - scores.max(axis=-1, keepdims=True))
         attn = jnp.einsum("bkgs,bksd->bkgd", unnormalised.astype(cache_v.dtype), cache_v)
         attn = attn / unnormalised.sum(axis=-1, keepdims=True).astype(attn.dtype)
-    return mlp_residual(c, w, x + attn.reshape(batch, 1, -1) @ w.wo), cache_k, cache_v
+    return mlp_residual(c, w, x + linear(attn.reshape(batch, 1, -1), w.wo)), cache_k, cache_v
 
 
 def _pad_slots(cache: jax.Array, axis: int, window: int) -> jax.Array:

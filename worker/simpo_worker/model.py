@@ -149,7 +149,22 @@ class Llama(eqx.Module):
 
 
 def _logits(hidden, head):
-    return jnp.einsum("btd,dv->btv", hidden, head.astype(hidden.dtype)).astype(jnp.float32)
+    # Accumulated and returned in float32 (free on the MXU): bfloat16 logits lose the differences between
+    # tokens that the log-softmax and sampling depend on.
+    return linear(hidden, head.astype(hidden.dtype), jnp.float32)
+
+
+def linear(x: Float[Array, "... d"], w: Float[Array, "d n"], out_dtype=None) -> Float[Array, "... n"]:
+    """x @ w, accumulated in float32 and returned in `out_dtype` (default x's).
+
+    One 2-D matmul over every token: on [B, T, d] the weight gradient is a dot contracting two token axes, which
+    XLA:CPU lowers through a transposed copy of the output gradient, a strided loop that took a quarter of the
+    CPU train step (bench/profile_cpu.py); flattened, the smaller operand is transposed instead (same sums, same
+    bits). The float32 accumulation is explicit because backends differ when it is not: XLA:CPU on an
+    AVX512-BF16 machine rounded bfloat16 products further from float32 than HF's bfloat16 forward does
+    (test_model_parity's bfloat16 anchor); the MXU accumulates in float32 anyway."""
+    y = jnp.matmul(x.reshape(-1, x.shape[-1]), w, preferred_element_type=jnp.float32)
+    return y.reshape(*x.shape[:-1], w.shape[-1]).astype(out_dtype or x.dtype)
 
 
 def _target_logps(logits, targets):
@@ -175,7 +190,7 @@ def decoder_layer_with_kv(c: ArchitectureConfig, w: DecoderLayers, x, positions,
         else:
             mask = positions[:, None, :] <= positions[:, :, None]  # [B, T(query), S(key)]
             attn = grouped_query_attention(q, k, v, mask)
-    x = x + attn.reshape(batch, length, -1) @ w.wo
+    x = x + linear(attn.reshape(batch, length, -1), w.wo)
     return mlp_residual(c, w, x), k, v
 
 
@@ -184,16 +199,16 @@ def attention_inputs(c: ArchitectureConfig, w: DecoderLayers, x, cos, sin):
     batch, length, _ = x.shape
     hd = c.resolved_head_dim
     h = rms_norm(x, w.attn_norm, c.rms_norm_eps)
-    q = apply_rotary((h @ w.wq).reshape(batch, length, c.num_heads, hd), cos, sin)
-    k = apply_rotary((h @ w.wk).reshape(batch, length, c.num_kv_heads, hd), cos, sin)
-    v = (h @ w.wv).reshape(batch, length, c.num_kv_heads, hd)
+    q = apply_rotary(linear(h, w.wq).reshape(batch, length, c.num_heads, hd), cos, sin)
+    k = apply_rotary(linear(h, w.wk).reshape(batch, length, c.num_kv_heads, hd), cos, sin)
+    v = linear(h, w.wv).reshape(batch, length, c.num_kv_heads, hd)
     return q, k, v
 
 
 def mlp_residual(c: ArchitectureConfig, w: DecoderLayers, x):
     """x plus the pre-norm SwiGLU MLP of x."""
     h = rms_norm(x, w.mlp_norm, c.rms_norm_eps)
-    return x + (jax.nn.silu(h @ w.w_gate) * (h @ w.w_up)) @ w.w_down
+    return x + linear(jax.nn.silu(linear(h, w.w_gate)) * linear(h, w.w_up), w.w_down)
 
 
 def grouped_query_attention(q, k, v, mask):
