@@ -21,6 +21,7 @@ import concurrent.futures
 import contextvars
 import copy
 import logging
+import threading
 from datetime import datetime, timezone
 from typing import Any, Optional
 
@@ -47,7 +48,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.execution.max_workers = kube.CONNECTIONS
     # The API client now, not in the first handlers: they would each build one at once, racing for the GIL with
     # the burst of events being dispatched (7 s for the first jobs of a 100-job burst).
-    kube.api_client()
+    kube.warm_up()
 
 
 def _now() -> str:
@@ -76,6 +77,11 @@ def _phase_patch(job: dict[str, Any], current: dict[str, Any], phase: state.Phas
 @kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
 @metrics.timed("reconcile")
 def reconcile(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger, **_: Any) -> None:
+    with _reconciles:
+        _reconcile(body, patch, logger)
+
+
+def _reconcile(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger) -> None:
     resource = copy.deepcopy(dict(body))
     current = dict(resource.get("status") or {})
     if state.is_final(current):
@@ -125,6 +131,32 @@ def _fail(resource: dict[str, Any], current: dict[str, Any], patch: kopf.Patch, 
     patch.status["observedGeneration"] = resource["metadata"].get("generation")
 
 
+class _InFlight:
+    """How many `reconcile` calls are running, and a wait for none to be (see _jobset_changed)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.idle = threading.Condition()
+
+    def __enter__(self) -> None:
+        with self.idle:
+            self.count += 1
+
+    def __exit__(self, *_: Any) -> None:
+        with self.idle:
+            self.count -= 1
+            if self.count == 0:
+                self.idle.notify_all()
+
+    def wait_idle(self, timeout_s: float) -> None:
+        with self.idle:
+            self.idle.wait_for(lambda: self.count == 0, timeout=timeout_s)
+
+
+_reconciles = _InFlight()
+# How long a JobSet event waits for the running reconciles (a burst of creations) before it goes ahead anyway.
+JOBSET_EVENT_DEFER_S = 2.0
+
 # JobSet events (several per job) block on API calls in threads of their own: in kopf's pool, which runs
 # `reconcile`, a burst of them would queue the creation of the next jobs' JobSets behind them.
 _jobset_event_pool = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="jobset-events")
@@ -141,7 +173,12 @@ async def jobset_changed(body: kopf.Body, type: Optional[str], logger: logging.L
 def _jobset_changed(body: kopf.Body, type: Optional[str], logger: logging.Logger) -> None:
     if type == "DELETED":
         return  # deleted with its job (owner references), or by hand: the job keeps its last status
-    jobset = copy.deepcopy(dict(body))
+    # Creations first: under a burst of them, the status work of the JobSets already created (a GET and a status
+    # patch each, more writes for the API server) took the CPU and the API server from the creations still
+    # waiting, whose latency is the one users see. The phase follows a moment later; the event it acts on is the
+    # one it got (kopf passes each event's body), so nothing is lost by waiting.
+    _reconciles.wait_idle(JOBSET_EVENT_DEFER_S)
+    jobset = dict(body)  # read only: no deep copy of each event's body
     owner = next((ref for ref in jobset["metadata"].get("ownerReferences") or []
                   if ref.get("kind") == KIND and ref.get("controller")), None)
     if owner is None:
