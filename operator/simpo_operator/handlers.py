@@ -43,8 +43,8 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.scanning.disabled = True
     # Our own events are posted explicitly; handler log lines below WARNING stay in the log only.
     settings.posting.level = logging.WARNING
-    # reconcile's API calls block a thread each (kubernetes client): kopf's default pool (CPU count + 4 threads: 6
-    # here) made a burst of creations queue; the API server takes more at once (bench/README.md).
+    # reconcile's API calls block a thread each (kubernetes client): a thread per job of a 100-job burst, so none
+    # waits for another's API calls to start its own (kube.CONNECTIONS; bench/README.md, operator_load.py).
     settings.execution.max_workers = kube.CONNECTIONS
     # The API client now, not in the first handlers: they would each build one at once, racing for the GIL with
     # the burst of events being dispatched (7 s for the first jobs of a 100-job burst).
