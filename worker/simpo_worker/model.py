@@ -27,6 +27,7 @@ from typing import Optional
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from jaxtyping import Array, Float, Int
 
 from simpo_worker.attention import blockwise_attention
@@ -34,10 +35,12 @@ from simpo_worker.config import (DEFAULT_ATTENTION_BLOCK, DEFAULT_LOSS_CHUNK_TOK
                                   TrainerConfig)
 from simpo_worker.mesh import constrain_batch
 
+WEIGHT_MATMUL = "weight_matmul"  # linear's outputs, by name (a custom VJP hides its dot from dot-based policies)
+
 # What the backward pass keeps of a decoder layer's forward (jax.checkpoint policies); the rest is recomputed.
 REMAT_POLICIES = {
     "full": None,  # only the layer's input: the whole layer runs again in the backward
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # the weight matmuls' outputs
+    "dots": jax.checkpoint_policies.save_only_these_names(WEIGHT_MATMUL),  # the weight matmuls' outputs (linear)
 }
 
 
@@ -155,16 +158,40 @@ def _logits(hidden, head):
 
 
 def linear(x: Float[Array, "... d"], w: Float[Array, "d n"], out_dtype=None) -> Float[Array, "... n"]:
-    """x @ w, accumulated in float32 and returned in `out_dtype` (default x's).
+    """x @ w, accumulated in float32 and returned in `out_dtype` (default x's); the backward's matmuls take their
+    operands and return their results in the compute dtype.
 
     One 2-D matmul over every token: on [B, T, d] the weight gradient is a dot contracting two token axes, which
     XLA:CPU lowers through a transposed copy of the output gradient, a strided loop that took a quarter of the
     CPU train step (bench/profile_cpu.py); flattened, the smaller operand is transposed instead (same sums, same
     bits). The float32 accumulation is explicit because backends differ when it is not: XLA:CPU on an
     AVX512-BF16 machine rounded bfloat16 products further from float32 than HF's bfloat16 forward does
-    (test_model_parity's bfloat16 anchor); the MXU accumulates in float32 anyway."""
-    y = jnp.matmul(x.reshape(-1, x.shape[-1]), w, preferred_element_type=jnp.float32)
-    return y.reshape(*x.shape[:-1], w.shape[-1]).astype(out_dtype or x.dtype)
+    (test_model_parity's bfloat16 anchor); the MXU accumulates in float32 anyway. The custom VJP keeps autodiff
+    from running the backward's matmuls in float32 (a float32 cotangent against bfloat16 operands) and from
+    summing the gradients across chips in float32."""
+    y = _matmul_f32_accumulate(x.reshape(-1, x.shape[-1]), w)
+    y = y.reshape(*x.shape[:-1], w.shape[-1]).astype(out_dtype or x.dtype)
+    return checkpoint_name(y, WEIGHT_MATMUL)
+
+
+@jax.custom_vjp
+def _matmul_f32_accumulate(x, w):
+    return jnp.matmul(x, w, preferred_element_type=jnp.float32)
+
+
+def _matmul_forward(x, w):
+    return _matmul_f32_accumulate(x, w), (x, w)
+
+
+def _matmul_backward(residuals, cotangent):
+    x, w = residuals
+    cotangent = cotangent.astype(x.dtype)
+    # In the operands' dtype, as autodiff of a plain matmul computes them: a float32 result here would be summed
+    # across chips in float32 (the gradients' reduce-scatter and all-reduce at twice the bytes).
+    return jnp.matmul(cotangent, w.T), jnp.matmul(x.T, cotangent)
+
+
+_matmul_f32_accumulate.defvjp(_matmul_forward, _matmul_backward)
 
 
 def _target_logps(logits, targets):
