@@ -42,7 +42,7 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def run_engine(batch: int, prompt_tokens: int, new_tokens: int) -> dict:
+def run_engine(batch: int, prompt_tokens: int, new_tokens: int, matmul_shapes: list) -> dict:
     import jax
     import jax.numpy as jnp
 
@@ -69,7 +69,7 @@ def run_engine(batch: int, prompt_tokens: int, new_tokens: int) -> dict:
     return {"prefill_s": prefill.wall_s, "total_s": total.wall_s, "compilations": engine.compilations,
             "floor_step_s": floor_s, "peak_rss_gib": peak_rss_gib(), "jax": jax.__version__,
             "dtype": str(jnp.result_type(model.embed)), **decode_threads(prefill, total),
-            "matmul": matmul_rate("jax", llama_matmul_shapes(model.config, batch))}
+            "matmul": matmul_rate("jax", matmul_shapes)}
 
 
 def decode_threads(prefill: Clock, total: Clock) -> dict:
@@ -104,7 +104,7 @@ def matmul_floor(model, batch: int, repeats: int = 5) -> float:
     return (time.perf_counter() - start) / repeats
 
 
-def run_hf(batch: int, prompt_tokens: int, new_tokens: int) -> dict:
+def run_hf(batch: int, prompt_tokens: int, new_tokens: int, matmul_shapes: list) -> dict:
     import torch
     import transformers
 
@@ -128,13 +128,10 @@ def run_hf(batch: int, prompt_tokens: int, new_tokens: int) -> dict:
 
     timed(2)  # warm-up
     prefill, total = timed(1), timed(new_tokens)
-    from simpo_worker.pretrained import load_pretrained
-
-    shapes = llama_matmul_shapes(load_pretrained("smollm2").config, batch)
     return {"prefill_s": prefill.wall_s, "total_s": total.wall_s, "peak_rss_gib": peak_rss_gib(),
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
             "attention": model.config._attn_implementation, **decode_threads(prefill, total),
-            "matmul": matmul_rate("torch", shapes)}
+            "matmul": matmul_rate("torch", matmul_shapes)}
 
 
 def child(args) -> None:
@@ -143,12 +140,16 @@ def child(args) -> None:
         # --xla_cpu_multi_thread_eigen=false no longer limits (measured: 1.5 CPU-seconds per second).
         os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:int(os.environ[THREADS_ENV])]))
     run = run_engine if args.child == "engine" else run_hf
-    print("RESULT " + json.dumps(run(args.batch, args.prompt_tokens, args.new_tokens)), flush=True)
+    shapes = [tuple(shape) for shape in json.loads(args.matmul_shapes)]
+    print("RESULT " + json.dumps(run(args.batch, args.prompt_tokens, args.new_tokens, shapes)), flush=True)
 
 
-def measure(side: str, batch: int, args) -> dict:
+def measure(side: str, batch: int, args, matmul_shapes: list) -> dict:
+    # The decode step's matmul shapes from the parent: a child loading the model again for them would count a
+    # second copy in its peak RSS.
     command = [sys.executable, __file__, "--child", side, "--batch", str(batch),
-               "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens)]
+               "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens),
+               "--matmul-shapes", json.dumps(matmul_shapes)]
     env = dict(os.environ)
     if args.threads:
         # The same CPUs for both sides: torch's intra-op pool is sized to them too.
@@ -174,6 +175,7 @@ def main() -> None:
                         "comparison on a busy machine); default: each library's own thread pool on every CPU")
     parser.add_argument("--child", choices=["engine", "hf"])
     parser.add_argument("--batch", type=int)
+    parser.add_argument("--matmul-shapes")
     args = parser.parse_args()
     if args.child:
         return child(args)
@@ -192,7 +194,8 @@ def main() -> None:
     print(header)
     print("-" * len(header))
     for batch in args.batches:
-        engine, hf = measure("engine", batch, args), measure("hf", batch, args)
+        shapes = llama_matmul_shapes(arch, batch)
+        engine, hf = measure("engine", batch, args, shapes), measure("hf", batch, args, shapes)
         # The mean cache window over the decode: the prompt plus half the new tokens.
         step_flops = decode_step_flops(arch, batch, args.prompt_tokens + args.new_tokens // 2)
         achieved = {side: step_flops / r["step_s"] / 1e9 for side, r in (("engine", engine), ("hf", hf))}
