@@ -42,7 +42,7 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def run_engine(batch: int, prompt_tokens: int, new_tokens: int, matmul_shapes: list) -> dict:
+def run_engine(batch: int, prompt_tokens: int, new_tokens: int, matmul_shapes: list, tensor_parallel: int) -> dict:
     import jax
     import jax.numpy as jnp
 
@@ -55,7 +55,8 @@ def run_engine(batch: int, prompt_tokens: int, new_tokens: int, matmul_shapes: l
 
     def timed(max_new: int) -> tuple[Clock, Engine]:
         engine = Engine(model.config, InferenceConfig(max_new_tokens=max_new, max_prompt_len=prompt_tokens,
-                                                      batch_size=batch, ignore_eos=True), eos_token_ids=[])
+                                                      batch_size=batch, ignore_eos=True,
+                                                      tensor_parallel=tensor_parallel), eos_token_ids=[])
         engine.generate(model, ids, list(range(batch)), step=0, seed=0)  # compile
         compiled = engine.compilations
         with Clock() as clock:
@@ -65,8 +66,8 @@ def run_engine(batch: int, prompt_tokens: int, new_tokens: int, matmul_shapes: l
 
     prefill, _ = timed(1)
     total, engine = timed(new_tokens)
-    floor_s = matmul_floor(model, batch)
-    return {"prefill_s": prefill.wall_s, "total_s": total.wall_s, "compilations": engine.compilations,
+    floor_s = matmul_floor(engine, model, batch)
+    return {"devices": jax.device_count(), "prefill_s": prefill.wall_s, "total_s": total.wall_s, "compilations": engine.compilations,
             "floor_step_s": floor_s, "peak_rss_gib": peak_rss_gib(), "jax": jax.__version__,
             "dtype": str(jnp.result_type(model.embed)), **decode_threads(prefill, total),
             "matmul": matmul_rate("jax", matmul_shapes)}
@@ -77,13 +78,12 @@ def decode_threads(prefill: Clock, total: Clock) -> dict:
     return {"threads": (total.cpu_s - prefill.cpu_s) / (total.wall_s - prefill.wall_s)}
 
 
-def matmul_floor(model, batch: int, repeats: int = 5) -> float:
+def matmul_floor(engine, model, batch: int, repeats: int = 5) -> float:
     """Seconds for one decode step's matmuls alone (no attention, norms, cache, sampling or loop), on the same
-    per-layer weight arrays the engine decodes with."""
+    per-layer weight arrays the engine decodes with, placed as it places them (with several devices: the batch
+    over `data`, the weights split over `model`, and the same all-reduces)."""
     import jax
     import jax.numpy as jnp
-
-    from simpo_worker.decode import decode_weights
 
     @jax.jit
     def matmuls(weights, x):
@@ -94,9 +94,9 @@ def matmul_floor(model, batch: int, repeats: int = 5) -> float:
             x = y + (jax.nn.silu(y @ w.w_gate) * (y @ w.w_up)) @ w.w_down
         return x @ weights.head
 
-    weights = decode_weights(model, jnp.float32)
+    weights = engine._weights(model)
     group = model.config.num_heads // model.config.num_kv_heads
-    x = jnp.ones((batch, model.config.hidden_size), jnp.float32)
+    x = engine._place(np.ones((batch, model.config.hidden_size), np.float32))
     matmuls(weights, x).block_until_ready()
     start = time.perf_counter()
     for _ in range(repeats):
@@ -139,9 +139,12 @@ def child(args) -> None:
         # CPU affinity, not thread-count flags: XLA:CPU's YNNPACK fusions run on their own pool, which
         # --xla_cpu_multi_thread_eigen=false no longer limits (measured: 1.5 CPU-seconds per second).
         os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:int(os.environ[THREADS_ENV])]))
-    run = run_engine if args.child == "engine" else run_hf
     shapes = [tuple(shape) for shape in json.loads(args.matmul_shapes)]
-    print("RESULT " + json.dumps(run(args.batch, args.prompt_tokens, args.new_tokens, shapes)), flush=True)
+    if args.child == "engine":
+        result = run_engine(args.batch, args.prompt_tokens, args.new_tokens, shapes, args.tensor_parallel)
+    else:
+        result = run_hf(args.batch, args.prompt_tokens, args.new_tokens, shapes)
+    print("RESULT " + json.dumps(result), flush=True)
 
 
 def measure(side: str, batch: int, args, matmul_shapes: list) -> dict:
@@ -149,8 +152,10 @@ def measure(side: str, batch: int, args, matmul_shapes: list) -> dict:
     # second copy in its peak RSS.
     command = [sys.executable, __file__, "--child", side, "--batch", str(batch),
                "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens),
-               "--matmul-shapes", json.dumps(matmul_shapes)]
+               "--matmul-shapes", json.dumps(matmul_shapes), "--tensor-parallel", str(args.tensor_parallel)]
     env = dict(os.environ)
+    if side == "engine" and args.devices > 1:
+        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={args.devices}".strip()
     if args.threads:
         # The same CPUs for both sides: torch's intra-op pool is sized to them too.
         env[THREADS_ENV] = str(args.threads)
@@ -173,6 +178,10 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--threads", type=int, choices=[1], help="pin both sides to one CPU (a fair "
                         "comparison on a busy machine); default: each library's own thread pool on every CPU")
+    parser.add_argument("--devices", type=int, default=1,
+                        help="the engine's CPU devices (XLA runs each on its own thread): with --tensor-parallel 1 "
+                             "the batch is split over them, else each matmul (the engine's inference.tensor_parallel)")
+    parser.add_argument("--tensor-parallel", type=int, default=1)
     parser.add_argument("--child", choices=["engine", "hf"])
     parser.add_argument("--batch", type=int)
     parser.add_argument("--matmul-shapes")
@@ -186,7 +195,8 @@ def main() -> None:
     arch = load_pretrained("smollm2").config
     print("\n".join(describe()))
     print(f"SmolLM2-135M-Instruct f32, {args.prompt_tokens} prompt tokens, {args.new_tokens} new tokens, greedy, "
-          f"EOS ignored; decode tok/s excludes the prefill; threads: {args.threads or 'library default'}")
+          f"EOS ignored; decode tok/s excludes the prefill; threads: {args.threads or 'library default'}; engine "
+          f"devices {args.devices}, tensor_parallel {args.tensor_parallel}")
     header = (f"{'batch':>5} | {'engine tok/s':>12} {'HF tok/s':>9} {'ratio':>6} | {'e2e engine':>10} {'e2e HF':>7} | "
               f"{'step ms':>7} {'floor ms':>8} {'step/floor':>10} | {'threads eng':>11} {'HF':>5} | "
               f"{'GFLOP/s eng':>11} {'HF':>5} | {'mm GFLOP/s eng':>14} {'HF':>5} | {'mm share eng':>12} {'HF':>5} | "
