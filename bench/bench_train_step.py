@@ -84,8 +84,9 @@ def run_jax(workdir: Path, steps: int, warmup: int) -> dict:
             arrays, metrics = step(arrays, batch)
             losses.append(float(metrics["loss"]))  # blocks until the step is done
         times.append(time.perf_counter() - started)
+    peak = peak_rss_mib()  # the step's, before the matmul-rate arrays
     return {"losses": losses, "step_seconds": times[warmup:], "compilations": step.compilations,
-            "threads": clock.threads, "matmul": matmul_rate("jax", matmul_shapes(workdir))}
+            "threads": clock.threads, "peak_rss_mib": peak, "matmul": matmul_rate("jax", matmul_shapes(workdir))}
 
 
 def run_torch(workdir: Path, steps: int, warmup: int, threads: int) -> dict:
@@ -121,8 +122,13 @@ def run_torch(workdir: Path, steps: int, warmup: int, threads: int) -> dict:
             optimizer.step()
             losses.append(loss.item())
         times.append(time.perf_counter() - started)
-    return {"losses": losses, "step_seconds": times[warmup:], "threads": clock.threads,
+    peak = peak_rss_mib()
+    return {"losses": losses, "step_seconds": times[warmup:], "threads": clock.threads, "peak_rss_mib": peak,
             "matmul": matmul_rate("torch", matmul_shapes(workdir))}
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def matmul_shapes(workdir: Path) -> list[tuple[int, int, int]]:
@@ -134,7 +140,6 @@ def child(args: argparse.Namespace) -> None:
         result = run_jax(Path(args.workdir), args.steps, args.warmup)
     else:
         result = run_torch(Path(args.workdir), args.steps, args.warmup, args.threads)
-    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(result))
 
 
