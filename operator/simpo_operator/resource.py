@@ -112,6 +112,13 @@ class Scheduling:
         "Consume this specific GKE reservation (cloud.google.com/reservation-name, reservation-affinity "
         "specific).", None, min_length=1, max_length=253)
 
+    RULES: ClassVar = (
+        # No node is both: Compute Engine spot VMs never consume reservations, so the pods would stay Pending.
+        Rule("!(has(self.spot) && self.spot && has(self.reservation))",
+             lambda s: not (s.spot and s.reservation is not None),
+             "set `spot` or `reservation`, not both: spot VMs do not consume reservations"),
+    )
+
 
 @dataclass(frozen=True)
 class ObjectReference:

@@ -15,7 +15,6 @@ from test_operator_e2e import condition_types, pods_of, reference_job, wait_phas
 QUEUE = "tpu-v5p"
 PRIORITY_CLASS = "simpo-test-low"
 WORKLOAD_PRIORITY = "research-batch"
-SPOT_POOL = "v5p-32-spot"
 TEAM_TAINT = {"key": "example.com/team", "value": "research", "effect": "NoSchedule"}
 
 
@@ -127,16 +126,30 @@ def test_kueue_admits_one_v5p32_at_a_time_and_only_kueue_flips_suspend(kueue, op
         assert history[1][1] and all("kueue" in manager.lower() for manager in history[1][1]), history
 
 
-def knobs_job() -> dict:
+# The two kinds of TPU capacity a job can ask for by name (spot VMs never consume reservations): its node labels.
+CAPACITY_LABELS = {
+    "spot": {"cloud.google.com/gke-spot": "true"},
+    "reservation": {"cloud.google.com/reservation-name": "v5p-reservation",
+                    "cloud.google.com/reservation-affinity": "specific"},
+}
+SPOT_TAINT = {"key": "cloud.google.com/gke-spot", "value": "true", "effect": "NoSchedule"}
+
+
+def pool_name(capacity: str) -> str:
+    return f"v5p-32-{capacity}"
+
+
+def knobs_job(capacity: str) -> dict:
     return reference_job(
         "run-2s", priorityClassName=PRIORITY_CLASS,
         scheduling={
-            "spot": True, "reservation": "v5p-reservation", "nodeSelector": {"example.com/pool-kind": "spot-tpu"},
+            **({"spot": True} if capacity == "spot" else {"reservation": "v5p-reservation"}),
+            "nodeSelector": {"example.com/pool-kind": "team-tpu"},
             "tolerations": [{"key": TEAM_TAINT["key"], "operator": "Equal", "value": TEAM_TAINT["value"],
                              "effect": "NoSchedule"}],
             "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
                 {"matchExpressions": [{"key": "cloud.google.com/gke-nodepool", "operator": "In",
-                                       "values": [SPOT_POOL]}]}]}}}},
+                                       "values": [pool_name(capacity)]}]}]}}}},
         pod={
             "labels": {"team": "research"}, "annotations": {"gke-gcsfuse/volumes": "true"},
             "imagePullSecrets": [{"name": "registry-credentials"}],
@@ -153,54 +166,55 @@ def knobs_job() -> dict:
 
 
 @pytest.fixture
-def spot_pool(cluster):
-    """A spot v5p-32 node pool in a reservation, tainted for one team (so no other test's pods land there)."""
+def capacity_pool(cluster, request):
+    """A v5p-32 node pool of spot VMs or of a reservation (request.param), tainted for one team (so no other test's
+    pods land there)."""
+    capacity = request.param
     nodes = []
     for host in range(4):
-        name = f"{SPOT_POOL}-{host}"
+        name = f"{pool_name(capacity)}-{host}"
         capacity = {"cpu": "32", "memory": "128Gi", "pods": "110", "google.com/tpu": "4"}
         nodes.append({"apiVersion": "v1", "kind": "Node", "metadata": {
             "name": name, "annotations": {"kwok.x-k8s.io/node": "fake"}, "labels": {
-                "kubernetes.io/hostname": name, "type": "kwok", "cloud.google.com/gke-nodepool": SPOT_POOL,
+                "kubernetes.io/hostname": name, "type": "kwok", "cloud.google.com/gke-nodepool": pool_name(capacity),
                 "cloud.google.com/gke-tpu-accelerator": "tpu-v5p-slice", "cloud.google.com/gke-tpu-topology": "2x2x4",
-                "cloud.google.com/gke-spot": "true", "cloud.google.com/reservation-name": "v5p-reservation",
-                "cloud.google.com/reservation-affinity": "specific", "example.com/pool-kind": "spot-tpu"}},
+                **CAPACITY_LABELS[capacity], "example.com/pool-kind": "team-tpu"}},
             "spec": {"taints": [{"key": "google.com/tpu", "value": "present", "effect": "NoSchedule"},
-                                {"key": "cloud.google.com/gke-spot", "value": "true", "effect": "NoSchedule"},
-                                TEAM_TAINT]},
+                                *([SPOT_TAINT] if capacity == "spot" else []), TEAM_TAINT]},
             "status": {"capacity": capacity, "allocatable": capacity}})
     cluster.kubectl("create", "-f", "-", input=yaml.safe_dump_all(nodes))
     cluster.apply({"apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass",
                    "metadata": {"name": PRIORITY_CLASS}, "value": 100})
-    yield [node["metadata"]["name"] for node in nodes]
+    yield capacity, [node["metadata"]["name"] for node in nodes]
     cluster.kubectl("delete", "node", *[node["metadata"]["name"] for node in nodes], "--wait=false")
 
 
-def test_every_pod_knob_reaches_every_worker_pod(cluster, operator, spot_pool):
-    job = knobs_job()
+@pytest.mark.parametrize("capacity_pool", ["spot", "reservation"], indirect=True)
+def test_every_pod_knob_reaches_every_worker_pod(cluster, operator, capacity_pool):
+    capacity, nodes = capacity_pool
+    job = knobs_job(capacity)
     cluster.apply(job)
     name = job["metadata"]["name"]
     done = wait_phase(cluster, operator, name, ("Succeeded", "Failed"), timeout_s=180)
     assert done["status"]["phase"] == "Succeeded", done["status"]
     pods = pods_of(cluster, name)
-    assert sorted(pod["spec"]["nodeName"] for pod in pods) == spot_pool
+    assert sorted(pod["spec"]["nodeName"] for pod in pods) == nodes
     for pod in pods:
         spec, [container] = pod["spec"], pod["spec"]["containers"]
         assert pod["metadata"]["labels"]["team"] == "research"
         assert pod["metadata"]["labels"]["simpo.dev/job"] == name
         assert pod["metadata"]["annotations"]["gke-gcsfuse/volumes"] == "true"
         assert spec["nodeSelector"] == {
-            "example.com/pool-kind": "spot-tpu", "cloud.google.com/gke-tpu-accelerator": "tpu-v5p-slice",
-            "cloud.google.com/gke-tpu-topology": "2x2x4", "cloud.google.com/gke-spot": "true",
-            "cloud.google.com/reservation-name": "v5p-reservation",
-            "cloud.google.com/reservation-affinity": "specific"}
+            "example.com/pool-kind": "team-tpu", "cloud.google.com/gke-tpu-accelerator": "tpu-v5p-slice",
+            "cloud.google.com/gke-tpu-topology": "2x2x4", **CAPACITY_LABELS[capacity]}
         tolerations = [{k: t[k] for k in ("key", "operator", "value", "effect") if k in t}
                        for t in spec["tolerations"]]
-        for wanted in ({"key": "google.com/tpu", "operator": "Exists", "effect": "NoSchedule"},
-                       {"key": "cloud.google.com/gke-spot", "operator": "Equal", "value": "true",
-                        "effect": "NoSchedule"},
-                       {"key": TEAM_TAINT["key"], "operator": "Equal", "value": "research", "effect": "NoSchedule"}):
-            assert wanted in tolerations, tolerations
+        wanted = [{"key": "google.com/tpu", "operator": "Exists", "effect": "NoSchedule"},
+                  {"key": TEAM_TAINT["key"], "operator": "Equal", "value": "research", "effect": "NoSchedule"}]
+        if capacity == "spot":
+            wanted.append({**SPOT_TAINT, "operator": "Equal"})
+        assert all(toleration in tolerations for toleration in wanted), tolerations
+        assert any(t.get("key") == SPOT_TAINT["key"] for t in tolerations) == (capacity == "spot"), tolerations
         assert spec["affinity"] == job["spec"]["scheduling"]["affinity"]
         assert (spec["priorityClassName"], spec["priority"]) == (PRIORITY_CLASS, 100)
         assert spec["imagePullSecrets"] == [{"name": "registry-credentials"}]
@@ -223,6 +237,7 @@ def test_every_pod_knob_reaches_every_worker_pod(cluster, operator, spot_pool):
     ({"pod": {"env": [{"name": "SIMPO_CONFIG", "value": "/x"}]}}, "the operator sets SIMPO_CONFIG"),
     ({"pod": {"labels": {"jobset.sigs.k8s.io/jobset-name": "x"}}}, "labels the operator, JobSet"),
     ({"queueName": QUEUE, "suspend": True}, "spec.suspend cannot be true with spec.queueName"),
+    ({"scheduling": {"spot": True, "reservation": "v5p-reservation"}}, "set `spot` or `reservation`, not both"),
 ])
 def test_the_api_server_refuses_a_knob_that_would_displace_the_operators_own(cluster, chart, spec, message):
     """The CRD's CEL rules (generated from the same Rules validate_job checks) compile and refuse at admission."""

@@ -58,6 +58,8 @@ CASES = [
      r"^spec\.scheduling\.nodeSelector: the TPU accelerator/topology labels come from spec\.tpu"),
     (make_job(scheduling={"nodeSelector": {"cloud.google.com/gke-spot": "true"}}),
      r"^spec\.scheduling\.nodeSelector: .*spot and reservation labels from spec\.scheduling\.spot"),
+    (make_job(scheduling={"spot": True, "reservation": "res-1"}),
+     r"^spec\.scheduling: set `spot` or `reservation`, not both: spot VMs do not consume reservations"),
     (make_job(scheduling={"nodeSelector": {"zone": 1}}), r"^spec\.scheduling\.nodeSelector\.zone: expected a string"),
     (make_job(scheduling={"tolerations": [{"key": "a", "operator": "Is"}]}),
      r"^spec\.scheduling\.tolerations\[0\]\.operator: must be one of Exists, Equal"),

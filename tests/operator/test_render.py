@@ -149,19 +149,28 @@ def test_examples_match_their_golden_yaml(example):
 
 def test_scheduling_knobs_are_added_to_the_tpu_ones():
     job = tpu_job(type="v5p-32")
-    job["spec"]["scheduling"] = {"nodeSelector": {"pool": "a"}, "spot": True, "reservation": "res-1",
+    job["spec"]["scheduling"] = {"nodeSelector": {"pool": "a"}, "spot": True,
                                  "tolerations": [{"key": "team", "operator": "Exists"}],
                                  "affinity": {"nodeAffinity": {"x": 1}}}
     _, jobset = render.render_job(job)
     _, _, pod = pod_of(jobset)
     assert pod["nodeSelector"] == {"pool": "a", tpu.ACCELERATOR_LABEL: "tpu-v5p-slice", tpu.TOPOLOGY_LABEL: "2x2x4",
-                                   "cloud.google.com/gke-spot": "true", "cloud.google.com/reservation-name": "res-1",
-                                   "cloud.google.com/reservation-affinity": "specific"}
+                                   "cloud.google.com/gke-spot": "true"}
     assert pod["tolerations"] == [
         {"key": render.TPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"},
         {"key": "team", "operator": "Exists"},
         {"key": "cloud.google.com/gke-spot", "operator": "Equal", "value": "true", "effect": "NoSchedule"}]
     assert pod["affinity"] == {"nodeAffinity": {"x": 1}}
+
+
+def test_a_reservation_selects_its_nodes_and_tolerates_no_spot_taint():
+    job = tpu_job(type="v5p-32")
+    job["spec"]["scheduling"] = {"reservation": "res-1"}
+    _, _, pod = pod_of(render.render_job(job)[1])
+    assert pod["nodeSelector"] == {tpu.ACCELERATOR_LABEL: "tpu-v5p-slice", tpu.TOPOLOGY_LABEL: "2x2x4",
+                                   "cloud.google.com/reservation-name": "res-1",
+                                   "cloud.google.com/reservation-affinity": "specific"}
+    assert pod["tolerations"] == [{"key": render.TPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}]
 
 
 def test_pod_knobs_render_and_cannot_displace_the_operators_own():
