@@ -169,23 +169,23 @@ def knobs_job(capacity: str) -> dict:
 def capacity_pool(cluster, request):
     """A v5p-32 node pool of spot VMs or of a reservation (request.param), tainted for one team (so no other test's
     pods land there)."""
-    capacity = request.param
+    kind = request.param
     nodes = []
     for host in range(4):
-        name = f"{pool_name(capacity)}-{host}"
-        capacity = {"cpu": "32", "memory": "128Gi", "pods": "110", "google.com/tpu": "4"}
+        name = f"{pool_name(kind)}-{host}"
+        resources = {"cpu": "32", "memory": "128Gi", "pods": "110", "google.com/tpu": "4"}
         nodes.append({"apiVersion": "v1", "kind": "Node", "metadata": {
             "name": name, "annotations": {"kwok.x-k8s.io/node": "fake"}, "labels": {
-                "kubernetes.io/hostname": name, "type": "kwok", "cloud.google.com/gke-nodepool": pool_name(capacity),
+                "kubernetes.io/hostname": name, "type": "kwok", "cloud.google.com/gke-nodepool": pool_name(kind),
                 "cloud.google.com/gke-tpu-accelerator": "tpu-v5p-slice", "cloud.google.com/gke-tpu-topology": "2x2x4",
-                **CAPACITY_LABELS[capacity], "example.com/pool-kind": "team-tpu"}},
+                **CAPACITY_LABELS[kind], "example.com/pool-kind": "team-tpu"}},
             "spec": {"taints": [{"key": "google.com/tpu", "value": "present", "effect": "NoSchedule"},
-                                *([SPOT_TAINT] if capacity == "spot" else []), TEAM_TAINT]},
-            "status": {"capacity": capacity, "allocatable": capacity}})
+                                *([SPOT_TAINT] if kind == "spot" else []), TEAM_TAINT]},
+            "status": {"capacity": resources, "allocatable": resources}})
     cluster.kubectl("create", "-f", "-", input=yaml.safe_dump_all(nodes))
     cluster.apply({"apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass",
                    "metadata": {"name": PRIORITY_CLASS}, "value": 100})
-    yield capacity, [node["metadata"]["name"] for node in nodes]
+    yield kind, [node["metadata"]["name"] for node in nodes]
     cluster.kubectl("delete", "node", *[node["metadata"]["name"] for node in nodes], "--wait=false")
 
 
