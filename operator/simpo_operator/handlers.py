@@ -35,10 +35,11 @@ from simpo_worker.errors import ConfigError
 
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
-    # Keep kopf's bookkeeping in annotations: the status belongs to the API (and status.progress to the worker).
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=GROUP, key="last-handled-configuration")
+    # Keep kopf's bookkeeping out of the status: it belongs to the API (and status.progress to the worker). A
+    # handler's progress (only kept while it retries) goes in annotations under a `kopf.` prefix: under any other
+    # kopf marks the prefix with an annotation the first time it stores progress, a patch of every new job.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=f"kopf.{GROUP}")
+    settings.persistence.diffbase_storage = ObservedGenerationDiffBase()
     # Watch exact namespaces or the whole cluster: no CRD/namespace scanning, so no RBAC for it.
     settings.scanning.disabled = True
     # Our own events are posted explicitly; handler log lines below WARNING stay in the log only.
@@ -49,6 +50,25 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     # The API client now, not in the first handlers: they would each build one at once, racing for the GIL with
     # the burst of events being dispatched (7 s for the first jobs of a 100-job burst).
     kube.warm_up()
+
+
+class ObservedGenerationDiffBase(kopf.DiffBaseStorage):
+    """kopf's diff base (the last handled state, which tells an update from a creation or nothing new) read from
+    status.observedGeneration, which `reconcile` writes anyway: never reconciled is a creation, a generation past it
+    a change of the spec, else nothing new. It stores nothing: a stored copy (kopf's annotation) cost a patch of the
+    job on every creation, besides the status patch, each a write the API server validates against the CRD's rules
+    and a watch event back (bench/README.md, operator_load.py)."""
+
+    def fetch(self, *, body: kopf.Body) -> Optional[kopf.BodyEssence]:
+        if body.get("kind") != KIND or body.status.get("observedGeneration") is None:
+            return None
+        essence = self.build(body=body)
+        if body.status["observedGeneration"] != body.metadata.get("generation"):
+            del essence["spec"]  # changed since: an update of spec (reconcile ignores kopf's diff itself)
+        return essence
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
+        pass  # reconcile's status.observedGeneration is the record
 
 
 def _now() -> str:

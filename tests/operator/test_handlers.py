@@ -14,7 +14,10 @@ import pytest
 from kopf.testing import KopfRunner
 
 from operator_testkit import make_job, wait_for
+import kopf
+
 from simpo_operator import render
+from simpo_operator.handlers import ObservedGenerationDiffBase
 from simpo_operator.resource import PHASES, validate_job
 from simpo_worker.api import EXIT_CODE_MEANINGS, ExitCode, Progress
 from simpo_worker.progress import KubernetesStatusReporter
@@ -65,6 +68,8 @@ def test_create_renders_owned_children_and_walks_every_transition_to_succeeded(k
         assert jobset["spec"] == expected["spec"]
         assert status["jobSetName"] == "walk" and status["hosts"] == 3 and status["outputDir"] == "/tmp/out"
         assert status["observedGeneration"] == 1
+        # kopf's bookkeeping (ObservedGenerationDiffBase) wrote nothing to the job but that status.
+        assert not kube.job("walk")["metadata"].get("annotations")
 
         kube.set_jobset_status("walk", ready(jobset))
         status = phase_is(kube, "walk", "Running", "AllHostsReady")
@@ -90,6 +95,18 @@ def test_create_renders_owned_children_and_walks_every_transition_to_succeeded(k
         kube.set_jobset_status("walk", {"conditions": [condition("Failed", "FailedJobs")]})
         time.sleep(1.0)
         assert kube.job("walk")["status"]["phase"] == "Succeeded"
+
+
+def test_the_diff_base_is_the_observed_generation():
+    storage = ObservedGenerationDiffBase()
+    job = {**make_job("gen"), "metadata": {"name": "gen", "namespace": "jobs", "generation": 1}}
+    assert storage.fetch(body=kopf.Body(job)) is None  # never reconciled: a creation
+    job["status"] = {"observedGeneration": 1}
+    assert storage.fetch(body=kopf.Body(job)) == storage.build(body=kopf.Body(job), extra_fields=["spec"])  # nothing new
+    job["metadata"]["generation"] = 2
+    old = storage.fetch(body=kopf.Body(job))
+    assert "spec" not in old and old == {key: value for key, value in storage.build(body=kopf.Body(job)).items()
+                                         if key != "spec"}  # spec changed since
 
 
 def test_jobset_failure_reports_failed_with_the_jobset_reason(kube_client):
