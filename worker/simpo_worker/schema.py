@@ -14,6 +14,7 @@ Standard library only: the operator validates with it and never imports JAX.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import types
 import typing
@@ -67,6 +68,12 @@ def _meta(f: dataclasses.Field) -> dict[str, Any]:
     return f.metadata.get("setting", {})
 
 
+# A class's type hints and fields, once: get_type_hints evaluates every annotation on each call, which was most of
+# the operator's validate + render of a job (bench/README.md, operator_load.py).
+_hints = functools.cache(typing.get_type_hints)
+_fields = functools.cache(dataclasses.fields)
+
+
 def _rules(cls: type) -> tuple[Rule, ...]:
     return cls.__dict__.get("RULES", ())
 
@@ -79,8 +86,8 @@ def from_data(cls: type, data: Any, path: str) -> Any:
     where = path or "config"
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping, got {_type_name(data)}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = _hints(cls)
+    fields = {f.name: f for f in _fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ConfigError(f"{join(path, str(unknown[0]))}: unknown key (allowed: {', '.join(sorted(fields))})")
@@ -202,7 +209,7 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
 def to_data(obj: Any) -> Any:
     """The inverse of from_data: plain dicts/lists without None values, for YAML."""
     if dataclasses.is_dataclass(obj):
-        return {f.name: to_data(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+        return {f.name: to_data(getattr(obj, f.name)) for f in _fields(type(obj))
                 if getattr(obj, f.name) is not None}
     if isinstance(obj, list):
         return [to_data(item) for item in obj]
