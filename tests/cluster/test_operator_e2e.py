@@ -355,6 +355,8 @@ def test_every_cel_rule_rejects_what_it_should(cluster, operator):
         ("it needs spec.queueName", changed(base, "spec.workloadPriorityClassName", "high")),
         ("the TPU accelerator/topology labels come from spec.tpu",
          changed(base, "spec.scheduling", {"nodeSelector": {"cloud.google.com/gke-tpu-topology": "2x2x2"}})),
+        ("set `spot` or `reservation`, not both",
+         changed(base, "spec.scheduling", {"spot": True, "reservation": "v5p-reservation"})),
         ("the operator sets SIMPO_CONFIG", changed(base, "spec.pod", {"env": [{"name": "SIMPO_CONFIG", "value": "/x"}]})),
         ("set `value` or `valueFrom`, not both", changed(base, "spec.pod", {"env": [
             {"name": "HF_TOKEN", "value": "x", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}}]})),
