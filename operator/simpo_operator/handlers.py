@@ -28,7 +28,7 @@ from typing import Any, Optional
 import kopf
 
 from simpo_operator import kube, metrics, render, status as state
-from simpo_operator.resource import FINISHED_PHASES, validate_job
+from simpo_operator.resource import FINISHED_PHASES, Job, validate_job
 from simpo_worker.api import GROUP, KIND, PLURAL, VERSION
 from simpo_worker.errors import ConfigError
 
@@ -100,30 +100,53 @@ def _phase_patch(job: dict[str, Any], current: dict[str, Any], phase: state.Phas
 @kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
 @metrics.timed("reconcile")
 def reconcile(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger, **_: Any) -> None:
-    with _reconciles:
-        _reconcile(body, patch, logger)
-
-
-def _reconcile(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger) -> None:
     resource = copy.deepcopy(dict(body))
     current = dict(resource.get("status") or {})
     if state.is_final(current):
         return  # a finished job is never run again, even if its JobSet is gone
-    generation = resource["metadata"].get("generation")
+    with _creations:
+        started = _create_jobset(resource, current, patch, logger)
+    if started is None:
+        return
+    job, jobset = started
+    # The JobSet first, and the rest waits while other jobs' JobSets are being created (a burst of creations), at
+    # most CREATIONS_FIRST_S: the ConfigMap, and the status patch kopf makes when this returns (a write of the whole
+    # job, which the API server validates again: 16% of its CPU under a burst of 100), took the API server from the
+    # JobSet creations still waiting, whose latency is the one users see. The pods wait for the ConfigMap anyway.
+    _creations.wait_idle(CREATIONS_FIRST_S)
+    configmap = render.render_configmap(job)
+    try:
+        existing_configmap, created = kube.create_or_adopt(configmap, job.uid)
+    except kube.ChildConflictError as error:
+        _fail(resource, current, patch, state.Phase("Failed", state.CHILD_CONFLICT, str(error)))
+        return
+    if not created and existing_configmap.get("data") != configmap["data"]:
+        kopf.warn(resource, reason="ConfigChangeIgnored",
+                  message="spec.config changed after the job was created; the running job keeps its "
+                          "original config (create a new job to change it)")
+    # Under Kueue, Kueue alone suspends (queues, preempts) and unsuspends (admits) the JobSet.
+    if job.spec.queueName is None and bool(jobset.get("spec", {}).get("suspend")) != job.spec.suspend:
+        kube.set_jobset_suspend(job.namespace, jobset["metadata"]["name"], job.spec.suspend)
+    # The phase follows from the JobSet's events (jobset_changed); here only what this handler knows.
+    children = {"jobSetName": render.jobset_name(job.name), "outputDir": job.spec.config.output_dir,
+                "hosts": job.num_processes, "observedGeneration": resource["metadata"].get("generation")}
+    patch.status.update({key: value for key, value in children.items() if current.get(key) != value})
+
+
+def _create_jobset(resource: dict[str, Any], current: dict[str, Any], patch: kopf.Patch,
+                   logger: logging.Logger) -> Optional[tuple[Job, dict[str, Any]]]:
+    """Validate the job and create its JobSet, or adopt it: (job, JobSet), or None if the job failed instead."""
     try:
         job = validate_job(resource)
     except ConfigError as error:
         logger.warning(f"invalid spec: {error}")
         _fail(resource, current, patch, state.Phase("Failed", state.INVALID_SPEC, str(error)))
-        return
-    configmap, jobset = render.render_configmap(job), render.render_jobset(job)
+        return None
     try:
-        # The JobSet first: its pods wait for the ConfigMap anyway, and the JobSet's controller starts sooner.
-        jobset, created = kube.create_or_adopt(jobset, job.uid)
-        existing_configmap, _ = kube.create_or_adopt(configmap, job.uid)
+        jobset, created = kube.create_or_adopt(render.render_jobset(job), job.uid)
     except kube.ChildConflictError as error:
         _fail(resource, current, patch, state.Phase("Failed", state.CHILD_CONFLICT, str(error)))
-        return
+        return None
     except kube.kubernetes.client.ApiException as error:
         # Invalid (the API server's validation of the pod fields) or denied (a webhook: JobSet's, Kueue's):
         # retrying the same JobSet cannot succeed, and the fields behind it are immutable.
@@ -131,22 +154,12 @@ def _reconcile(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger) -> No
             raise
         _fail(resource, current, patch, state.Phase("Failed", state.JOBSET_REFUSED,
                                                       f"the API server refused the JobSet: {kube.api_message(error)}"))
-        return
+        return None
     if created:
         metrics.jobset_created(resource["metadata"].get("creationTimestamp"))
     else:
         logger.info(f"adopted the existing JobSet {jobset['metadata']['name']}")
-        if existing_configmap.get("data") != configmap["data"]:
-            kopf.warn(resource, reason="ConfigChangeIgnored",
-                      message="spec.config changed after the job was created; the running job keeps its "
-                              "original config (create a new job to change it)")
-    # Under Kueue, Kueue alone suspends (queues, preempts) and unsuspends (admits) the JobSet.
-    if job.spec.queueName is None and bool(jobset.get("spec", {}).get("suspend")) != job.spec.suspend:
-        kube.set_jobset_suspend(job.namespace, jobset["metadata"]["name"], job.spec.suspend)
-    # The phase follows from the JobSet's events (jobset_changed); here only what this handler knows.
-    children = {"jobSetName": render.jobset_name(job.name), "outputDir": job.spec.config.output_dir,
-                "hosts": job.num_processes, "observedGeneration": generation}
-    patch.status.update({key: value for key, value in children.items() if current.get(key) != value})
+    return job, jobset
 
 
 def _fail(resource: dict[str, Any], current: dict[str, Any], patch: kopf.Patch, phase: state.Phase) -> None:
@@ -155,7 +168,7 @@ def _fail(resource: dict[str, Any], current: dict[str, Any], patch: kopf.Patch, 
 
 
 class _InFlight:
-    """How many `reconcile` calls are running, and a wait for none to be (see _jobset_changed)."""
+    """How many `reconcile` calls are creating a JobSet, and a wait for none to be (see reconcile, _jobset_changed)."""
 
     def __init__(self) -> None:
         self.count = 0
@@ -176,9 +189,9 @@ class _InFlight:
             self.idle.wait_for(lambda: self.count == 0, timeout=timeout_s)
 
 
-_reconciles = _InFlight()
-# How long a JobSet event waits for the running reconciles (a burst of creations) before it goes ahead anyway.
-JOBSET_EVENT_DEFER_S = 2.0
+_creations = _InFlight()
+# How long the other API calls of a burst of creations wait for its JobSets before they go ahead anyway.
+CREATIONS_FIRST_S = 2.0
 
 # JobSet events (several per job) block on API calls in threads of their own: in kopf's pool, which runs
 # `reconcile`, a burst of them would queue the creation of the next jobs' JobSets behind them.
@@ -200,7 +213,7 @@ def _jobset_changed(body: kopf.Body, type: Optional[str], logger: logging.Logger
     # patch each, more writes for the API server) took the CPU and the API server from the creations still
     # waiting, whose latency is the one users see. The phase follows a moment later; the event it acts on is the
     # one it got (kopf passes each event's body), so nothing is lost by waiting.
-    _reconciles.wait_idle(JOBSET_EVENT_DEFER_S)
+    _creations.wait_idle(CREATIONS_FIRST_S)
     jobset = dict(body)  # read only: no deep copy of each event's body
     owner = next((ref for ref in jobset["metadata"].get("ownerReferences") or []
                   if ref.get("kind") == KIND and ref.get("controller")), None)
