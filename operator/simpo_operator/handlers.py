@@ -22,6 +22,7 @@ import contextvars
 import copy
 import logging
 import threading
+import time
 from datetime import datetime, timezone
 from typing import Any, Optional
 
@@ -113,7 +114,7 @@ def reconcile(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger, **_: A
     # most CREATIONS_FIRST_S: the ConfigMap, and the status patch kopf makes when this returns (a write of the whole
     # job, which the API server validates again: 16% of its CPU under a burst of 100), took the API server from the
     # JobSet creations still waiting, whose latency is the one users see. The pods wait for the ConfigMap anyway.
-    _creations.wait_idle(CREATIONS_FIRST_S)
+    _creations.wait_quiet(CREATIONS_QUIET_S, CREATIONS_FIRST_S)
     configmap = render.render_configmap(job)
     try:
         existing_configmap, created = kube.create_or_adopt(configmap, job.uid)
@@ -168,30 +169,40 @@ def _fail(resource: dict[str, Any], current: dict[str, Any], patch: kopf.Patch, 
 
 
 class _InFlight:
-    """How many `reconcile` calls are creating a JobSet, and a wait for none to be (see reconcile, _jobset_changed)."""
+    """How many `reconcile` calls are creating a JobSet, and a wait for none to have been for a moment."""
 
     def __init__(self) -> None:
         self.count = 0
-        self.idle = threading.Condition()
+        self.idle_since = time.monotonic()
+        self.changed = threading.Condition()
 
     def __enter__(self) -> None:
-        with self.idle:
+        with self.changed:
             self.count += 1
 
     def __exit__(self, *_: Any) -> None:
-        with self.idle:
+        with self.changed:
             self.count -= 1
             if self.count == 0:
-                self.idle.notify_all()
+                self.idle_since = time.monotonic()
+                self.changed.notify_all()
 
-    def wait_idle(self, timeout_s: float) -> None:
-        with self.idle:
-            self.idle.wait_for(lambda: self.count == 0, timeout=timeout_s)
+    def wait_quiet(self, quiet_s: float, timeout_s: float) -> None:
+        """Until no JobSet has been created for `quiet_s`, at most `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        with self.changed:
+            while (now := time.monotonic()) < deadline:
+                if self.count == 0 and now - self.idle_since >= quiet_s:
+                    return
+                quiet_left = quiet_s - (now - self.idle_since) if self.count == 0 else deadline - now
+                self.changed.wait(min(quiet_left, deadline - now))
 
 
 _creations = _InFlight()
-# How long the other API calls of a burst of creations wait for its JobSets before they go ahead anyway.
-CREATIONS_FIRST_S = 2.0
+# How long the other API calls of a burst of creations wait for its JobSets before they go ahead anyway, and for how
+# long none must have been created: a gap between two creations is no end of the burst, and the last JobSets'
+# watch events (what users wait for) reach their watchers in that moment, not behind the writes held back.
+CREATIONS_FIRST_S, CREATIONS_QUIET_S = 2.0, 0.25
 
 # JobSet events (several per job) block on API calls in threads of their own: in kopf's pool, which runs
 # `reconcile`, a burst of them would queue the creation of the next jobs' JobSets behind them.
@@ -213,7 +224,7 @@ def _jobset_changed(body: kopf.Body, type: Optional[str], logger: logging.Logger
     # patch each, more writes for the API server) took the CPU and the API server from the creations still
     # waiting, whose latency is the one users see. The phase follows a moment later; the event it acts on is the
     # one it got (kopf passes each event's body), so nothing is lost by waiting.
-    _creations.wait_idle(CREATIONS_FIRST_S)
+    _creations.wait_quiet(CREATIONS_QUIET_S, CREATIONS_FIRST_S)
     jobset = dict(body)  # read only: no deep copy of each event's body
     owner = next((ref for ref in jobset["metadata"].get("ownerReferences") or []
                   if ref.get("kind") == KIND and ref.get("controller")), None)
