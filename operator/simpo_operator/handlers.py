@@ -37,8 +37,8 @@ from simpo_worker.errors import ConfigError
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     # Keep kopf's bookkeeping out of the status: it belongs to the API (and status.progress to the worker). A
-    # handler's progress (only kept while it retries) goes in annotations under a `kopf.` prefix: under any other
-    # kopf marks the prefix with an annotation the first time it stores progress, a patch of every new job.
+    # handler's progress (only kept while it retries) goes in annotations under a `kopf.` prefix: any other prefix
+    # kopf marks with an annotation the first time it stores progress, a patch of every new job.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=f"kopf.{GROUP}")
     settings.persistence.diffbase_storage = ObservedGenerationDiffBase()
     # Watch exact namespaces or the whole cluster: no CRD/namespace scanning, so no RBAC for it.
@@ -110,8 +110,8 @@ def reconcile(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger, **_: A
     if started is None:
         return
     job, jobset = started
-    # The JobSet first, and the rest waits while other jobs' JobSets are being created (a burst of creations), at
-    # most CREATIONS_FIRST_S: the ConfigMap, and the status patch kopf makes when this returns (a write of the whole
+    # The JobSet first, and the rest waits while other jobs' JobSets are being created (a burst of creations; see
+    # CREATIONS_QUIET_S): the ConfigMap, and the status patch kopf makes when this returns (a write of the whole
     # job, which the API server validates again: 16% of its CPU under a burst of 100), took the API server from the
     # JobSet creations still waiting, whose latency is the one users see. The pods wait for the ConfigMap anyway.
     _creations.wait_quiet(CREATIONS_QUIET_S, CREATIONS_FIRST_S)
@@ -194,8 +194,8 @@ class _InFlight:
             while (now := time.monotonic()) < deadline:
                 if self.count == 0 and now - self.idle_since >= quiet_s:
                     return
-                quiet_left = quiet_s - (now - self.idle_since) if self.count == 0 else deadline - now
-                self.changed.wait(min(quiet_left, deadline - now))
+                until = self.idle_since + quiet_s if self.count == 0 else deadline
+                self.changed.wait(min(until, deadline) - now)
 
 
 _creations = _InFlight()

@@ -17,7 +17,7 @@ from operator_testkit import make_job, wait_for
 import kopf
 
 from simpo_operator import render
-from simpo_operator.handlers import ObservedGenerationDiffBase
+from simpo_operator.handlers import ObservedGenerationDiffBase, _InFlight
 from simpo_operator.resource import PHASES, validate_job
 from simpo_worker.api import EXIT_CODE_MEANINGS, ExitCode, Progress
 from simpo_worker.progress import KubernetesStatusReporter
@@ -106,6 +106,19 @@ def test_the_diff_base_is_the_observed_generation():
     job["metadata"]["generation"] = 2
     old, new = storage.fetch(body=kopf.Body(job)), storage.build(body=kopf.Body(job))
     assert old["spec"] != new["spec"]  # an update of spec
+
+
+def test_held_back_writes_wait_for_a_quiet_moment_after_the_last_creation():
+    creations = _InFlight()
+    with creations:
+        pass
+    start = time.monotonic()
+    creations.wait_quiet(0.2, 2.0)
+    assert 0.15 < time.monotonic() - start < 1.0
+    with creations:  # a creation still running: the wait ends at its limit
+        start = time.monotonic()
+        creations.wait_quiet(0.2, 0.3)
+        assert 0.25 < time.monotonic() - start < 1.0
 
 
 def test_jobset_failure_reports_failed_with_the_jobset_reason(kube_client):
