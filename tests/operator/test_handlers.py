@@ -10,12 +10,11 @@ import contextlib
 import time
 from collections import Counter
 
+import kopf
 import pytest
 from kopf.testing import KopfRunner
 
 from operator_testkit import make_job, wait_for
-import kopf
-
 from simpo_operator import render
 from simpo_operator.handlers import ObservedGenerationDiffBase, _InFlight
 from simpo_operator.resource import PHASES, validate_job

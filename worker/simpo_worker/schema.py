@@ -68,8 +68,8 @@ def _meta(f: dataclasses.Field) -> dict[str, Any]:
     return f.metadata.get("setting", {})
 
 
-# A class's type hints and fields, once: get_type_hints evaluates every annotation on each call, which was most of
-# the operator's validate + render of a job (bench/README.md, operator_load.py).
+# A class's type hints and fields, once: get_type_hints evaluates every annotation on each call, most of the
+# operator's validation of a job (1.27 -> 0.15 ms; bench/README.md, operator_load.py).
 _hints = functools.cache(typing.get_type_hints)
 _fields = functools.cache(dataclasses.fields)
 
