@@ -4,7 +4,7 @@
   owner references; an existing child owned by this job is adopted, never duplicated), apply spec.suspend to the
   JobSet (not under Kueue: with spec.queueName the JobSet is created suspended and Kueue alone changes that), and
   set the status. An invalid spec is reported as Failed/InvalidSpec and nothing is created; a JobSet the API server
-  refuses (invalid pod fields, a webhook's denial) fails the job as JobSetRefused.
+  refuses (invalid pod fields, a webhook's denial) fails the job as JobSetRefused, a ConfigMap as ConfigMapRefused.
 - JobSet events: recompute the phase of the owning job and patch its status subresource (never status.progress,
   which the worker leader writes), with a Kubernetes event on every transition. A failed JobSet gets the failing
   host, its pod, its exit code and that code's meaning in the message (from the Job it names and its pods).
@@ -121,6 +121,9 @@ def reconcile(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger, **_: A
     except kube.ChildConflictError as error:
         _fail(resource, current, patch, state.Phase("Failed", state.CHILD_CONFLICT, str(error)))
         return
+    except kube.kubernetes.client.ApiException as error:
+        _fail(resource, current, patch, _refusal(error, "ConfigMap", state.CONFIGMAP_REFUSED))
+        return
     if not created and existing_configmap.get("data") != configmap["data"]:
         kopf.warn(resource, reason="ConfigChangeIgnored",
                   message="spec.config changed after the job was created; the running job keeps its "
@@ -149,18 +152,22 @@ def _create_jobset(resource: dict[str, Any], current: dict[str, Any], patch: kop
         _fail(resource, current, patch, state.Phase("Failed", state.CHILD_CONFLICT, str(error)))
         return None
     except kube.kubernetes.client.ApiException as error:
-        # Invalid (the API server's validation of the pod fields) or denied (a webhook: JobSet's, Kueue's):
-        # retrying the same JobSet cannot succeed, and the fields behind it are immutable.
-        if error.status not in (400, 403, 422):
-            raise
-        _fail(resource, current, patch, state.Phase("Failed", state.JOBSET_REFUSED,
-                                                      f"the API server refused the JobSet: {kube.api_message(error)}"))
+        _fail(resource, current, patch, _refusal(error, "JobSet", state.JOBSET_REFUSED))
         return None
     if created:
         metrics.jobset_created(resource["metadata"].get("creationTimestamp"))
     else:
         logger.info(f"adopted the existing JobSet {jobset['metadata']['name']}")
     return job, jobset
+
+
+def _refusal(error: kube.kubernetes.client.ApiException, kind: str, reason: str) -> state.Phase:
+    """The Failed phase for a child the API server refused; any other error is raised again (kopf retries it).
+    Invalid (the API server's validation: the pod fields, a ConfigMap over 1 MiB) or denied (a webhook: JobSet's,
+    Kueue's, a policy's): retrying the same child cannot succeed, and the fields behind it are immutable."""
+    if error.status not in (400, 403, 422):
+        raise error
+    return state.Phase("Failed", reason, f"the API server refused the {kind}: {kube.api_message(error)}")
 
 
 def _fail(resource: dict[str, Any], current: dict[str, Any], patch: kopf.Patch, phase: state.Phase) -> None:

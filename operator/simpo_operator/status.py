@@ -30,6 +30,7 @@ from simpo_worker.api import EXIT_CODE_MEANINGS, ExitCode
 INVALID_SPEC = "InvalidSpec"
 CHILD_CONFLICT = "ChildConflict"
 JOBSET_REFUSED = "JobSetRefused"
+CONFIGMAP_REFUSED = "ConfigMapRefused"
 ADMITTED = "Admitted"
 
 

@@ -7,16 +7,18 @@ operator does the rest through the API, exactly as in a cluster.
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from collections import Counter
 
 import kopf
+import kubernetes
 import pytest
 from kopf.testing import KopfRunner
 
 from operator_testkit import make_job, wait_for
 from simpo_operator import render
-from simpo_operator.handlers import ObservedGenerationDiffBase, _InFlight
+from simpo_operator.handlers import ObservedGenerationDiffBase, _InFlight, _refusal
 from simpo_operator.resource import PHASES, validate_job
 from simpo_worker.api import EXIT_CODE_MEANINGS, ExitCode, Progress
 from simpo_worker.progress import KubernetesStatusReporter
@@ -118,6 +120,19 @@ def test_held_back_writes_wait_for_a_quiet_moment_after_the_last_creation():
         start = time.monotonic()
         creations.wait_quiet(0.2, 0.3)
         assert 0.25 < time.monotonic() - start < 1.0
+
+
+def test_a_refused_child_fails_the_job_with_the_api_servers_words_and_anything_else_is_retried():
+    refused = kubernetes.client.ApiException(status=422, reason="Unprocessable Entity")
+    refused.body = json.dumps({"message": 'ConfigMap "a-config" is invalid: []: Too long: must have at most 1048576 bytes'})
+    phase = _refusal(refused, "ConfigMap", "ConfigMapRefused")
+    assert (phase.phase, phase.reason) == ("Failed", "ConfigMapRefused")
+    assert phase.message == ('the API server refused the ConfigMap: ConfigMap "a-config" is invalid: []: Too long: '
+                             'must have at most 1048576 bytes')
+    unavailable = kubernetes.client.ApiException(status=503, reason="Service Unavailable")
+    with pytest.raises(kubernetes.client.ApiException) as raised:
+        _refusal(unavailable, "ConfigMap", "ConfigMapRefused")
+    assert raised.value is unavailable
 
 
 def test_jobset_failure_reports_failed_with_the_jobset_reason(kube_client):
