@@ -66,9 +66,10 @@ def run_engine(batch: int, prompt_tokens: int, new_tokens: int, matmul_shapes: l
 
     prefill, _ = timed(1)
     total, engine = timed(new_tokens)
+    peak = peak_rss_gib()  # the decode's, before the floor's copy of the weights and the matmul-rate arrays
     floor_s = matmul_floor(engine, model, batch)
-    return {"devices": jax.device_count(), "prefill_s": prefill.wall_s, "total_s": total.wall_s, "compilations": engine.compilations,
-            "floor_step_s": floor_s, "peak_rss_gib": peak_rss_gib(), "jax": jax.__version__,
+    return {"devices": jax.device_count(), "prefill_s": prefill.wall_s, "total_s": total.wall_s,
+            "compilations": engine.compilations, "floor_step_s": floor_s, "peak_rss_gib": peak, "jax": jax.__version__,
             "dtype": str(jnp.result_type(model.embed)), **decode_threads(prefill, total),
             "matmul": matmul_rate("jax", matmul_shapes)}
 
@@ -128,7 +129,8 @@ def run_hf(batch: int, prompt_tokens: int, new_tokens: int, matmul_shapes: list)
 
     timed(2)  # warm-up
     prefill, total = timed(1), timed(new_tokens)
-    return {"prefill_s": prefill.wall_s, "total_s": total.wall_s, "peak_rss_gib": peak_rss_gib(),
+    peak = peak_rss_gib()  # before the matmul-rate arrays
+    return {"prefill_s": prefill.wall_s, "total_s": total.wall_s, "peak_rss_gib": peak,
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
             "attention": model.config._attn_implementation, **decode_threads(prefill, total),
             "matmul": matmul_rate("torch", matmul_shapes)}

@@ -124,7 +124,8 @@ def test_held_back_writes_wait_for_a_quiet_moment_after_the_last_creation():
 
 def test_a_refused_child_fails_the_job_with_the_api_servers_words_and_anything_else_is_retried():
     refused = kubernetes.client.ApiException(status=422, reason="Unprocessable Entity")
-    refused.body = json.dumps({"message": 'ConfigMap "a-config" is invalid: []: Too long: must have at most 1048576 bytes'})
+    refused.body = json.dumps(
+        {"message": 'ConfigMap "a-config" is invalid: []: Too long: must have at most 1048576 bytes'})
     phase = _refusal(refused, "ConfigMap", "ConfigMapRefused")
     assert (phase.phase, phase.reason) == ("Failed", "ConfigMapRefused")
     assert phase.message == ('the API server refused the ConfigMap: ConfigMap "a-config" is invalid: []: Too long: '

@@ -106,7 +106,7 @@ def from_data(cls: type, data: Any, path: str) -> Any:
 
 def validate(obj: Any, path: str = "") -> None:
     """Check an object built in Python (e.g. from a checkpoint's config.json) as from_data checks parsed data."""
-    for f in dataclasses.fields(obj):
+    for f in _fields(type(obj)):
         value = getattr(obj, f.name)
         if dataclasses.is_dataclass(value):
             validate(value, join(path, f.name))
@@ -262,8 +262,8 @@ def openapi_schema(hint: Any, path: tuple[str, ...] = ()) -> dict[str, Any]:
 
 
 def _object_schema(cls: type, path: tuple[str, ...]) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    fields = dataclasses.fields(cls)
+    hints = _hints(cls)
+    fields = _fields(cls)
     schema: dict[str, Any] = {"type": "object"}
     doc = cls.__dict__.get("__doc__")
     if doc and not doc.startswith(f"{cls.__name__}("):  # dataclass's generated signature is no description
