@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import kubernetes
+import urllib3
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests/cluster"))
@@ -31,6 +32,8 @@ from operator_process import JOBS_NAMESPACE, REPO, HelmRelease, OperatorProcess 
 from simpo_operator.render import JOB_LABEL, render_job  # noqa: E402
 
 SMALL_JOB = REPO / "manifests/examples/small-cpu.yaml"
+CLIENT_THREADS = 16  # this benchmark's concurrent create requests
+WATCH_TIMEOUT_S = 600
 
 
 def job_manifest(name: str) -> dict:
@@ -59,15 +62,32 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def first_seen(stream_args: tuple, key, wanted: int, seen: dict[str, float]) -> None:
-    """Record when each object named by `key(event)` (None: not ours) first appears in a watch, until `wanted` have."""
+def first_seen(stream_args: tuple, key, wanted: int, seen: dict[str, float], failures: list[BaseException]) -> None:
+    """Record when each object named by `key(event)` (None: not ours) first appears in a watch, until `wanted` have.
+    A watch the API server ends (its timeout, a dropped connection, a 410 Gone for a compacted resource version)
+    is resumed; any other error goes to `failures` for the main thread to raise."""
     watch = kubernetes.watch.Watch()
-    for event in watch.stream(*stream_args, timeout_seconds=600):
-        name = key(event["object"])
-        if name is not None:
-            seen.setdefault(name, time.monotonic())
-        if len(seen) == wanted:
-            watch.stop()
+    deadline = time.monotonic() + WATCH_TIMEOUT_S
+    try:
+        while len(seen) < wanted and (remaining := deadline - time.monotonic()) > 0:
+            try:
+                for event in watch.stream(*stream_args, timeout_seconds=max(1, int(remaining)),
+                                          **({"resource_version": watch.resource_version}
+                                             if watch.resource_version else {})):
+                    name = key(event["object"])
+                    if name is not None:
+                        seen.setdefault(name, time.monotonic())
+                    if len(seen) == wanted:
+                        watch.stop()
+            except kubernetes.client.ApiException as error:
+                if error.status != 410:
+                    raise
+                watch.resource_version = None  # list again: objects already seen keep their first time
+            except urllib3.exceptions.ProtocolError:
+                pass  # the connection dropped: resume from the last resource version
+    except BaseException as error:
+        failures.append(error)
+        raise
 
 
 def load_round(api: kubernetes.client.ApiClient, operator: OperatorProcess, jobs: int) -> dict:
@@ -78,6 +98,7 @@ def load_round(api: kubernetes.client.ApiClient, operator: OperatorProcess, jobs
     created_at: dict[str, float] = {}
     jobset_seen_at: dict[str, float] = {}
     batch_job_seen_at: dict[str, float] = {}  # by JobSet name: its first Job
+    failures: list[BaseException] = []
 
     def jobset_of(obj: dict) -> str | None:
         return obj["metadata"]["name"] if obj["metadata"]["name"].startswith(prefix) else None
@@ -88,13 +109,13 @@ def load_round(api: kubernetes.client.ApiClient, operator: OperatorProcess, jobs
 
     watchers = [threading.Thread(target=first_seen, daemon=True, args=(
                     (custom.list_namespaced_custom_object, "jobset.x-k8s.io", "v1alpha2", JOBS_NAMESPACE, "jobsets"),
-                    jobset_of, jobs, jobset_seen_at)),
+                    jobset_of, jobs, jobset_seen_at, failures)),
                 # Jobs as plain JSON too (batch/v1 through the custom-objects API): BatchV1Api's watch builds a
                 # V1Job model of each event in this process, whose CPU delayed the JobSet watch's timestamps
                 # (by 0.3 s at p50 once the operator created the JobSets as fast as the floor).
                 threading.Thread(target=first_seen, daemon=True, args=(
                     (custom.list_namespaced_custom_object, "batch", "v1", JOBS_NAMESPACE, "jobs"),
-                    jobset_of_job, jobs, batch_job_seen_at))]
+                    jobset_of_job, jobs, batch_job_seen_at, failures))]
     for watcher in watchers:
         watcher.start()
     time.sleep(1)  # let the watches start before the first create
@@ -107,11 +128,13 @@ def load_round(api: kubernetes.client.ApiClient, operator: OperatorProcess, jobs
     pid = operator.process.popen.pid
     cpu_before = cpu_seconds(pid)
     start = time.monotonic()
-    with ThreadPoolExecutor(max_workers=16) as pool:
+    with ThreadPoolExecutor(max_workers=CLIENT_THREADS) as pool:
         list(pool.map(create, names))
     create_s = time.monotonic() - start
     for watcher in watchers:
-        watcher.join(timeout=300)
+        watcher.join(timeout=WATCH_TIMEOUT_S)
+    if failures:
+        raise RuntimeError("a watch failed") from failures[0]
     missing = [n for n in names if n not in jobset_seen_at or n not in batch_job_seen_at]
     if missing:
         raise RuntimeError(f"{len(missing)} jobs never got a JobSet and its Jobs, e.g. {missing[:5]}")
@@ -145,9 +168,11 @@ def direct_round(api: kubernetes.client.ApiClient, jobs: int) -> dict:
         jobsets[name] = jobset
     created_at: dict[str, float] = {}
     seen_at: dict[str, float] = {}
+    failures: list[BaseException] = []
     watcher = threading.Thread(target=first_seen, daemon=True, args=(
         (custom.list_namespaced_custom_object, "jobset.x-k8s.io", "v1alpha2", JOBS_NAMESPACE, "jobsets"),
-        lambda obj: obj["metadata"]["name"] if obj["metadata"]["name"].startswith(prefix) else None, jobs, seen_at))
+        lambda obj: obj["metadata"]["name"] if obj["metadata"]["name"].startswith(prefix) else None, jobs, seen_at,
+        failures))
     watcher.start()
     time.sleep(1)
 
@@ -157,9 +182,11 @@ def direct_round(api: kubernetes.client.ApiClient, jobs: int) -> dict:
                                                jobsets[name])
 
     start = time.monotonic()
-    with ThreadPoolExecutor(max_workers=16) as pool:
+    with ThreadPoolExecutor(max_workers=CLIENT_THREADS) as pool:
         list(pool.map(create, names))
-    watcher.join(timeout=300)
+    watcher.join(timeout=WATCH_TIMEOUT_S)
+    if failures:
+        raise RuntimeError("the JobSet watch failed") from failures[0]
     if len(seen_at) != jobs:
         raise RuntimeError(f"only {len(seen_at)} of {jobs} JobSets created directly were seen")
     result = {"latency": [seen_at[n] - created_at[n] for n in names], "all_s": max(seen_at.values()) - start}
@@ -171,14 +198,14 @@ def direct_round(api: kubernetes.client.ApiClient, jobs: int) -> dict:
 
 def report_direct(jobs: int, result: dict) -> None:
     latency = result["latency"]
-    print(f"\nfloor: {jobs} JobSets created directly by a 16-thread client, no operator (load average "
+    print(f"\nfloor: {jobs} JobSets created directly by a {CLIENT_THREADS}-thread client, no operator (load average "
           f"{os.getloadavg()[0]:.1f}): request -> JobSet p50 {statistics.median(latency) * 1000:.0f} ms, p99 "
           f"{percentile(latency, 0.99) * 1000:.0f} ms, max {max(latency) * 1000:.0f} ms; the last seen after "
           f"{result['all_s']:.1f} s", flush=True)
 
 
 def report(jobs: int, number: int, result: dict) -> None:
-    print(f"\nround {number}: {jobs} SimpoInterleaveJobs created at once (16 client threads, {result['create_s']:.1f}s "
+    print(f"\nround {number}: {jobs} SimpoInterleaveJobs created at once ({CLIENT_THREADS} client threads, {result['create_s']:.1f}s "
           f"to create); load average {os.getloadavg()[0]:.1f}")
     print("| latency | operator: create -> JobSet | JobSet controller: JobSet -> first Job |")
     print("| --- | --- | --- |")
@@ -193,7 +220,12 @@ def run(jobs: int, rounds: int) -> None:
     cluster = ControlPlane(workdir).start()
     try:
         HelmRelease(cluster).install()
-        api = kubernetes.config.new_client_from_config(str(cluster.admin_kubeconfig))
+        configuration = kubernetes.client.Configuration()
+        kubernetes.config.load_kube_config(str(cluster.admin_kubeconfig), client_configuration=configuration)
+        # A kept-alive connection per thread and watch: beyond the pool's size (CPUs x 5 by default) each request
+        # opens a TLS connection of its own and closes it, work for the API server in the middle of the burst.
+        configuration.connection_pool_maxsize = CLIENT_THREADS + 3
+        api = kubernetes.client.ApiClient(configuration)
         report_direct(jobs, direct_round(api, jobs))
         operator = OperatorProcess(cluster).start()
         for number in range(1, rounds + 1):
