@@ -22,10 +22,20 @@ MERGE_PATCH = "application/merge-patch+json"
 # opens a connection, with its TLS handshake, and closes it after). 16 handler threads queued a burst of 100
 # creations behind each other's API calls (2.5 s for the last one): the calls wait on the API server, not the CPU.
 CONNECTIONS = 100
+# (connect, read) seconds for every request: the client's default is to wait forever, and a handler thread stuck on
+# a dead connection would hold its job's reconcile (kopf retries a handler that raises).
+REQUEST_TIMEOUT_S = (10, 60)
 
 
 class ChildConflictError(Exception):
     """A child's name is taken by an object that this resource does not own."""
+
+
+class _ApiClientWithTimeout(kubernetes.client.ApiClient):
+    """The client, with REQUEST_TIMEOUT_S on every request that does not set its own."""
+
+    def call_api(self, *args: Any, _request_timeout: Any = None, **kwargs: Any) -> Any:
+        return super().call_api(*args, _request_timeout=_request_timeout or REQUEST_TIMEOUT_S, **kwargs)
 
 
 @functools.cache
@@ -39,7 +49,7 @@ def api_client() -> kubernetes.client.ApiClient:
         kubernetes.config.load_kube_config(config_file=os.environ.get("KUBECONFIG"),
                                            client_configuration=configuration)
     configuration.connection_pool_maxsize = CONNECTIONS + 4
-    return kubernetes.client.ApiClient(configuration)
+    return _ApiClientWithTimeout(configuration)
 
 
 def warm_up() -> None:

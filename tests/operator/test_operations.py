@@ -1,7 +1,10 @@
-"""The operator's operations surface: Prometheus metrics, the readiness convention, and the peering priorities."""
+"""The operator's operations surface: Prometheus metrics, the readiness convention, the peering priorities, and
+the API calls' timeouts."""
 
 import asyncio
 import json
+import socket
+import time
 import urllib.error
 import urllib.request
 from datetime import datetime, timedelta, timezone
@@ -9,8 +12,10 @@ from datetime import datetime, timedelta, timezone
 import kubernetes
 import prometheus_client
 import pytest
+import urllib3
+import yaml
 
-from simpo_operator import metrics, peering
+from simpo_operator import kube, metrics, peering
 
 NOW = datetime(2026, 12, 2, 6, 0, 0, tzinfo=timezone.utc)
 
@@ -116,3 +121,27 @@ def test_http_server_serves_metrics_and_readiness():
         finally:
             await runner.cleanup()
     asyncio.run(scenario())
+
+
+def test_every_api_call_gives_up_on_a_server_that_never_answers(tmp_path, monkeypatch):
+    silent = socket.socket()  # listens (the kernel completes the handshakes) and never answers
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "silent",
+        "clusters": [{"name": "silent", "cluster": {"server": f"http://127.0.0.1:{silent.getsockname()[1]}"}}],
+        "users": [{"name": "silent", "user": {"token": "t"}}],
+        "contexts": [{"name": "silent", "context": {"cluster": "silent", "user": "silent"}}]}))
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    monkeypatch.setattr(kube, "REQUEST_TIMEOUT_S", (1, 0.5))
+    kube.api_client.cache_clear()
+    try:
+        start = time.monotonic()
+        with pytest.raises(urllib3.exceptions.HTTPError, match="timed out"):
+            kube.get_job("jobs", "tiny")
+        # urllib3 retries an idempotent read 3 times: 4 reads of 0.5 s, not forever.
+        assert time.monotonic() - start < 10
+    finally:
+        kube.api_client.cache_clear()
+        silent.close()
