@@ -205,8 +205,8 @@ def report_direct(jobs: int, result: dict) -> None:
 
 
 def report(jobs: int, number: int, result: dict) -> None:
-    print(f"\nround {number}: {jobs} SimpoInterleaveJobs created at once ({CLIENT_THREADS} client threads, {result['create_s']:.1f}s "
-          f"to create); load average {os.getloadavg()[0]:.1f}")
+    print(f"\nround {number}: {jobs} SimpoInterleaveJobs created at once ({CLIENT_THREADS} client threads, "
+          f"{result['create_s']:.1f}s to create); load average {os.getloadavg()[0]:.1f}")
     print("| latency | operator: create -> JobSet | JobSet controller: JobSet -> first Job |")
     print("| --- | --- | --- |")
     for label, pick in (("p50", statistics.median), ("p99", lambda v: percentile(v, 0.99)), ("max", max)):
