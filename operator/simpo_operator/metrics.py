@@ -6,12 +6,13 @@ registry also carries the client's process metrics (CPU seconds, resident memory
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import json
 import time
 from datetime import datetime, timezone
-from typing import Any, Awaitable, Callable, Iterable, Optional
+from typing import Any, Awaitable, Callable, Iterable, Iterator, Optional
 
 import kubernetes
 import prometheus_client
@@ -76,34 +77,33 @@ def error_reason(error: BaseException) -> str:
     return type(error).__name__
 
 
+@contextlib.contextmanager
+def _timing(handler: str) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+        yield
+    except Exception as error:
+        HANDLER_ERRORS.labels(handler, error_reason(error)).inc()
+        raise
+    finally:
+        HANDLER_SECONDS.labels(handler).observe(time.perf_counter() - start)
+
+
 def timed(handler: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Time a kopf handler (sync or async) into HANDLER_SECONDS and count what it raises in HANDLER_ERRORS.
     Put it below the kopf decorators: kopf registers what they receive."""
     def decorate(function: Callable[..., Any]) -> Callable[..., Any]:
-        histogram = HANDLER_SECONDS.labels(handler)
         if inspect.iscoroutinefunction(function):
             @functools.wraps(function)
             async def timed_async(*args: Any, **kwargs: Any) -> Any:
-                start = time.perf_counter()
-                try:
+                with _timing(handler):
                     return await function(*args, **kwargs)
-                except Exception as error:
-                    HANDLER_ERRORS.labels(handler, error_reason(error)).inc()
-                    raise
-                finally:
-                    histogram.observe(time.perf_counter() - start)
             return timed_async
 
         @functools.wraps(function)
         def timed_sync(*args: Any, **kwargs: Any) -> Any:
-            start = time.perf_counter()
-            try:
+            with _timing(handler):
                 return function(*args, **kwargs)
-            except Exception as error:
-                HANDLER_ERRORS.labels(handler, error_reason(error)).inc()
-                raise
-            finally:
-                histogram.observe(time.perf_counter() - start)
         return timed_sync
     return decorate
 
