@@ -95,9 +95,9 @@ def matmul_floor(engine, model, batch: int, repeats: int = 5) -> float:
             x = y + (jax.nn.silu(y @ w.w_gate) * (y @ w.w_up)) @ w.w_down
         return x @ weights.head
 
-    weights = engine._weights(model)
+    weights = engine.placed_weights(model)
     group = model.config.num_heads // model.config.num_kv_heads
-    x = engine._place(np.ones((batch, model.config.hidden_size), np.float32))
+    x = engine.place(np.ones((batch, model.config.hidden_size), np.float32))
     matmuls(weights, x).block_until_ready()
     start = time.perf_counter()
     for _ in range(repeats):

@@ -228,7 +228,7 @@ results = {}
 for name, case in cases.items():
     engine = Engine(model.config, InferenceConfig(**case["settings"]), eos_token_ids=case["eos"], mesh=mesh)
     completions = engine.generate(model, case["prompts"], list(range(len(case["prompts"]))), step=3, seed=1)
-    wq = engine._weights(model).layers[0].wq
+    wq = engine.placed_weights(model).layers[0].wq
     results[name] = {"tokens": [c.token_ids for c in completions],
                      "reasons": [c.finish_reason for c in completions],
                      "wq_shards": sorted({tuple(s.data.shape) for s in wq.addressable_shards}),

@@ -239,7 +239,7 @@ def test_inference_replica_is_gathered_in_the_compute_dtype(monkeypatch):
     monkeypatch.setattr(engine_module, "_local_replica", recording)
     engine = Engine(TINY, InferenceConfig(max_new_tokens=4, ignore_eos=True), eos_token_ids=[],
                     compute_dtype=jnp.bfloat16)
-    weights = engine._weights(model)
+    weights = engine.placed_weights(model)
     assert copied and set(copied) == {jnp.dtype(jnp.bfloat16)}
     for got, expected in zip(jax.tree.leaves(weights), jax.tree.leaves(decode_weights(model, jnp.bfloat16))):
         assert got.dtype == jnp.bfloat16

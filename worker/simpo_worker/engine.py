@@ -169,7 +169,7 @@ class Engine:
         self.check_request(prompts, global_indices)
         # Before any early return: gathering params sharded across hosts is a collective every host must join,
         # also a host whose shard of the prompts is empty.
-        weights = self._weights(model)
+        weights = self.placed_weights(model)
         if not prompts:
             return []
         completions: list[Completion] = []
@@ -228,7 +228,7 @@ class Engine:
         active = np.arange(slots) < n
 
         window = self._window(longest, min(CHUNK_STEPS, inf.max_new_tokens), slots)
-        put = self._place
+        put = self.place
         state = self._prefill(self.spec, weights, put(tokens), put(lengths), put(global_index), put(active),
                               jnp.int32(step), jnp.int32(seed), window=window)
         rows = np.arange(slots)  # the wave row (prompt) that each batch row holds
@@ -253,7 +253,7 @@ class Engine:
                 # batch (finished rows would otherwise cost a full row of compute and cache every step).
                 self._collect(state, rows, done & real, indices, matchers, results)
                 keep = np.concatenate([live, np.flatnonzero(done)[:smaller - len(live)]]).astype(np.int32)
-                state = self._compact(self.spec, state, self._place(keep, P()))
+                state = self._compact(self.spec, state, self.place(keep, P()))
                 self.compactions += 1
                 rows = rows[keep]
             stop_at = min(int(generated) + CHUNK_STEPS, inf.max_new_tokens)
@@ -286,7 +286,7 @@ class Engine:
             return state, done, counts
         done, stopped = done | hit, _to_host(state.stopped) | hit
         state = eqx.tree_at(lambda s: (s.counts, s.done, s.stopped), state,
-                            (self._place(counts), self._place(done), self._place(stopped)))
+                            (self.place(counts), self.place(done), self.place(stopped)))
         return state, done, counts
 
     def _collect(self, state: DecodeState, rows: np.ndarray, mask: np.ndarray, indices,
@@ -310,12 +310,13 @@ class Engine:
         whole_request = _round_up(longest_prompt + self.inference.max_new_tokens - 1, WINDOW_BUCKET)
         return min(_round_up(longest_prompt + generated_by - 1, bucket), whole_request)
 
-    def _place(self, array: np.ndarray, spec: Optional[P] = None) -> jax.Array:
+    def place(self, array: np.ndarray, spec: Optional[P] = None) -> jax.Array:
         """Host data (identical on every host in global_mesh mode) onto the engine's batch sharding."""
         sharding = NamedSharding(self.mesh, self.spec.batch_spec if spec is None else spec)
         return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
-    def _weights(self, model: Llama) -> DecodeWeights:
+    def placed_weights(self, model: Llama) -> DecodeWeights:
+        """`model`'s weights as decoding uses them: in the compute dtype, laid out on this engine's mesh."""
         if self.inference.mode == "host_data_parallel":
             # Cast where the params lie, then gather and copy: the replica moves compute-dtype bytes (half of
             # float32's in bfloat16), and no float32 replica ever exists on the inference devices.
