@@ -62,22 +62,53 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def first_seen(stream_args: tuple, key, wanted: int, seen: dict[str, float], failures: list[BaseException]) -> None:
-    """Record when each object named by `key(event)` (None: not ours) first appears in a watch, until `wanted` have.
-    A watch the API server ends (its timeout, a dropped connection, a 410 Gone for a compacted resource version)
-    is resumed; any other error goes to `failures` for the main thread to raise."""
-    watch = kubernetes.watch.Watch()
-    deadline = time.monotonic() + WATCH_TIMEOUT_S
-    try:
-        while len(seen) < wanted and (remaining := deadline - time.monotonic()) > 0:
+JOBSETS = ("jobset.x-k8s.io", "v1alpha2", "jobsets")
+# Jobs as plain JSON too (batch/v1 through the custom-objects API): BatchV1Api's watch builds a V1Job model of each
+# event in this process, whose CPU delayed the JobSet watch's timestamps (by 0.3 s at p50 once the operator created
+# the JobSets as fast as the floor).
+BATCH_JOBS = ("batch", "v1", "jobs")
+
+
+def own_name(obj: dict) -> str:
+    return obj["metadata"]["name"]
+
+
+def jobset_of_job(obj: dict) -> str:
+    return (obj["metadata"].get("labels") or {}).get("jobset.sigs.k8s.io/jobset-name", "")
+
+
+class FirstSeen(threading.Thread):
+    """A watch, in a thread of its own, of when each object whose `name_of(object)` starts with `prefix` first
+    appears, until `wanted` have. A watch the API server ends (its timeout, a dropped connection, a 410 Gone for a
+    compacted resource version) is resumed; seen() raises any other error in the caller's thread."""
+
+    def __init__(self, api: kubernetes.client.ApiClient, resource: tuple, name_of, prefix: str, wanted: int):
+        super().__init__(daemon=True)
+        self.custom, self.resource = kubernetes.client.CustomObjectsApi(api), resource
+        self.name_of, self.prefix, self.wanted = name_of, prefix, wanted
+        self.times: dict[str, float] = {}
+        self.error: Exception | None = None
+
+    def run(self) -> None:
+        try:
+            self._watch()
+        except Exception as error:
+            self.error = error
+
+    def _watch(self) -> None:
+        group, version, plural = self.resource
+        watch = kubernetes.watch.Watch()
+        deadline = time.monotonic() + WATCH_TIMEOUT_S
+        while len(self.times) < self.wanted and (remaining := deadline - time.monotonic()) > 0:
             try:
-                for event in watch.stream(*stream_args, timeout_seconds=max(1, int(remaining)),
+                for event in watch.stream(self.custom.list_namespaced_custom_object, group, version, JOBS_NAMESPACE,
+                                          plural, timeout_seconds=max(1, int(remaining)),
                                           **({"resource_version": watch.resource_version}
                                              if watch.resource_version else {})):
-                    name = key(event["object"])
-                    if name is not None:
-                        seen.setdefault(name, time.monotonic())
-                    if len(seen) == wanted:
+                    name = self.name_of(event["object"])
+                    if name.startswith(self.prefix):
+                        self.times.setdefault(name, time.monotonic())
+                    if len(self.times) == self.wanted:
                         watch.stop()
             except kubernetes.client.ApiException as error:
                 if error.status != 410:
@@ -85,9 +116,13 @@ def first_seen(stream_args: tuple, key, wanted: int, seen: dict[str, float], fai
                 watch.resource_version = None  # list again: objects already seen keep their first time
             except urllib3.exceptions.ProtocolError:
                 pass  # the connection dropped: resume from the last resource version
-    except BaseException as error:
-        failures.append(error)
-        raise
+
+    def seen(self) -> dict[str, float]:
+        """When each object was first seen, once the watch has ended."""
+        self.join(timeout=WATCH_TIMEOUT_S)
+        if self.error is not None:
+            raise RuntimeError(f"the watch of {self.resource[2]} failed") from self.error
+        return self.times
 
 
 def load_round(api: kubernetes.client.ApiClient, operator: OperatorProcess, jobs: int) -> dict:
@@ -96,26 +131,8 @@ def load_round(api: kubernetes.client.ApiClient, operator: OperatorProcess, jobs
     prefix = f"load-{uuid.uuid4().hex[:4]}"
     names = [f"{prefix}-{i:03d}" for i in range(jobs)]
     created_at: dict[str, float] = {}
-    jobset_seen_at: dict[str, float] = {}
-    batch_job_seen_at: dict[str, float] = {}  # by JobSet name: its first Job
-    failures: list[BaseException] = []
-
-    def jobset_of(obj: dict) -> str | None:
-        return obj["metadata"]["name"] if obj["metadata"]["name"].startswith(prefix) else None
-
-    def jobset_of_job(obj: dict) -> str | None:
-        name = (obj["metadata"].get("labels") or {}).get("jobset.sigs.k8s.io/jobset-name", "")
-        return name if name.startswith(prefix) else None
-
-    watchers = [threading.Thread(target=first_seen, daemon=True, args=(
-                    (custom.list_namespaced_custom_object, "jobset.x-k8s.io", "v1alpha2", JOBS_NAMESPACE, "jobsets"),
-                    jobset_of, jobs, jobset_seen_at, failures)),
-                # Jobs as plain JSON too (batch/v1 through the custom-objects API): BatchV1Api's watch builds a
-                # V1Job model of each event in this process, whose CPU delayed the JobSet watch's timestamps
-                # (by 0.3 s at p50 once the operator created the JobSets as fast as the floor).
-                threading.Thread(target=first_seen, daemon=True, args=(
-                    (custom.list_namespaced_custom_object, "batch", "v1", JOBS_NAMESPACE, "jobs"),
-                    jobset_of_job, jobs, batch_job_seen_at, failures))]
+    watchers = [FirstSeen(api, JOBSETS, own_name, prefix, jobs),
+                FirstSeen(api, BATCH_JOBS, jobset_of_job, prefix, jobs)]  # by JobSet name: its first Job
     for watcher in watchers:
         watcher.start()
     time.sleep(1)  # let the watches start before the first create
@@ -131,10 +148,7 @@ def load_round(api: kubernetes.client.ApiClient, operator: OperatorProcess, jobs
     with ThreadPoolExecutor(max_workers=CLIENT_THREADS) as pool:
         list(pool.map(create, names))
     create_s = time.monotonic() - start
-    for watcher in watchers:
-        watcher.join(timeout=WATCH_TIMEOUT_S)
-    if failures:
-        raise RuntimeError("a watch failed") from failures[0]
+    jobset_seen_at, batch_job_seen_at = (watcher.seen() for watcher in watchers)
     missing = [n for n in names if n not in jobset_seen_at or n not in batch_job_seen_at]
     if missing:
         raise RuntimeError(f"{len(missing)} jobs never got a JobSet and its Jobs, e.g. {missing[:5]}")
@@ -157,7 +171,7 @@ def load_round(api: kubernetes.client.ApiClient, operator: OperatorProcess, jobs
 
 def direct_round(api: kubernetes.client.ApiClient, jobs: int) -> dict:
     """The floor under the operator's latency on this machine: the same JobSets created by this client directly
-    (16 threads, no operator running), from each create request to the JobSet appearing in a watch."""
+    (CLIENT_THREADS threads, no operator running), from each create request to the JobSet appearing in a watch."""
     custom = kubernetes.client.CustomObjectsApi(api)
     prefix = f"direct-{uuid.uuid4().hex[:4]}"
     names = [f"{prefix}-{i:03d}" for i in range(jobs)]
@@ -167,12 +181,7 @@ def direct_round(api: kubernetes.client.ApiClient, jobs: int) -> dict:
         del jobset["metadata"]["labels"][JOB_LABEL]  # not the operator's to follow
         jobsets[name] = jobset
     created_at: dict[str, float] = {}
-    seen_at: dict[str, float] = {}
-    failures: list[BaseException] = []
-    watcher = threading.Thread(target=first_seen, daemon=True, args=(
-        (custom.list_namespaced_custom_object, "jobset.x-k8s.io", "v1alpha2", JOBS_NAMESPACE, "jobsets"),
-        lambda obj: obj["metadata"]["name"] if obj["metadata"]["name"].startswith(prefix) else None, jobs, seen_at,
-        failures))
+    watcher = FirstSeen(api, JOBSETS, own_name, prefix, jobs)
     watcher.start()
     time.sleep(1)
 
@@ -184,9 +193,7 @@ def direct_round(api: kubernetes.client.ApiClient, jobs: int) -> dict:
     start = time.monotonic()
     with ThreadPoolExecutor(max_workers=CLIENT_THREADS) as pool:
         list(pool.map(create, names))
-    watcher.join(timeout=WATCH_TIMEOUT_S)
-    if failures:
-        raise RuntimeError("the JobSet watch failed") from failures[0]
+    seen_at = watcher.seen()
     if len(seen_at) != jobs:
         raise RuntimeError(f"only {len(seen_at)} of {jobs} JobSets created directly were seen")
     result = {"latency": [seen_at[n] - created_at[n] for n in names], "all_s": max(seen_at.values()) - start}
