@@ -78,7 +78,7 @@ def error_reason(error: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def _timing(handler: str) -> Iterator[None]:
+def _timing(handler: str, histogram: prometheus_client.Histogram) -> Iterator[None]:
     start = time.perf_counter()
     try:
         yield
@@ -86,23 +86,24 @@ def _timing(handler: str) -> Iterator[None]:
         HANDLER_ERRORS.labels(handler, error_reason(error)).inc()
         raise
     finally:
-        HANDLER_SECONDS.labels(handler).observe(time.perf_counter() - start)
+        histogram.observe(time.perf_counter() - start)
 
 
 def timed(handler: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Time a kopf handler (sync or async) into HANDLER_SECONDS and count what it raises in HANDLER_ERRORS.
     Put it below the kopf decorators: kopf registers what they receive."""
     def decorate(function: Callable[..., Any]) -> Callable[..., Any]:
+        histogram = HANDLER_SECONDS.labels(handler)  # once, not per call
         if inspect.iscoroutinefunction(function):
             @functools.wraps(function)
             async def timed_async(*args: Any, **kwargs: Any) -> Any:
-                with _timing(handler):
+                with _timing(handler, histogram):
                     return await function(*args, **kwargs)
             return timed_async
 
         @functools.wraps(function)
         def timed_sync(*args: Any, **kwargs: Any) -> Any:
-            with _timing(handler):
+            with _timing(handler, histogram):
                 return function(*args, **kwargs)
         return timed_sync
     return decorate
