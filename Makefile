@@ -28,8 +28,10 @@ demo: install
 control-plane: install
 	$(PY) tests/cluster/build_control_plane.py
 
-test: install control-plane
-	$(PY) -m pytest -q --durations=30
+# Install, the control plane, then each test tier in its own pytest session (tiers and their budgets in
+# pyproject.toml): each phase's wall time, the 30 slowest tests and a tier over 1.5x its budget fail loudly.
+test:
+	python3 tests/run_tiers.py
 
 goldens: install-peers
 	$(PY) tests/goldens/make_model_goldens.py

@@ -16,6 +16,7 @@ import pytest
 import yaml
 from etils import epath
 
+from conftest import COMPILATION_CACHE_ENV
 from simpo_worker import outputs
 from simpo_worker.checkpoint import step_dir
 from simpo_worker.config import parse_worker_config
@@ -55,6 +56,8 @@ def tiny_config(output_dir, **overrides) -> dict:
         "trainer": {"num_train_steps": 7, "batch_size": 8, "microbatches": 2, "seed": 5,
                     "checkpoint": {"every": 2, "keep": 2}},
         "optimizer": {"learning_rate": 3e-3, "warmup_steps": 2, "weight_decay": 0.1},
+        # The test session's cache (tests/conftest.py): runs of the same programs compile them once.
+        "compilation_cache": {"dir": os.environ[COMPILATION_CACHE_ENV], "min_compile_time_s": 0.2},
         "output_dir": str(output_dir),
     }
     for key, value in overrides.items():

@@ -1,0 +1,151 @@
+"""`make test`: every phase of the test command, timed, each held to its budget.
+
+Runs with the system's python3 (standard library only: the venv does not exist yet on a fresh machine). Phases in
+order: install (the venv), the control plane's Go programs, then one pytest session per tier. Prints each phase's
+wall time against its budget, the machine's load, the slowest tests of the whole run (from each tier's JUnit XML)
+and one closing count line. Exits non-zero when a phase fails or when a phase's wall
+time passes its budget by more than `OVER_BUDGET` (CI's 90-minute limit is a hard one: a tier that creeps up is
+named here before the whole run falls over it). Tiers and budgets live in pyproject.toml,
+`[tool.simpo-interleave.ci.tiers]`.
+
+    python3 tests/run_tiers.py [--tier NAME ...] [pytest args...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+import xml.etree.ElementTree as ElementTree
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PYTHON = REPO / ".venv" / "bin" / "python"
+OVER_BUDGET = 1.5  # a phase fails the run past 1.5x its budget
+SLOWEST = 30
+
+
+@dataclass
+class Phase:
+    name: str
+    budget_s: float | None  # None: reported, not held to a budget (a fresh machine's install and Go builds)
+    seconds: float = 0.0
+    code: int | None = None
+    counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def over_budget(self) -> bool:
+        return self.budget_s is not None and self.seconds > OVER_BUDGET * self.budget_s
+
+
+def load_tiers() -> dict[str, dict]:
+    return tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["simpo-interleave"]["ci"]["tiers"]
+
+
+def load_average() -> str:
+    return " ".join(f"{value:.1f}" for value in os.getloadavg())
+
+
+def run_phase(phase: Phase, argv: list[str], env: dict[str, str] | None = None) -> None:
+    print(f"\n=== {phase.name}: {' '.join(argv)}  (load {load_average()})", flush=True)
+    start = time.monotonic()
+    phase.code = subprocess.run(argv, cwd=REPO, env=env).returncode
+    phase.seconds = time.monotonic() - start
+
+
+def junit_cases(path: Path) -> list[tuple[float, str, str]]:
+    """(seconds, outcome, test id) of each test case; pytest's junit `time` is setup + call + teardown."""
+    cases = []
+    for case in ElementTree.parse(path).getroot().iter("testcase"):
+        outcome = "passed"
+        for child in case:
+            if child.tag in ("failure", "error"):
+                outcome = "failed"
+            elif child.tag == "skipped":
+                outcome = "skipped"
+        name = f"{case.get('classname', '').replace('.', '/')}.py::{case.get('name')}"
+        cases.append((float(case.get("time", 0)), outcome, name))
+    return cases
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tier", action="append", help="run only these tiers (default: all, in order)")
+    args, pytest_args = parser.parse_known_args(argv)
+    tiers = load_tiers()
+    chosen = args.tier or list(tiers)
+    unknown = set(chosen) - set(tiers)
+    if unknown:
+        parser.error(f"unknown tier(s) {sorted(unknown)}; tiers: {list(tiers)}")
+
+    phases: list[Phase] = []
+    setup = [("install", ["make", "install"]), ("control-plane", ["make", "control-plane"])]
+    for name, command in setup:
+        phase = Phase(name, None)
+        phases.append(phase)
+        run_phase(phase, command)
+        if phase.code != 0:
+            return report(phases, [], f"{name} failed (exit {phase.code})")
+
+    reports = Path(tempfile.mkdtemp(prefix="simpo-tiers-"))
+    # One persistent compilation cache for every process of the run: pytest's and its xdist workers' own
+    # programs and every single-process worker it starts (tests/conftest.py).
+    env = {**os.environ, "SIMPO_TEST_COMPILATION_CACHE": str(reports / "jax-compilation-cache")}
+    cases: list[tuple[float, str, str]] = []
+    for name in chosen:
+        tier = tiers[name]
+        phase = Phase(f"tier {name}", tier["budget_s"])
+        phases.append(phase)
+        junit = reports / f"{name}.xml"
+        workers = ["-n", str(tier["workers"]), "--dist", "loadgroup"] if tier.get("workers", 1) > 1 else []
+        run_phase(phase, [str(PYTHON), "-m", "pytest", "-q", "-p", "no:cacheprovider", *workers,
+                          f"--junitxml={junit}", "-o", "junit_duration_report=total", *tier["paths"],
+                          *pytest_args], env)
+        if junit.exists():
+            tier_cases = junit_cases(junit)
+            cases += tier_cases
+            for _, outcome, _ in tier_cases:
+                phase.counts[outcome] = phase.counts.get(outcome, 0) + 1
+        elif phase.code == 0:
+            phase.code = 1  # pytest exited 0 without a report: count it as a failure, never as a pass
+    return report(phases, cases)
+
+
+def report(phases: list[Phase], cases: list[tuple[float, str, str]], failure: str | None = None) -> int:
+    print(f"\n=== {SLOWEST} slowest tests of the run (setup + call + teardown)")
+    for seconds, outcome, name in sorted(cases, reverse=True)[:SLOWEST]:
+        print(f"{seconds:8.1f}s  {outcome:7s}  {name}")
+    print(f"\n=== phases (load now {load_average()}, {os.cpu_count()} CPUs)")
+    print(f"{'phase':20s} {'wall s':>8s} {'budget s':>9s} {'limit s':>8s}  result")
+    problems = [failure] if failure else []
+    for phase in phases:
+        counts = ", ".join(f"{n} {outcome}" for outcome, n in sorted(phase.counts.items()))
+        result = "ok" if phase.code == 0 else f"exit {phase.code}"
+        if phase.over_budget:
+            result += " OVER BUDGET"
+            problems.append(f"{phase.name} took {phase.seconds:.0f} s, more than {OVER_BUDGET}x its budget of "
+                            f"{phase.budget_s:.0f} s (pyproject.toml [tool.simpo-interleave.ci])")
+        elif phase.code not in (0, None):
+            problems.append(f"{phase.name} failed (exit {phase.code})")
+        budget = ("-", "-") if phase.budget_s is None else (f"{phase.budget_s:.0f}", f"{OVER_BUDGET * phase.budget_s:.0f}")
+        print(f"{phase.name:20s} {phase.seconds:8.0f} {budget[0]:>9s} {budget[1]:>8s}  "
+              f"{result}{'  (' + counts + ')' if counts else ''}")
+    print(f"{'total':20s} {sum(p.seconds for p in phases):8.0f}")
+    passed = sum(1 for _, outcome, _ in cases if outcome == "passed")
+    failed = sum(1 for _, outcome, _ in cases if outcome == "failed")
+    skipped = [name for _, outcome, name in cases if outcome == "skipped"]
+    if skipped:
+        problems.append(f"{len(skipped)} test(s) skipped, and no test may skip here: {', '.join(skipped[:10])}")
+    for problem in dict.fromkeys(problems):
+        print(f"FAILED: {problem}", file=sys.stderr)
+    print(f"tests: {passed} passed, {failed} failed" + (f", {len(skipped)} skipped" if skipped else ""))
+    return 1 if problems or failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
