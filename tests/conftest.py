@@ -12,6 +12,7 @@ Multi-process CPU runs do not use it: the worker turns the cache off there (see 
 """
 
 import os
+import shutil
 import tempfile
 
 import jax
@@ -19,8 +20,16 @@ import jax
 os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
 
 COMPILATION_CACHE_ENV = "SIMPO_TEST_COMPILATION_CACHE"
-os.environ.setdefault(COMPILATION_CACHE_ENV, tempfile.mkdtemp(prefix="simpo-test-jax-cache-"))
+# Set by tests/run_tiers.py for all its tiers, or made here by the session's first process (xdist workers inherit it).
+_MADE_HERE = COMPILATION_CACHE_ENV not in os.environ
+if _MADE_HERE:
+    os.environ[COMPILATION_CACHE_ENV] = tempfile.mkdtemp(prefix="simpo-test-jax-cache-")
 TEST_COMPILATION_CACHE = os.environ[COMPILATION_CACHE_ENV]
 
 jax.config.update("jax_compilation_cache_dir", TEST_COMPILATION_CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+
+
+def pytest_unconfigure(config):
+    if _MADE_HERE and not hasattr(config, "workerinput"):  # the session's own process, not an xdist worker
+        shutil.rmtree(TEST_COMPILATION_CACHE)

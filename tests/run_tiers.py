@@ -1,12 +1,13 @@
 """`make test`: every phase of the test command, timed, each held to its budget.
 
 Runs with the system's python3 (standard library only: the venv does not exist yet on a fresh machine). Phases in
-order: install (the venv), the control plane's Go programs, then one pytest session per tier. Prints each phase's
-wall time against its budget, the machine's load, the slowest tests of the whole run (from each tier's JUnit XML)
-and one closing count line. Exits non-zero when a phase fails or when a phase's wall
+order: install (the venv), the control plane's Go programs, then the test tiers, one pytest session each, stage by
+stage: a stage's tiers run at once (a tier that mostly waits on its control plane beside one that computes).
+Prints each phase's wall time against its budget, the machine's load, the slowest tests of the whole run (from each
+tier's JUnit XML) and one closing count line. Exits non-zero when a phase fails or when a phase's wall
 time passes its budget by more than `OVER_BUDGET` (CI's 90-minute limit is a hard one: a tier that creeps up is
-named here before the whole run falls over it). Tiers and budgets live in pyproject.toml,
-`[tool.simpo-interleave.ci.tiers]`.
+named here before the whole run falls over it). Stages, tiers and budgets live in pyproject.toml,
+`[tool.simpo-interleave.ci]`.
 
     python3 tests/run_tiers.py [--tier NAME ...] [pytest args...]
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -43,19 +45,40 @@ class Phase:
         return self.budget_s is not None and self.seconds > OVER_BUDGET * self.budget_s
 
 
-def load_tiers() -> dict[str, dict]:
-    return tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["simpo-interleave"]["ci"]["tiers"]
+def load_ci() -> dict:
+    return tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["simpo-interleave"]["ci"]
 
 
 def load_average() -> str:
     return " ".join(f"{value:.1f}" for value in os.getloadavg())
 
 
-def run_phase(phase: Phase, argv: list[str], env: dict[str, str] | None = None) -> None:
+def run_phase(phase: Phase, argv: list[str]) -> None:
     print(f"\n=== {phase.name}: {' '.join(argv)}  (load {load_average()})", flush=True)
     start = time.monotonic()
-    phase.code = subprocess.run(argv, cwd=REPO, env=env).returncode
+    phase.code = subprocess.run(argv, cwd=REPO).returncode
     phase.seconds = time.monotonic() - start
+
+
+def run_stage(tiers: list[tuple[Phase, list[str], Path]], env: dict[str, str]) -> None:
+    """The stage's tiers at once, each its own pytest session; a tier's output is printed whole when it ends."""
+    running = []
+    for phase, argv, log in tiers:
+        print(f"\n=== {phase.name} started: {' '.join(argv)}  (load {load_average()})", flush=True)
+        handle = log.open("w")
+        running.append((phase, handle, log, time.monotonic(),
+                        subprocess.Popen(argv, cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT)))
+    while running:
+        for item in list(running):
+            phase, handle, log, start, process = item
+            if process.poll() is None:
+                continue
+            phase.seconds, phase.code = time.monotonic() - start, process.returncode
+            handle.close()
+            print(f"\n=== {phase.name} ended in {phase.seconds:.0f} s, exit {phase.code} (load {load_average()})")
+            print(log.read_text(), end="", flush=True)
+            running.remove(item)
+        time.sleep(1)
 
 
 def junit_cases(path: Path) -> list[tuple[float, str, str]]:
@@ -75,13 +98,15 @@ def junit_cases(path: Path) -> list[tuple[float, str, str]]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tier", action="append", help="run only these tiers (default: all, in order)")
+    parser.add_argument("--tier", action="append", help="run only these tiers (default: every stage's)")
     args, pytest_args = parser.parse_known_args(argv)
-    tiers = load_tiers()
-    chosen = args.tier or list(tiers)
-    unknown = set(chosen) - set(tiers)
+    ci = load_ci()
+    tiers, stages = ci["tiers"], ci["stages"]
+    unknown = set(args.tier or []) - set(tiers)
     if unknown:
         parser.error(f"unknown tier(s) {sorted(unknown)}; tiers: {list(tiers)}")
+    if args.tier:
+        stages = [[name for name in stage if name in args.tier] for stage in stages]
 
     phases: list[Phase] = []
     setup = [("install", ["make", "install"]), ("control-plane", ["make", "control-plane"])]
@@ -96,23 +121,32 @@ def main(argv: list[str] | None = None) -> int:
     # One persistent compilation cache for every process of the run: pytest's and its xdist workers' own
     # programs and every single-process worker it starts (tests/conftest.py).
     env = {**os.environ, "SIMPO_TEST_COMPILATION_CACHE": str(reports / "jax-compilation-cache")}
+    junits = []
+    for stage in filter(None, stages):
+        runs = []
+        for name in stage:
+            tier = tiers[name]
+            phase = Phase(f"tier {name}", tier["budget_s"])
+            phases.append(phase)
+            junit = reports / f"{name}.xml"
+            junits.append((phase, junit))
+            workers = (["-n", str(tier["workers"]), "--dist", tier.get("dist", "load")]
+                       if tier.get("workers", 1) > 1 else [])
+            runs.append((phase, [str(PYTHON), "-m", "pytest", "-q", "-p", "no:cacheprovider", *workers,
+                                 f"--junitxml={junit}", "-o", "junit_duration_report=total", *tier["paths"],
+                                 *pytest_args], reports / f"{name}.log"))
+        run_stage(runs, env)
+    if os.path.isdir(env["SIMPO_TEST_COMPILATION_CACHE"]):
+        shutil.rmtree(env["SIMPO_TEST_COMPILATION_CACHE"])
     cases: list[tuple[float, str, str]] = []
-    for name in chosen:
-        tier = tiers[name]
-        phase = Phase(f"tier {name}", tier["budget_s"])
-        phases.append(phase)
-        junit = reports / f"{name}.xml"
-        workers = ["-n", str(tier["workers"]), "--dist", "loadgroup"] if tier.get("workers", 1) > 1 else []
-        run_phase(phase, [str(PYTHON), "-m", "pytest", "-q", "-p", "no:cacheprovider", *workers,
-                          f"--junitxml={junit}", "-o", "junit_duration_report=total", *tier["paths"],
-                          *pytest_args], env)
-        if junit.exists():
-            tier_cases = junit_cases(junit)
-            cases += tier_cases
-            for _, outcome, _ in tier_cases:
-                phase.counts[outcome] = phase.counts.get(outcome, 0) + 1
-        elif phase.code == 0:
-            phase.code = 1  # pytest exited 0 without a report: count it as a failure, never as a pass
+    for phase, junit in junits:
+        if not junit.exists():
+            phase.code = phase.code or 1  # no report: never counted as a pass
+            continue
+        tier_cases = junit_cases(junit)
+        cases += tier_cases
+        for _, outcome, _ in tier_cases:
+            phase.counts[outcome] = phase.counts.get(outcome, 0) + 1
     return report(phases, cases)
 
 

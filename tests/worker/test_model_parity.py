@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,12 +31,18 @@ def smollm2():
     return load_pretrained("smollm2")
 
 
+@eqx.filter_jit
+def forward(model, tokens, positions, compute_dtype=jnp.float32):
+    # The model is an argument: closed over, its weights would be constants of the program (SmolLM2's: 400 MB of
+    # literals to compile, and to serialize into the test run's compilation cache).
+    return model(tokens, positions, compute_dtype)
+
+
 def forward_padded(model, tokens: np.ndarray, first_positions: np.ndarray) -> np.ndarray:
     """One batched forward of right-padded rows; padding takes the positions after each row's real tokens,
     where the causal mask hides it from them."""
     positions = first_positions[:, None] + np.arange(tokens.shape[1])[None]
-    logits = jax.jit(model.__call__)(jnp.asarray(tokens), jnp.asarray(positions))
-    return np.asarray(logits)
+    return np.asarray(forward(model, jnp.asarray(tokens), jnp.asarray(positions)))
 
 
 def test_missing_golden_is_a_failure_not_a_skip():
@@ -83,8 +90,8 @@ def test_smollm2_bfloat16_is_as_close_to_float32_as_transformers_bfloat16(smollm
     assert np.array_equal(truth["tokens"], hf16["tokens"]) and np.array_equal(truth["columns"], hf16["columns"])
     lengths, columns = truth["lengths"], truth["columns"]
     positions = np.broadcast_to(np.arange(truth["tokens"].shape[1])[None], truth["tokens"].shape)
-    ours = np.asarray(jax.jit(lambda t, p: smollm2(t, p, jnp.bfloat16))(jnp.asarray(truth["tokens"]),
-                                                                       jnp.asarray(positions))).astype(np.float64)
+    ours = np.asarray(forward(smollm2, jnp.asarray(truth["tokens"]), jnp.asarray(positions),
+                              jnp.bfloat16)).astype(np.float64)
     for i, n in enumerate(lengths):
         ours_error = np.abs(ours[i, :n][:, columns] - truth["logits_columns"][i, :n])
         hf_error = np.abs(hf16["logits_columns"][i, :n] - truth["logits_columns"][i, :n])
