@@ -3,8 +3,8 @@ they fit the chips' memory and how long the job would take.
 
 The job's model shapes come from model.architecture, the HF config.json or the GGUF metadata (no weights are read);
 the programs are the worker's own, compiled by XLA for the job's TPU topology (libtpu's compile-only devices: the
-`tpu` extra) or, for a CPU pool, for this machine's CPU devices standing in for its hosts (simpo_worker.aot). The
-roofline estimate uses the generation's published figures (simpo_operator.tpu) (simpo_worker.roofline).
+`tpu` extra) or, for a CPU pool, for this machine's CPU devices standing in for its hosts (simpo_worker.plan).
+The roofline estimate uses the generation's published figures (simpo_operator.tpu) (simpo_worker.plan.roofline).
 
 Exit codes: 0 every program fits; 10 one does not (stderr names the program, its need against the capacity, and
 the config knobs that would shrink it), or the job is invalid; 2 no verdict: libtpu cannot describe the slice, or
@@ -20,16 +20,19 @@ import sys
 import time
 from typing import Any, Optional
 
-import jax
+import jax  # importing JAX (the plan modules do too) starts no backend: _start_jax still configures it
 
 from simpo_operator import tpu
 from simpo_operator.resource import Job, load_job, validate_job
-from simpo_worker import aot, flops, roofline  # importing JAX starts no backend: _start_jax still configures it
-from simpo_worker.api import ExitCode
-from simpo_worker.config import DEFAULT_LOSS_CHUNK_TOKENS, WorkerConfig
-from simpo_worker.errors import ConfigError
-from simpo_worker.model import MemoryOptions
-from simpo_worker.pretrained import load_architecture
+from simpo_worker.contract.api import ExitCode
+from simpo_worker.contract.config import DEFAULT_LOSS_CHUNK_TOKENS, WorkerConfig
+from simpo_worker.contract.errors import ConfigError
+from simpo_worker.model import flops
+from simpo_worker.model.llama import MemoryOptions
+from simpo_worker.plan import roofline, targets
+from simpo_worker.plan.memory import CompileFailed
+from simpo_worker.plan.programs import plan_programs
+from simpo_worker.weights.pretrained import load_architecture
 
 GIB = 2**30
 # Kubernetes quantity suffixes, for a CPU pool's memory limit.
@@ -46,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     job = validate_job(load_job(args.job))
     try:
         result = plan_job(job)
-    except (aot.TopologyUnavailable, aot.CompileFailed) as error:
+    except (targets.TopologyUnavailable, CompileFailed) as error:
         print(f"simpo-interleave plan: {error}", file=sys.stderr)
         return 2
     print(json.dumps(result, indent=2) if args.json else render(result))
@@ -63,17 +66,17 @@ def plan_job(job: Job) -> dict[str, Any]:
     _start_jax(job)
     arch = load_architecture(config.model)
     if job.shape is not None:
-        target = aot.tpu_target(tpu.libtpu_topology(job.shape, job.slices),
+        target = targets.tpu_target(tpu.libtpu_topology(job.shape, job.slices),
                                 tpu.libtpu_topology(tpu.host_block(job.shape)))
         chip = tpu.generation(job.shape).chip
         capacity, capacity_source = chip.compiler_hbm_bytes, "HBM XLA lets one program use per chip"
     else:
-        target, chip = aot.cpu_target(job.num_processes), None
+        target, chip = targets.cpu_target(job.num_processes), None
         capacity = memory_limit(job)
         capacity_source = ("the worker container's memory limit (spec.resources)" if capacity
                            else "none: spec.resources sets no memory, so nothing is checked")
     started = time.perf_counter()
-    plan = aot.plan_programs(config, arch, target)
+    plan = plan_programs(config, arch, target)
     compile_s = time.perf_counter() - started
 
     programs = []

@@ -2,8 +2,8 @@
 
 `simpo-interleave crd` prints it; `simpo-interleave crd --write` refreshes the committed copies (manifests/ and the
 Helm chart's crds/), which a test keeps in step with the types. Every field's description, default, bounds and
-CEL rules come from the dataclasses (simpo_worker.schema), so `kubectl apply` refuses what the worker would; what
-needs the slice's shape is checked by resource.validate_job and reported as InvalidSpec.
+CEL rules come from the dataclasses (simpo_worker.contract.schema), so `kubectl apply` refuses what the worker
+would; what needs the slice's shape is checked by resource.validate_job and reported as InvalidSpec.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from typing import Any
 import yaml
 
 from simpo_operator import resource as r
-from simpo_worker import api
-from simpo_worker.schema import openapi_schema
+from simpo_worker.contract import api
+from simpo_worker.contract.schema import openapi_schema
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CRD_FILES = (REPO_ROOT / "manifests" / "crd.yaml", REPO_ROOT / "charts" / "simpo-interleave" / "crds" / "crd.yaml")

@@ -30,8 +30,8 @@ import kopf
 
 from simpo_operator import kube, metrics, render, status as state
 from simpo_operator.resource import FINISHED_PHASES, Job, validate_job
-from simpo_worker.api import GROUP, KIND, PLURAL, VERSION
-from simpo_worker.errors import ConfigError
+from simpo_worker.contract.api import GROUP, KIND, PLURAL, VERSION
+from simpo_worker.contract.errors import ConfigError
 
 
 @kopf.on.startup()

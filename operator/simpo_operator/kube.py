@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 import kubernetes
 
-from simpo_worker.api import GROUP, PLURAL, VERSION
+from simpo_worker.contract.api import GROUP, PLURAL, VERSION
 
 JOBSET_GROUP, JOBSET_VERSION = "jobset.x-k8s.io", "v1alpha2"
 JOBSET_PLURAL = "jobsets"

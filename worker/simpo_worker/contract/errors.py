@@ -1,6 +1,6 @@
-"""Errors that no restart can fix, each carrying its exit code from the contract (simpo_worker.api.ExitCode)."""
+"""Errors that no restart can fix, each carrying its exit code from the contract (contract.api.ExitCode)."""
 
-from simpo_worker.api import ExitCode
+from simpo_worker.contract.api import ExitCode
 
 
 class NonRetryableError(Exception):

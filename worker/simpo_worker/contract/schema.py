@@ -21,7 +21,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Optional
 
-from simpo_worker.errors import ConfigError
+from simpo_worker.contract.errors import ConfigError
 
 # Bounds keep the API server's cost estimate of CEL rules small.
 MAX_STRING_LENGTH = 4096

@@ -15,7 +15,7 @@ import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from simpo_worker.errors import DataError, ModelError
+from simpo_worker.contract.errors import DataError, ModelError
 
 
 class _TemplateRaised(Exception):

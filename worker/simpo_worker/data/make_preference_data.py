@@ -1,7 +1,7 @@
 """The project's own preference data: checkable questions (arithmetic, unit conversion) with a correct answer
 (chosen) and a plausible wrong one (rejected), phrased as chat, in UltraFeedback-binarized JSONL.
 
-    python -m simpo_worker.make_preference_data OUT_DIR [--train 2048] [--eval 256] [--seed 0]
+    python -m simpo_worker.data.make_preference_data OUT_DIR [--train 2048] [--eval 256] [--seed 0]
 
 writes OUT_DIR/train.jsonl and OUT_DIR/eval.jsonl. No question appears in both splits. Chosen and rejected use
 the same wording and differ only in the number, so a model can only tell them apart by getting the answer right.
@@ -92,7 +92,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m simpo_worker.make_preference_data", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m simpo_worker.data.make_preference_data", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--train", type=int, default=2048, help="training pairs")

@@ -26,9 +26,9 @@ from typing import Any
 import fsspec
 import numpy as np
 
-from simpo_worker.config import DataConfig
-from simpo_worker.errors import DataError
-from simpo_worker.records import read_rows
+from simpo_worker.contract.config import DataConfig
+from simpo_worker.contract.errors import DataError
+from simpo_worker.data.records import read_rows
 
 log = logging.getLogger(__name__)
 

@@ -19,11 +19,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from simpo_worker import storage
-from simpo_worker.config import InferenceConfig
-from simpo_worker.errors import DataError
-from simpo_worker.preference_data import _message
-from simpo_worker.records import is_parquet, read_rows
+from simpo_worker.contract.config import InferenceConfig
+from simpo_worker.contract.errors import DataError
+from simpo_worker.data.preference_data import _message
+from simpo_worker.data.records import is_parquet, read_rows
+from simpo_worker.store import storage
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
 # A row's prompt, in the order looked for (a Parquet file's other columns are not read).

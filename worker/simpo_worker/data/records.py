@@ -19,8 +19,8 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from simpo_worker import storage
-from simpo_worker.errors import DataError
+from simpo_worker.contract.errors import DataError
+from simpo_worker.store import storage
 
 PARQUET_SUFFIX = ".parquet"
 # Rows per streamed record batch: UltraFeedback rows are a few KiB, so a batch stays in the MiBs.

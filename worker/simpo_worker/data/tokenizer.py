@@ -18,11 +18,11 @@ from gguf import GGUFReader
 from gguf.vocab import bytes_to_unicode
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 
-from simpo_worker import storage
-from simpo_worker.chat_template import ChatTemplate
-from simpo_worker.config import SMOLLM2
-from simpo_worker.errors import DataError, ModelError
-from simpo_worker.smollm2 import smollm2_gguf_path
+from simpo_worker.contract.config import SMOLLM2
+from simpo_worker.contract.errors import DataError, ModelError
+from simpo_worker.data.chat_template import ChatTemplate
+from simpo_worker.store import storage
+from simpo_worker.weights.smollm2 import smollm2_gguf_path
 
 # GPT-2's split; also what HF's ByteLevel pre-tokenizer does with use_regex=True.
 GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"

@@ -28,12 +28,12 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from simpo_worker.config import ArchitectureConfig
-from simpo_worker.jit import counted_jit
-from simpo_worker.mesh import kv_heads_axis, param_spec
-from simpo_worker.model import (DecoderLayers, Llama, attention_inputs, decoder_layer_with_kv, linear,
-                                mlp_residual, rms_norm, rotary_tables)
-from simpo_worker.sampling import SamplingParams, next_tokens, prompt_keys, token_keys
+from simpo_worker.contract.config import ArchitectureConfig
+from simpo_worker.infer.sampling import SamplingParams, next_tokens, prompt_keys, token_keys
+from simpo_worker.model.layout import kv_heads_axis, param_spec
+from simpo_worker.model.llama import (DecoderLayers, Llama, attention_inputs, decoder_layer_with_kv, linear,
+                                      mlp_residual, rms_norm, rotary_tables)
+from simpo_worker.parallel.jit import counted_jit
 
 # The slot axis of the per-layer caches (see DecodeState).
 KEY_SLOT_AXIS, VALUE_SLOT_AXIS = 3, 2

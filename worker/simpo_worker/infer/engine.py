@@ -41,15 +41,15 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from simpo_worker import decode
-from simpo_worker.config import ArchitectureConfig, InferenceConfig
-from simpo_worker.decode import DecodeSpec, DecodeState, DecodeWeights, decode_weights
-from simpo_worker.errors import ConfigError, DataError
-from simpo_worker.mesh import state_shardings
-from simpo_worker.model import Llama
-from simpo_worker.sampling import SamplingParams
-from simpo_worker.stop_strings import StopStringMatcher
-from simpo_worker.tokenizer import Tokenizer
+from simpo_worker.contract.config import ArchitectureConfig, InferenceConfig
+from simpo_worker.contract.errors import ConfigError, DataError
+from simpo_worker.data.tokenizer import Tokenizer
+from simpo_worker.infer import decode
+from simpo_worker.infer.decode import DecodeSpec, DecodeState, DecodeWeights, decode_weights
+from simpo_worker.infer.sampling import SamplingParams
+from simpo_worker.infer.stop_strings import StopStringMatcher
+from simpo_worker.model.llama import Llama
+from simpo_worker.parallel.mesh import state_shardings
 
 # Decode steps per jitted call: the host checks for "all finished" and reports progress this often.
 CHUNK_STEPS = 64

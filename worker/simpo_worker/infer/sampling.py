@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
-from simpo_worker.config import InferenceConfig
+from simpo_worker.contract.config import InferenceConfig
 
 
 @dataclass(frozen=True)

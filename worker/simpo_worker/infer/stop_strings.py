@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Optional
 
-from simpo_worker.tokenizer import Tokenizer
+from simpo_worker.data.tokenizer import Tokenizer
 
 
 class StopStringMatcher:

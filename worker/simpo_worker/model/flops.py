@@ -12,7 +12,7 @@ Norms, rotary embeddings, softmax and sampling are left out (under 1 % at Llama 
 
 from __future__ import annotations
 
-from simpo_worker.config import ArchitectureConfig
+from simpo_worker.contract.config import ArchitectureConfig
 
 
 def layer_matmul_params(a: ArchitectureConfig) -> int:

@@ -30,10 +30,10 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 from jaxtyping import Array, Float, Int
 
-from simpo_worker.attention import blockwise_attention
-from simpo_worker.config import (DEFAULT_ATTENTION_BLOCK, DEFAULT_LOSS_CHUNK_TOKENS, ArchitectureConfig,
-                                  TrainerConfig)
-from simpo_worker.mesh import constrain_batch
+from simpo_worker.contract.config import (DEFAULT_ATTENTION_BLOCK, DEFAULT_LOSS_CHUNK_TOKENS, ArchitectureConfig,
+                                          TrainerConfig)
+from simpo_worker.model.attention import blockwise_attention
+from simpo_worker.model.layout import constrain_batch
 
 WEIGHT_MATMUL = "weight_matmul"  # linear's outputs, by name (a custom VJP hides its dot from dot-based policies)
 

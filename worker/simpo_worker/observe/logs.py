@@ -13,8 +13,8 @@ import logging
 import os
 from datetime import datetime, timezone
 
-from simpo_worker.api import ENV_LOG_FORMAT, LOG_FORMATS
-from simpo_worker.errors import ConfigError
+from simpo_worker.contract.api import ENV_LOG_FORMAT, LOG_FORMATS
+from simpo_worker.contract.errors import ConfigError
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 

@@ -1,13 +1,13 @@
 """The leader's metrics records: one JSON object per train step and per inference event, each its own file
-(layout and reader: simpo_worker.outputs)."""
+(layout and reader: simpo_worker.store.outputs)."""
 
 from __future__ import annotations
 
 import json
 from typing import Any
 
-from simpo_worker import outputs, storage
-from simpo_worker.distributed import is_leader
+from simpo_worker.parallel.distributed import is_leader
+from simpo_worker.store import outputs, storage
 
 
 class MetricsWriter:

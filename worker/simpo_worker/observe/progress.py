@@ -18,8 +18,8 @@ from dataclasses import asdict, replace
 from datetime import datetime, timezone
 from typing import Mapping, Optional, Protocol
 
-from simpo_worker import api
-from simpo_worker.api import Progress
+from simpo_worker.contract import api
+from simpo_worker.contract.api import Progress
 
 log = logging.getLogger(__name__)
 

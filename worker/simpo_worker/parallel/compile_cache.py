@@ -23,8 +23,8 @@ from typing import Any
 
 import jax
 
-from simpo_worker import storage
-from simpo_worker.config import WorkerConfig
+from simpo_worker.contract.config import WorkerConfig
+from simpo_worker.store import storage
 
 log = logging.getLogger(__name__)
 

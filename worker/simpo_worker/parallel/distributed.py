@@ -16,8 +16,8 @@ from typing import Mapping
 
 import jax
 
-from simpo_worker import api
-from simpo_worker.errors import ConfigError
+from simpo_worker.contract import api
+from simpo_worker.contract.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

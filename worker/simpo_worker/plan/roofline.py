@@ -1,4 +1,4 @@
-"""Roofline estimates of a job's time, from its plan (aot.py) and a chip's published peak FLOP/s and HBM bandwidth.
+"""Roofline estimates of a job's time, from its plan (plan.report) and a chip's published peak FLOP/s and HBM bandwidth.
 
 Each program takes as long as the slower of its FLOPs at the chip's peak (the train step's with the forward that
 full rematerialisation runs again) and its HBM traffic at the chip's bandwidth: a lower bound on time (an upper bound on speed). Left out: the interconnect (FSDP all-gathers and
@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from simpo_worker import flops
-from simpo_worker.aot import DECODE, Plan, TRAIN_STEP
+from simpo_worker.model import flops
+from simpo_worker.plan.report import DECODE, TRAIN_STEP, Plan
 
 OPTIMIZER_TRAFFIC = 7  # float32 arrays of the chip's shard read or written by the update
 

@@ -5,9 +5,9 @@
                                                                 marks the inference step complete
     metrics/{n:08d}_step_{step:08d}.jsonl                      metrics record n (one line: a train step or an
                                                                inference event), written by the leader
-    checkpoints/step_{step:08d}/                               resumable state (simpo_worker.checkpoint: Orbax)
+    checkpoints/step_{step:08d}/                               resumable state (simpo_worker.train.checkpoint: Orbax)
 
-Every file is written whole or not at all (simpo_worker.storage; checkpoints commit atomically through Orbax).
+Every file is written whole or not at all (simpo_worker.store.storage; checkpoints commit atomically through Orbax).
 
 Metrics are a file per record, numbered in write order, because object stores cannot append: one growing file
 would be rewritten whole, history included, on every step. Per-record files make a record one small write on any
@@ -21,8 +21,8 @@ import json
 import re
 from typing import Any, Iterable
 
-from simpo_worker.errors import DataError
-from simpo_worker import storage
+from simpo_worker.contract.errors import DataError
+from simpo_worker.store import storage
 
 ROW_FIELDS = ("step", "process_index", "process_count", "global_prompt_index", "prompt", "completion",
               "completion_tokens", "finish_reason")

@@ -27,7 +27,7 @@ import fsspec
 from google.api_core.exceptions import RetryError
 from google.api_core.retry import Retry
 
-from simpo_worker.errors import DataError, OutputError
+from simpo_worker.contract.errors import DataError, OutputError
 
 log = logging.getLogger(__name__)
 

@@ -29,9 +29,9 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from simpo_worker import distributed
-from simpo_worker.errors import ConfigError, OutputError
-from simpo_worker.storage import is_transient
+from simpo_worker.contract.errors import ConfigError, OutputError
+from simpo_worker.parallel import distributed
+from simpo_worker.store.storage import is_transient
 
 STATE, INFO = "state", "info"
 # step_00000042, as the project's other per-step outputs.
@@ -160,8 +160,8 @@ def _by_name(tree: Any) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def _storage_errors(where: str, what: str) -> Iterator[None]:
-    """Storage failures a restart cannot fix as OutputError (exit 13), naming the checkpoint, as simpo_worker.storage
-    does: a refused write (gcsfs's non-transient OSError, tensorstore's PERMISSION_DENIED) or unreadable data.
+    """Storage failures a restart cannot fix as OutputError (exit 13), naming the checkpoint, as
+    simpo_worker.store.storage does: a refused write (gcsfs's non-transient OSError, tensorstore's PERMISSION_DENIED) or unreadable data.
     Others propagate as they are (retryable; gcsfs and tensorstore already retried the transient ones). Orbax wraps
     tensorstore's errors in a bare Exception: the cause chain says what failed."""
     try:

@@ -15,12 +15,12 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from simpo_worker.config import SimpoConfig
-from simpo_worker.jit import counted_jit
-from simpo_worker.mesh import batch_sharding, state_shardings
-from simpo_worker.model import PLAIN, Llama, MemoryOptions
-from simpo_worker.simpo_loss import batch_sums
-from simpo_worker.train_step import BATCH_FIELDS, COMPUTE_DTYPES, is_state_array
+from simpo_worker.contract.config import SimpoConfig
+from simpo_worker.model.llama import PLAIN, Llama, MemoryOptions
+from simpo_worker.parallel.jit import counted_jit
+from simpo_worker.parallel.mesh import batch_sharding, state_shardings
+from simpo_worker.train.loss import batch_sums
+from simpo_worker.train.step import BATCH_FIELDS, COMPUTE_DTYPES, is_state_array
 
 EVAL_FIELDS = (*BATCH_FIELDS, "pair_mask")
 

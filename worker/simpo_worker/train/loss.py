@@ -15,8 +15,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from simpo_worker.config import SimpoConfig
-from simpo_worker.model import PLAIN, Llama, MemoryOptions
+from simpo_worker.contract.config import SimpoConfig
+from simpo_worker.model.llama import PLAIN, Llama, MemoryOptions
 
 
 def response_logps(model: Llama, tokens, loss_mask, compute_dtype=jnp.float32,

@@ -15,11 +15,11 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from simpo_worker.config import OptimizerConfig, SimpoConfig
-from simpo_worker.jit import counted_jit
-from simpo_worker.mesh import batch_sharding, state_shardings
-from simpo_worker.model import PLAIN, Llama, MemoryOptions
-from simpo_worker.simpo_loss import batch_loss
+from simpo_worker.contract.config import OptimizerConfig, SimpoConfig
+from simpo_worker.model.llama import PLAIN, Llama, MemoryOptions
+from simpo_worker.parallel.jit import counted_jit
+from simpo_worker.parallel.mesh import batch_sharding, state_shardings
+from simpo_worker.train.loss import batch_loss
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 BATCH_FIELDS = ("tokens", "loss_mask", "lengths")

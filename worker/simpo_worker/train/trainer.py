@@ -15,17 +15,16 @@ import equinox as eqx
 import jax
 import numpy as np
 
-from simpo_worker.checkpoint import Checkpointer, CheckpointInfo
-from simpo_worker.config import WorkerConfig
-from simpo_worker.distributed import barrier
-from simpo_worker.errors import ConfigError
-from simpo_worker.eval_step import EVAL_FIELDS, CompiledEval
-from simpo_worker.mesh import host_rows, make_mesh, place
-from simpo_worker.model import Llama, MemoryOptions
-from simpo_worker.storage import join
-from simpo_worker.preference_data import PreferenceBatch, PreferenceData
-from simpo_worker.train_step import (BATCH_FIELDS, CompiledStep, init_sharded_state, init_state,
-                                     make_optimizer)
+from simpo_worker.contract.config import WorkerConfig
+from simpo_worker.contract.errors import ConfigError
+from simpo_worker.data.preference_data import PreferenceBatch, PreferenceData
+from simpo_worker.model.llama import Llama, MemoryOptions
+from simpo_worker.parallel.distributed import barrier
+from simpo_worker.parallel.mesh import host_rows, make_mesh, place
+from simpo_worker.store.storage import join
+from simpo_worker.train.checkpoint import CheckpointInfo, Checkpointer
+from simpo_worker.train.eval_step import EVAL_FIELDS, CompiledEval
+from simpo_worker.train.step import BATCH_FIELDS, CompiledStep, init_sharded_state, init_state, make_optimizer
 
 
 class Trainer:

@@ -25,11 +25,12 @@ import numpy as np
 from jax import lax
 from jax.experimental import multihost_utils
 
-from simpo_worker import storage
-from simpo_worker.config import SMOLLM2, ExportConfig
-from simpo_worker.distributed import barrier, is_leader
-from simpo_worker.hf_weights import TensorPlace, to_hf_orientation, write_hf_model
-from simpo_worker.model import Llama
+from simpo_worker.contract.config import SMOLLM2, ExportConfig
+from simpo_worker.model.llama import Llama
+from simpo_worker.parallel.distributed import barrier, is_leader
+from simpo_worker.store import storage
+from simpo_worker.weights.hf_save import write_hf_model
+from simpo_worker.weights.hf_tensors import TensorPlace, to_hf_orientation
 
 log = logging.getLogger(__name__)
 

@@ -17,11 +17,11 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader, ReaderTensor
 from gguf.quants import dequantize
 
-from simpo_worker import schema
-from simpo_worker.config import ArchitectureConfig
-from simpo_worker.errors import ConfigError, ModelError
-from simpo_worker.hf_weights import EMBED, FINAL_NORM, LAYER_TENSORS, LM_HEAD, llama_from_hf_tensors
-from simpo_worker.model import Llama
+from simpo_worker.contract import schema
+from simpo_worker.contract.config import ArchitectureConfig
+from simpo_worker.contract.errors import ConfigError, ModelError
+from simpo_worker.model.llama import Llama
+from simpo_worker.weights.hf_tensors import EMBED, FINAL_NORM, LAYER_TENSORS, LM_HEAD, llama_from_hf_tensors
 
 Q = GGMLQuantizationType
 # Float types and the block quantizations gguf.quants dequantizes in numpy (those llama.cpp uses for Llama files).

@@ -12,13 +12,13 @@ from typing import Optional
 import jax
 from jax.sharding import Mesh
 
-from simpo_worker.config import SMOLLM2, ArchitectureConfig, ModelConfig
-from simpo_worker.errors import ModelError
-from simpo_worker.gguf_weights import config_from_gguf, load_gguf_model, open_gguf
-from simpo_worker.hf_weights import is_hf_model_dir, load_hf_config, load_hf_model
-from simpo_worker.mesh import param_shardings, place
-from simpo_worker.model import Llama, init_llama
-from simpo_worker.smollm2 import smollm2_gguf_path
+from simpo_worker.contract.config import SMOLLM2, ArchitectureConfig, ModelConfig
+from simpo_worker.contract.errors import ModelError
+from simpo_worker.model.llama import Llama, init_llama
+from simpo_worker.parallel.mesh import param_shardings, place
+from simpo_worker.weights.gguf_reader import config_from_gguf, load_gguf_model, open_gguf
+from simpo_worker.weights.hf_load import is_hf_model_dir, load_hf_config, load_hf_model
+from simpo_worker.weights.smollm2 import smollm2_gguf_path
 
 
 def load_pretrained(source: str, mesh: Optional[Mesh] = None) -> Llama:

@@ -6,7 +6,7 @@ train step, and at each pause the eval and inference records: see simpo_worker.i
 rows)` for a sample of the pause's completions, `flush()` whenever the run checkpoints or finishes a pause, and
 `close(error)` once at the end (`error`: what ended the run, None when it finished).
 
-jsonl (simpo_worker.metrics) is always on: the records are the run's own history, which resumes and tests read.
+jsonl (simpo_worker.observe.metrics) is always on: the records are the run's own history, which resumes and tests read.
 tensorboard and wandb are imported only when configured. Only the leader (process 0) tracks; every other process
 gets no trackers.
 """
@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from typing import Any, Iterator, Protocol
 
-from simpo_worker.config import WorkerConfig
-from simpo_worker.distributed import is_leader
-from simpo_worker.metrics import MetricsWriter
+from simpo_worker.contract.config import WorkerConfig
+from simpo_worker.observe.metrics import MetricsWriter
+from simpo_worker.parallel.distributed import is_leader
 
 # Completions each host contributes to a pause's sample (its first rows, in global prompt order).
 SAMPLES_PER_HOST = 4
@@ -35,7 +35,7 @@ class Tracker(Protocol):
 
 
 class JsonlTracker:
-    """The metrics records under `<output_dir>/metrics` (simpo_worker.outputs); completions are in inference/."""
+    """The metrics records under `<output_dir>/metrics` (simpo_worker.store.outputs); completions are in inference/."""
 
     takes_samples = False
 
@@ -102,11 +102,11 @@ def open_trackers(config: WorkerConfig) -> Trackers:
         return Trackers([])
     trackers: list[Tracker] = [JsonlTracker(config.output_dir)]
     if "tensorboard" in config.trainer.trackers:
-        from simpo_worker.trackers.tensorboard_events import TensorBoardTracker
+        from simpo_worker.observe.trackers.tensorboard_events import TensorBoardTracker
 
         trackers.append(TensorBoardTracker(config.output_dir))
     if "wandb" in config.trainer.trackers:
-        from simpo_worker.trackers.wandb_run import WandbTracker
+        from simpo_worker.observe.trackers.wandb_run import WandbTracker
 
         trackers.append(WandbTracker(config))
     return Trackers(trackers)

@@ -8,7 +8,7 @@ own restarts.
 
 A local output dir gets the events as they are written. An object store cannot: TensorBoard's writer, without
 TensorFlow, appends to its file through fsspec, and gcsfs has no append (it overwrites, warning, and keeps only the
-last event). So for a URL the events go to a local file and the whole file is uploaded (simpo_worker.storage) at
+last event). So for a URL the events go to a local file and the whole file is uploaded (simpo_worker.store.storage) at
 every flush: each checkpoint, each pause, and the end. A crash loses at most what the restart redoes anyway.
 """
 
@@ -27,8 +27,8 @@ from tensorboard.plugins.scalar.summary_v2 import scalar_pb
 from tensorboard.plugins.text.summary_v2 import text_pb
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
-from simpo_worker import storage
-from simpo_worker.trackers import SAMPLE_COLUMNS, sample_table, scalars
+from simpo_worker.observe.trackers import SAMPLE_COLUMNS, sample_table, scalars
+from simpo_worker.store import storage
 
 SAMPLES_TAG = "inference/samples"
 

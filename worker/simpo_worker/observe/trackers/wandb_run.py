@@ -22,10 +22,11 @@ from typing import Any, Mapping
 import fsspec
 import wandb
 
-from simpo_worker import api, storage
-from simpo_worker.config import WorkerConfig
-from simpo_worker.schema import to_data
-from simpo_worker.trackers import SAMPLE_COLUMNS, sample_table, scalars
+from simpo_worker.contract import api
+from simpo_worker.contract.config import WorkerConfig
+from simpo_worker.contract.schema import to_data
+from simpo_worker.observe.trackers import SAMPLE_COLUMNS, sample_table, scalars
+from simpo_worker.store import storage
 
 SAMPLES_KEY = "inference/samples"
 
