@@ -87,7 +87,7 @@ def decode_weights(model: Llama, dtype) -> DecodeWeights:
 
 
 def weight_shardings(weights: DecodeWeights, arch: ArchitectureConfig, mesh: Mesh) -> DecodeWeights:
-    """Where the decode weights live on `mesh`: each as its model param is laid out (mesh.PARAM_AXES; the head as
+    """Where the decode weights live on `mesh`: each as its model param is laid out (layout.PARAM_AXES; the head as
     lm_head, which is also the tied embedding transposed), per layer."""
     spec = lambda name, array: NamedSharding(mesh, param_spec(name, array.shape, arch, mesh.shape))  # noqa: E731
     return DecodeWeights(
@@ -184,7 +184,7 @@ def _is_stop(spec: DecodeSpec, tokens):
 def _constrain(spec: DecodeSpec, state: DecodeState) -> DecodeState:
     """Keep the per-row flags on the batch sharding (replicated in global_mesh mode, so every host reads
     the same values and takes the same branches), and the KV cache split by batch the same way and by KV head
-    as the k/v projections are (mesh.PARAM_AXES), so attention stays head-local."""
+    as the k/v projections are (layout.PARAM_AXES), so attention stays head-local."""
     sharding = NamedSharding(spec.mesh, spec.batch_spec)
     small = lambda s: (s.tokens, s.positions, s.counts, s.done, s.stopped, s.out)
     batch_axis = spec.batch_spec[0] if len(spec.batch_spec) else None

@@ -21,7 +21,7 @@ How a call runs:
 Placements (inference.mode):
 - host_data_parallel: the params are cast to the compute dtype where they lie, then copied once per call to a
   replica on this host's local mesh, data x model with inference.tensor_parallel devices on `model` (gathered
-  first if training sharded them across hosts): each replica split Megatron-style over `model` (mesh.PARAM_AXES),
+  first if training sharded them across hosts): each replica split Megatron-style over `model` (layout.PARAM_AXES),
   the batch split over `data`, and decoding uses no cross-host communication. Each host passes its own shard of
   the prompts.
 - global_mesh: the params stay as the trainer sharded them on the global mesh (fsdp and model); every host passes
@@ -113,7 +113,7 @@ class Engine:
         else:
             local_devices = jax.local_devices() if local_devices is None else list(local_devices)
             inference.check_host_devices(len(local_devices))
-            # data x model over this host's devices: `model` splits each replica (mesh.PARAM_AXES), `data` the batch.
+            # data x model over this host's devices: `model` splits each replica (layout.PARAM_AXES), `data` the batch.
             mesh = Mesh(np.array(local_devices).reshape(-1, inference.tensor_parallel), ("data", "model"))
             batch_spec = P("data")
             self.batch_multiple = mesh.shape["data"]
@@ -331,7 +331,7 @@ def _cast(model: Llama, dtype) -> Llama:
 
 
 def _local_replica(model: Llama, mesh: Mesh) -> Llama:
-    """A copy of the params on this host's local mesh, each laid out by mesh.PARAM_AXES (split over `model`,
+    """A copy of the params on this host's local mesh, each laid out by layout.PARAM_AXES (split over `model`,
     replicated over `data`). Arrays sharded across hosts are all-gathered first, one at a time (a collective every
     host runs, before any decoding)."""
     def local(x, sharding):

@@ -11,7 +11,7 @@ log-sum-exp. Tiles that the causal rule masks entirely (every key after every qu
 The math is the dense path's: the causal rule `key position <= query position` from explicit positions, scores
 scaled by 1/sqrt(head_dim) and masked to the float32 minimum, softmax in float32, matmuls on compute-dtype inputs
 with float32 accumulation. In float32 it agrees with the dense path to rounding (tests/worker/test_memory.py).
-model.py sends sequences no longer than one block down the dense path itself.
+llama.py sends sequences no longer than one block down the dense path itself.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ Layout choices, for speed and sharding:
 
 Memory (MemoryOptions, from the trainer config): the training forward can trade compute for memory without
 changing its result beyond float rounding: rematerialised decoder layers (the backward recomputes a layer's
-activations from its input instead of keeping them), blockwise attention (attention.py: no [T, T] scores), and
+activations from its input instead of keeping them), blockwise attention (model.attention: no [T, T] scores), and
 per-token log-probs of the targets computed a chunk of positions at a time (no [sequences, T, vocab] float32
 logits, each chunk recomputed in the backward).
 """

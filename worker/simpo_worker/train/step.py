@@ -1,6 +1,6 @@
 """One SimPO optimizer step: microbatched gradients (lax.scan), AdamW with warmup + cosine, global-norm clipping.
 
-The whole step is one jax.jit over the state's arrays with explicit shardings (mesh.py) and the state donated,
+The whole step is one jax.jit over the state's arrays with explicit shardings (parallel.mesh) and the state donated,
 so params and optimizer state are updated in place on their devices and the step compiles once per run.
 Params and optimizer state stay float32; the forward/backward runs in the configured compute dtype.
 """

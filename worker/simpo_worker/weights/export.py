@@ -2,7 +2,7 @@
 loads, and so does `model.source`.
 
 Where: the end's copy in `export.hf_dir` itself, a pause's in `<hf_dir>/step_<N>` (as HF's Trainer keeps its
-checkpoints beside the final model). What: config.json, the weights in float32 safetensors (hf_weights: names,
+checkpoints beside the final model). What: config.json, the weights in float32 safetensors (weights.hf_save: names,
 orientation and sharding as transformers writes them) and the tokenizer's files.
 
 Every host joins every gather; only the leader writes. The params are sharded over the training mesh, across hosts:
