@@ -81,8 +81,9 @@ def _rules(cls: type) -> tuple[Rule, ...]:
 # ---- parsing -------------------------------------------------------------------------------------------------
 
 
-def from_data(cls: type, data: Any, path: str) -> Any:
-    """Parse plain YAML/JSON data into dataclass `cls`: keys, types, bounds and rules, recursively."""
+def from_data(cls: type, data: Any, path: str, check_rules: bool = True) -> Any:
+    """Parse plain YAML/JSON data into dataclass `cls`: keys, types, bounds and rules, recursively (`check_rules`
+    False: all but the `RULES` of `cls` itself, for a test of those rules)."""
     where = path or "config"
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping, got {_type_name(data)}")
@@ -100,7 +101,8 @@ def from_data(cls: type, data: Any, path: str) -> Any:
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{key_path}: required key is missing")
     obj = cls(**values)
-    _check_rules(obj, path)
+    if check_rules:
+        _check_rules(obj, path)
     return obj
 
 
@@ -305,12 +307,57 @@ def _field_schema(f: dataclasses.Field, hint: Any, path: tuple[str, ...]) -> dic
         schema["x-kubernetes-list-type"] = "set"
     if meta["item_minimum"] is not None:
         schema["items"] = {**schema["items"], "minimum": meta["item_minimum"]}
-    rules = [{"rule": rule.cel, "message": rule.message} for rule in meta["rules"]]
-    if meta["immutable"]:
-        rules.append({"rule": "self == oldSelf", "message": f"{'.'.join(path)} is immutable"})
+    rules = [{"rule": rule.cel, "message": rule.message} for rule in _field_rules(meta, path)]
     if rules:
         schema["x-kubernetes-validations"] = schema.get("x-kubernetes-validations", []) + rules
     return schema
+
+
+def _field_rules(meta: dict[str, Any], path: tuple[str, ...]) -> tuple[Rule, ...]:
+    """A field's rules as the CRD carries them: its own, then `self == oldSelf` if it is immutable (a transition
+    rule: only the API server checks it)."""
+    if not meta["immutable"]:
+        return meta["rules"]
+    return (*meta["rules"], Rule("self == oldSelf", None, f"{'.'.join(path)} is immutable"))
+
+
+@dataclass(frozen=True)
+class RuleSite:
+    """A rule where the CRD carries it: `location` is the schema path of its object or field (`[]`: a list's
+    items), `hint` the type of the value there (CEL's `self`)."""
+
+    location: str
+    hint: Any
+    rule: Rule
+
+    def parse(self, data: Any) -> Any:
+        """`data` as the rule's Python check sees it: parsed as `hint`, every other rule checked, this one not."""
+        if dataclasses.is_dataclass(self.hint):
+            return from_data(self.hint, data, self.location, check_rules=False)
+        return _coerce(self.hint, data, self.location)
+
+
+def rule_sites(hint: Any, path: tuple[str, ...] = (), location: str = "") -> list[RuleSite]:
+    """Every rule that `openapi_schema(hint, path)` writes into the schema, with where it sits."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        (inner,) = [a for a in args if a is not type(None)]
+        return rule_sites(inner, path, location)
+    if origin is list:
+        return rule_sites(args[0], path, f"{location}[]")
+    if origin is dict and args[1] is not Any:
+        return rule_sites(args[1], path, f"{location}{{}}")
+    if not dataclasses.is_dataclass(hint):
+        return []
+    sites = [RuleSite(location, hint, rule) for rule in _rules(hint)]
+    hints = _hints(hint)
+    for f in _fields(hint):
+        field_location = join(location, f.name)
+        sites += rule_sites(hints[f.name], path + (f.name,), field_location)
+        if _meta(f):
+            rules = _field_rules(_meta(f), path + (f.name,))
+            sites += [RuleSite(field_location, hints[f.name], rule) for rule in rules]
+    return sites
 
 
 # ---- small helpers ----------------------------------------------------------------------------------------------
