@@ -533,8 +533,8 @@ def test_worker_token_patches_progress_and_nothing_else(cluster, operator):
 
 def test_worker_reporter_patches_progress_with_its_own_token_and_is_refused_elsewhere(cluster, chart, namespace,
                                                                                      tmp_path, caplog):
-    """The worker leader's own reporter (simpo_worker.observe.progress), set up from a pod's environment and service-account
-    files holding a token that the TokenRequest API minted for the chart's worker ServiceAccount."""
+    """The worker leader's own reporter (simpo_worker.observe.progress), set up from a pod's environment and
+    service-account files holding a token that the TokenRequest API minted for the chart's worker ServiceAccount."""
     job = reference_job("run-1s", suspend=True)
     other = copy.deepcopy(job)  # a job of another namespace, which the worker's RoleBinding does not reach
     other["metadata"]["namespace"] = namespace
