@@ -93,8 +93,8 @@ HOST_SCRIPT = textwrap.dedent("""
     loaded = {"peak": status("VmHWM"), "held": held(model)}
     trainer = Trainer(config, model, tokenizer, mesh)
     del model
-    jax.block_until_ready(trainer._arrays)
-    state = {"peak": status("VmHWM"), "held": held(trainer._arrays)}
+    jax.block_until_ready(trainer.state)
+    state = {"peak": status("VmHWM"), "held": held(trainer.state)}
     with open(f"{out}/host_{jax.process_index()}.json", "w") as f:
         json.dump({"baseline": baseline, "loaded": loaded, "state": state,
                    "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}, f)

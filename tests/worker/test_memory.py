@@ -230,13 +230,13 @@ def test_inference_replica_is_gathered_in_the_compute_dtype(monkeypatch):
     float32 model's cast."""
     model = init_llama(TINY, jax.random.key(0))
     copied = []
-    local_replica = engine_module._local_replica
+    local_replica = engine_module.local_replica
 
     def recording(model, sharding):
         copied.extend(leaf.dtype for leaf in jax.tree.leaves(model))
         return local_replica(model, sharding)
 
-    monkeypatch.setattr(engine_module, "_local_replica", recording)
+    monkeypatch.setattr(engine_module, "local_replica", recording)
     engine = Engine(TINY, InferenceConfig(max_new_tokens=4, ignore_eos=True), eos_token_ids=[],
                     compute_dtype=jnp.bfloat16)
     weights = engine.placed_weights(model)
@@ -254,7 +254,7 @@ EVERY_OPTION = {"trainer.remat": "full", "trainer.attention": "blockwise", "trai
 def test_trainer_builds_its_step_with_the_configured_options(tmp_path):
     config = parse_worker_config(tiny_config(tmp_path, **EVERY_OPTION))
     trainer = Trainer(config, load_model(config.model), load_tokenizer("smollm2"))
-    assert trainer._step_fn.memory == MemoryOptions("full", 16, 16)
+    assert trainer.memory == MemoryOptions("full", 16, 16)
 
 
 def test_resume_with_every_option_is_bit_identical(tmp_path):

@@ -320,7 +320,7 @@ class Engine:
         if self.inference.mode == "host_data_parallel":
             # Cast where the params lie, then gather and copy: the replica moves compute-dtype bytes (half of
             # float32's in bfloat16), and no float32 replica ever exists on the inference devices.
-            model = _local_replica(_cast(model, self.compute_dtype), self.mesh)
+            model = local_replica(_cast(model, self.compute_dtype), self.mesh)
         weights = decode_weights(model, self.compute_dtype)
         return jax.device_put(weights, decode.weight_shardings(weights, self.arch, self.mesh))
 
@@ -330,7 +330,7 @@ def _cast(model: Llama, dtype) -> Llama:
     return jax.tree.map(lambda x: x if x.dtype == dtype else x.astype(dtype), model)
 
 
-def _local_replica(model: Llama, mesh: Mesh) -> Llama:
+def local_replica(model: Llama, mesh: Mesh) -> Llama:
     """A copy of the params on this host's local mesh, each laid out by layout.PARAM_AXES (split over `model`,
     replicated over `data`). Arrays sharded across hosts are all-gathered first, one at a time (a collective every
     host runs, before any decoding)."""

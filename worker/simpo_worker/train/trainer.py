@@ -65,6 +65,16 @@ class Trainer:
         return eqx.combine(self._arrays, self._step_fn.static).model
 
     @property
+    def state(self):
+        """The train state's arrays (params, optimizer state, step count), each on its sharding."""
+        return self._arrays
+
+    @property
+    def memory(self) -> MemoryOptions:
+        """How the compiled train step trades compute for memory (trainer.remat, attention, loss_chunk_tokens)."""
+        return self._step_fn.memory
+
+    @property
     def train_step_compilations(self) -> int:
         return self._step_fn.compilations
 
