@@ -5,7 +5,7 @@ import copy
 import pytest
 import yaml
 
-from operator_testkit import EXAMPLES, make_job
+from operator_testkit import EXAMPLES, REPO, make_job
 from simpo_operator import crd
 from simpo_operator.resource import PHASES
 
@@ -14,7 +14,7 @@ def schema():
     return crd.build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
 
 
-@pytest.mark.parametrize("path", crd.CRD_FILES, ids=lambda p: str(p.relative_to(crd.REPO_ROOT)))
+@pytest.mark.parametrize("path", crd.crd_files(REPO), ids=lambda p: str(p.relative_to(REPO)))
 def test_committed_crd_is_current(path):
     assert path.read_text() == crd.crd_yaml(), f"{path} is stale: run `simpo-interleave crd --write`"
 
