@@ -27,7 +27,6 @@ from simpo_operator.resource import Job, load_job, validate_job
 from simpo_worker.contract.api import ExitCode
 from simpo_worker.contract.config import DEFAULT_LOSS_CHUNK_TOKENS, WorkerConfig
 from simpo_worker.contract.errors import ConfigError
-from simpo_worker.model import flops
 from simpo_worker.model.llama import MemoryOptions
 from simpo_worker.plan import roofline, targets
 from simpo_worker.plan.memory import CompileFailed
@@ -67,7 +66,7 @@ def plan_job(job: Job) -> dict[str, Any]:
     arch = load_architecture(config.model)
     if job.shape is not None:
         target = targets.tpu_target(tpu.libtpu_topology(job.shape, job.slices),
-                                tpu.libtpu_topology(tpu.host_block(job.shape)))
+                                    tpu.libtpu_topology(tpu.host_block(job.shape)))
         chip = tpu.generation(job.shape).chip
         capacity, capacity_source = chip.compiler_hbm_bytes, "HBM XLA lets one program use per chip"
     else:
@@ -79,53 +78,24 @@ def plan_job(job: Job) -> dict[str, Any]:
     plan = plan_programs(config, arch, target)
     compile_s = time.perf_counter() - started
 
-    programs = []
-    for program in plan.programs:
-        fits = program.refused is None and (capacity is None or program.peak_bytes <= capacity)
-        programs.append({
-            "name": program.name, "fits": fits,
-            "peak_bytes_per_chip": program.peak_bytes, "capacity_bytes_per_chip": capacity,
-            "params_bytes_per_chip": program.params_bytes, "optimizer_bytes_per_chip": program.optimizer_bytes,
-            "input_bytes_per_chip": program.input_bytes, "kv_cache_bytes_per_chip": program.kv_cache_bytes,
-            "output_bytes_per_chip": program.output_bytes, "temp_bytes_per_chip": program.temp_bytes,
-            "code_bytes_per_chip": program.code_bytes, "flops": program.flops,
-            "ici_bytes_per_chip": program.ici_bytes, "dcn_bytes_per_chip": program.dcn_bytes,
-            "xla_flops_per_chip": program.xla_flops_per_chip, "compile_seconds": round(program.compile_seconds, 1),
-            "refused": program.refused, "notes": program.notes,
-            "knobs": [] if fits else knobs(config, job, program.name, plan),
-        })
-    pauses = len(config.inference.schedule(config.trainer.num_train_steps))
+    found = plan.to_json(config, capacity, lambda program: knobs(config, job, program.name, plan))
     estimates: dict[str, Any] = {"seconds": None, "note": "no published figures for a CPU pool"}
     if chip is not None:
-        found = roofline.estimate(plan, chip.peak_bf16_flops, chip.hbm_bytes_per_s,
-                                  config.trainer.num_train_steps, pauses)
-        estimates = {**found.to_json(), "hardware": {
+        pauses = len(config.inference.schedule(config.trainer.num_train_steps))
+        estimated = roofline.estimate(plan, chip.peak_bf16_flops, chip.hbm_bytes_per_s,
+                                      config.trainer.num_train_steps, pauses)
+        estimates = {**estimated.to_json(), "hardware": {
             "generation": job.shape.generation, "peak_bf16_flops_per_chip": chip.peak_bf16_flops,
             "hbm_bytes_per_s_per_chip": chip.hbm_bytes_per_s, "hbm_bytes_per_chip": chip.hbm_bytes,
             "source": chip.source}}
-    wave = plan.wave
     return {
         "job": job.name,
-        "fits": all(p["fits"] for p in programs),
+        "fits": found["fits"],
         "target": {"platform": target.platform,
                    "type": job.shape.accelerator_type if job.shape else f"{job.num_processes} CPU host(s)",
-                   "topology": job.shape.topology if job.shape else None, "slices": job.slices,
-                   "chips": plan.chips, "hosts": plan.hosts, "chips_per_host": plan.chips_per_host,
-                   "mesh": plan.mesh_shape},
+                   "topology": job.shape.topology if job.shape else None, "slices": job.slices, **found["target"]},
         "capacity_bytes_per_chip": capacity, "capacity_source": capacity_source,
-        "model": {"source": config.model.source or "model.architecture", "params": flops.param_count(arch),
-                  "layers": arch.num_layers, "hidden_size": arch.hidden_size,
-                  "intermediate_size": arch.intermediate_size, "heads": arch.num_heads,
-                  "kv_heads": arch.num_kv_heads, "vocab_size": arch.vocab_size},
-        "train": {"recompute_flops": plan.train_recompute_flops,
-                  "pairs": config.trainer.batch_size, "microbatches": config.trainer.microbatches,
-                  "seq_len": config.data.max_seq_len, "compute_dtype": config.trainer.compute_dtype,
-                  "steps": config.trainer.num_train_steps},
-        "inference": None if wave is None else {
-            "mode": config.inference.mode, "rows": wave.slots, "prompt_length": wave.prompt_length,
-            "max_new_tokens": config.inference.max_new_tokens, "first_window": wave.windows[0][0],
-            "full_window": wave.full_window, "waves_per_pause": plan.waves_per_pause, "pauses": pauses},
-        "programs": programs,
+        **{part: found[part] for part in ("model", "train", "inference", "programs")},
         "compile_seconds": round(compile_s, 1),
         "estimates": estimates,
         "anchor": vars(roofline.LEVANTER_V5P_32),
