@@ -20,6 +20,7 @@ import yaml
 
 from operator_process import JOBS_NAMESPACE, RELEASE_NAMESPACE, REPO
 from control_plane import wait_for
+from dotted import changed
 from simpo_interleave.local_runner import local_pods
 from simpo_operator.resource import validate_job
 from simpo_worker.contract.api import ENV_JOB_NAME, ENV_JOB_NAMESPACE, EXIT_CODE_MEANINGS, ExitCode, Progress
@@ -278,20 +279,6 @@ def _patch_rejected(cluster, name: str, patch: dict) -> str:
                              check=False)
     assert result.returncode != 0, f"accepted: {patch}"
     return result.stderr
-
-
-def changed(job: dict, path: str, value) -> dict:
-    """A copy of `job` with the dotted `path` set (None removes the key)."""
-    job = copy.deepcopy(job)
-    *parents, last = path.split(".")
-    node = job
-    for key in parents:
-        node = node.setdefault(key, {})
-    if value is None:
-        node.pop(last, None)
-    else:
-        node[last] = value
-    return job
 
 
 TINY_ARCHITECTURE = {"vocab_size": 64, "hidden_size": 8, "intermediate_size": 16, "num_layers": 1, "num_heads": 2,

@@ -7,13 +7,13 @@ a double even when written as 1). The Python side parses them as the worker and 
 (schema.RuleSite.parse: every other rule checked, so a case breaks only the rule under test).
 """
 
-import copy
 from typing import Any
 
 import celpy
 import pytest
 from celpy import celtypes
 
+from dotted import changed
 from operator_testkit import TINY_CONFIG
 from simpo_operator import crd, resource
 from simpo_worker.contract.errors import ConfigError
@@ -26,17 +26,9 @@ ON_TPU = {"image": "simpo-worker:test", "tpu": {"type": "v5p-32"}, "config": TIN
 
 
 def with_(data: dict, **changes: Any) -> dict:
-    """A copy of `data` with dotted keys (given with `__` for `.`) set; None removes the key."""
-    data = copy.deepcopy(data)
-    for dotted, value in changes.items():
-        *parents, last = dotted.split("__")
-        node = data
-        for key in parents:
-            node = node.setdefault(key, {})
-        if value is None:
-            node.pop(last, None)
-        else:
-            node[last] = value
+    """A copy of `data` with dotted paths (written with `__` for `.`) set; None removes the key."""
+    for path, value in changes.items():
+        data = changed(data, path.replace("__", "."), value)
     return data
 
 
