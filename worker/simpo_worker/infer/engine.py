@@ -45,7 +45,7 @@ from simpo_worker.contract.config import ArchitectureConfig, InferenceConfig
 from simpo_worker.contract.errors import ConfigError, DataError
 from simpo_worker.data.tokenizer import Tokenizer
 from simpo_worker.infer import decode
-from simpo_worker.infer.decode import DecodeSpec, DecodeState, DecodeWeights, decode_weights
+from simpo_worker.infer.decode import DecodeSpec, DecodeWeights, decode_weights
 from simpo_worker.infer.sampling import SamplingParams
 from simpo_worker.infer.stop_strings import StopStringMatcher
 from simpo_worker.model.llama import Llama
@@ -183,8 +183,8 @@ class Engine:
                 if progress is not None:
                     progress(finished + done, tokens_before + tokens)
 
-            completions += self._run_wave(weights, prompts[wave], global_indices[wave], slots, step, seed,
-                                          wave_progress)
+            completions += Wave(self, weights, prompts[wave], global_indices[wave], slots, step, seed).run(
+                wave_progress)
             start = wave.stop
         return completions
 
@@ -213,95 +213,6 @@ class Engine:
     def _wave_slots(self, remaining: int) -> int:
         return min(self.max_slots, _round_up(1 << (remaining - 1).bit_length(), self.batch_multiple))
 
-    def _run_wave(self, weights, prompts, indices, slots, step, seed, progress):
-        inf = self.inference
-        n = len(prompts)
-        longest = max(len(p) for p in prompts)
-        length = _round_up(longest, PROMPT_BUCKET)
-        tokens = np.zeros((slots, length), np.int32)
-        lengths = np.ones((slots,), np.int32)  # empty slots: a one-token dummy prompt, done from the start
-        global_index = np.zeros((slots,), np.int32)
-        for row, (prompt, index) in enumerate(zip(prompts, indices)):
-            tokens[row, :len(prompt)] = prompt
-            lengths[row] = len(prompt)
-            global_index[row] = index
-        active = np.arange(slots) < n
-
-        window = self._window(longest, min(CHUNK_STEPS, inf.max_new_tokens), slots)
-        put = self.place
-        state = self._prefill(self.spec, weights, put(tokens), put(lengths), put(global_index), put(active),
-                              jnp.int32(step), jnp.int32(seed), window=window)
-        rows = np.arange(slots)  # the wave row (prompt) that each batch row holds
-        matchers = [StopStringMatcher(self.tokenizer, inf.stop_tokens) for _ in range(n)] if inf.stop_tokens else []
-        results: dict[int, Completion] = {}
-        stepped_rows, stepped_from = slots, 0  # the prefill sampled one token in every slot
-        while True:
-            generated, done, counts = _to_host(state.generated), _to_host(state.done), _to_host(state.counts)
-            self.row_steps += stepped_rows * (int(generated) - stepped_from)
-            real = rows < n
-            if matchers:
-                state, done, counts = self._stop_on_strings(state, rows, real, matchers, done, counts)
-            held = set(rows[real].tolist())
-            progress(len(set(results) - held) + int((done & real).sum()),
-                     sum(len(c.token_ids) for r, c in results.items() if r not in held) + int(counts[real].sum()))
-            if done.all():
-                break
-            live = np.flatnonzero(~done)
-            smaller = self._wave_slots(len(live))
-            if smaller < len(rows):
-                # At most half the rows still decode: keep the finished ones' results and go on with a smaller
-                # batch (finished rows would otherwise cost a full row of compute and cache every step).
-                self._collect(state, rows, done & real, indices, matchers, results)
-                keep = np.concatenate([live, np.flatnonzero(done)[:smaller - len(live)]]).astype(np.int32)
-                state = self._compact(self.spec, state, self.place(keep, P()))
-                self.compactions += 1
-                rows = rows[keep]
-            stop_at = min(int(generated) + CHUNK_STEPS, inf.max_new_tokens)
-            needed = self._window(longest, stop_at, len(rows))
-            if needed > window:
-                state = self._grow(state, needed)
-                window = needed
-                self.window_growths += 1
-            stepped_rows, stepped_from = len(rows), int(generated)
-            state = self._decode(self.spec, weights, state, jnp.int32(stop_at))
-
-        self._collect(state, rows, rows < n, indices, matchers, results)
-        return [results[row] for row in range(n)]
-
-    def _stop_on_strings(self, state: DecodeState, rows: np.ndarray, real: np.ndarray,
-                         matchers: list[StopStringMatcher], done: np.ndarray, counts: np.ndarray):
-        """Feeds each row's new tokens to its matcher. A row whose text now holds a stop string ends at the token
-        that completed it (tokens after it in the chunk are dropped) and is marked done and stopped on the
-        device, so it leaves the batch as on EOS. In global_mesh mode every host computes the same marks from the
-        same (replicated) tokens."""
-        out = _to_host(state.out)
-        hit = np.zeros(len(rows), bool)
-        counts = counts.copy()
-        for b in np.flatnonzero(real):
-            matcher = matchers[rows[b]]
-            if matcher.text_end is None and matcher.feed(out[b, matcher.tokens:counts[b]].tolist()):
-                hit[b] = True
-                counts[b] = matcher.tokens
-        if not hit.any():
-            return state, done, counts
-        done, stopped = done | hit, _to_host(state.stopped) | hit
-        state = eqx.tree_at(lambda s: (s.counts, s.done, s.stopped), state,
-                            (self.place(counts), self.place(done), self.place(stopped)))
-        return state, done, counts
-
-    def _collect(self, state: DecodeState, rows: np.ndarray, mask: np.ndarray, indices,
-                 matchers: list[StopStringMatcher], results: dict) -> None:
-        """Completions of the batch rows in `mask`, keyed by their wave row."""
-        out, counts, stopped = _to_host(state.out), _to_host(state.counts), _to_host(state.stopped)
-        for b in np.flatnonzero(mask):
-            row = int(rows[b])
-            token_ids = out[b, :counts[b]].tolist()
-            text = None if self.tokenizer is None else self.tokenizer.decode(token_ids, skip_special_tokens=True)
-            if matchers and matchers[row].text_end is not None:
-                text = text[:matchers[row].text_end]
-            results[row] = Completion(global_prompt_index=int(indices[row]), token_ids=token_ids,
-                                      finish_reason="stop" if stopped[b] else "length", text=text)
-
     def _window(self, longest_prompt: int, generated_by: int, rows: int) -> int:
         """Cache slots needed until `generated_by` tokens exist (the last one fed sits at position
         prompt + generated_by - 2; the final token is sampled, never fed), rounded up to the window bucket of a
@@ -323,6 +234,133 @@ class Engine:
             model = local_replica(_cast(model, self.compute_dtype), self.mesh)
         weights = decode_weights(model, self.compute_dtype)
         return jax.device_put(weights, decode.weight_shardings(weights, self.arch, self.mesh))
+
+
+class Wave:
+    """One wave of prompts decoded together, in named steps: `__init__` prefills; then, chunk by chunk, `observe`
+    (the host reads the flags and applies stop strings), `report` (progress), `shrink` (compaction once at most half
+    the rows still decode), `fit_window` (the cache grown for the next chunk) and `decode`; `finish` collects the
+    completions in prompt order. The engine holds the programs, the buckets and the counters."""
+
+    def __init__(self, engine: Engine, weights: DecodeWeights, prompts: list[list[int]], indices: list[int],
+                 slots: int, step: int, seed: int):
+        self.engine, self.weights, self.indices = engine, weights, indices
+        inf = engine.inference
+        self.n = n = len(prompts)
+        self.longest = longest = max(len(p) for p in prompts)
+        length = _round_up(longest, PROMPT_BUCKET)
+        tokens = np.zeros((slots, length), np.int32)
+        lengths = np.ones((slots,), np.int32)  # empty slots: a one-token dummy prompt, done from the start
+        global_index = np.zeros((slots,), np.int32)
+        for row, (prompt, index) in enumerate(zip(prompts, indices)):
+            tokens[row, :len(prompt)] = prompt
+            lengths[row] = len(prompt)
+            global_index[row] = index
+        active = np.arange(slots) < n
+
+        self.window = engine._window(longest, min(CHUNK_STEPS, inf.max_new_tokens), slots)
+        put = engine.place
+        self.state = engine._prefill(engine.spec, weights, put(tokens), put(lengths), put(global_index), put(active),
+                                     jnp.int32(step), jnp.int32(seed), window=self.window)
+        self.rows = np.arange(slots)  # the wave row (prompt) that each batch row holds
+        self.matchers = ([StopStringMatcher(engine.tokenizer, inf.stop_tokens) for _ in range(n)]
+                         if inf.stop_tokens else [])
+        self.results: dict[int, Completion] = {}
+        self.stepped_rows, self.stepped_from = slots, 0  # the prefill sampled one token in every slot
+
+    def run(self, progress: Callable[[int, int], None]) -> list[Completion]:
+        while True:
+            generated, done, counts = self.observe()
+            self.report(progress, done, counts)
+            if done.all():
+                break
+            self.shrink(done)
+            stop_at = min(generated + CHUNK_STEPS, self.engine.inference.max_new_tokens)
+            self.fit_window(stop_at)
+            self.decode(generated, stop_at)
+        return self.finish()
+
+    def observe(self) -> tuple[int, np.ndarray, np.ndarray]:
+        """(tokens generated so far, each batch row's done flag, its token count) on the host, after stop strings;
+        the steps the last chunk ran are added to the engine's row_steps."""
+        state = self.state
+        generated, done, counts = _to_host(state.generated), _to_host(state.done), _to_host(state.counts)
+        self.engine.row_steps += self.stepped_rows * (int(generated) - self.stepped_from)
+        if self.matchers:
+            done, counts = self._stop_on_strings(done, counts)
+        return int(generated), done, counts
+
+    def report(self, progress: Callable[[int, int], None], done: np.ndarray, counts: np.ndarray) -> None:
+        """progress(prompts done, tokens generated), the collected rows' and the batch's together."""
+        real = self.rows < self.n
+        held = set(self.rows[real].tolist())
+        progress(len(set(self.results) - held) + int((done & real).sum()),
+                 sum(len(c.token_ids) for r, c in self.results.items() if r not in held) + int(counts[real].sum()))
+
+    def shrink(self, done: np.ndarray) -> None:
+        """Once at most half the rows still decode: keep the finished ones' results and go on with a smaller batch
+        (finished rows would otherwise cost a full row of compute and cache every step)."""
+        live = np.flatnonzero(~done)
+        smaller = self.engine._wave_slots(len(live))
+        if smaller >= len(self.rows):
+            return
+        self._collect(done & (self.rows < self.n))
+        keep = np.concatenate([live, np.flatnonzero(done)[:smaller - len(live)]]).astype(np.int32)
+        self.state = self.engine._compact(self.engine.spec, self.state, self.engine.place(keep, P()))
+        self.engine.compactions += 1
+        self.rows = self.rows[keep]
+
+    def fit_window(self, stop_at: int) -> None:
+        """The cache grown to the window the next chunk needs, if it needs more."""
+        needed = self.engine._window(self.longest, stop_at, len(self.rows))
+        if needed > self.window:
+            self.state = self.engine._grow(self.state, needed)
+            self.window = needed
+            self.engine.window_growths += 1
+
+    def decode(self, generated: int, stop_at: int) -> None:
+        """One chunk: decode steps until `stop_at` tokens exist or every row is done."""
+        self.stepped_rows, self.stepped_from = len(self.rows), generated
+        self.state = self.engine._decode(self.engine.spec, self.weights, self.state, jnp.int32(stop_at))
+
+    def finish(self) -> list[Completion]:
+        self._collect(self.rows < self.n)
+        return [self.results[row] for row in range(self.n)]
+
+    def _stop_on_strings(self, done: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Feeds each row's new tokens to its matcher. A row whose text now holds a stop string ends at the token
+        that completed it (tokens after it in the chunk are dropped) and is marked done and stopped on the
+        device, so it leaves the batch as on EOS. In global_mesh mode every host computes the same marks from the
+        same (replicated) tokens."""
+        state, rows = self.state, self.rows
+        out = _to_host(state.out)
+        hit = np.zeros(len(rows), bool)
+        counts = counts.copy()
+        for b in np.flatnonzero(rows < self.n):
+            matcher = self.matchers[rows[b]]
+            if matcher.text_end is None and matcher.feed(out[b, matcher.tokens:counts[b]].tolist()):
+                hit[b] = True
+                counts[b] = matcher.tokens
+        if not hit.any():
+            return done, counts
+        done, stopped = done | hit, _to_host(state.stopped) | hit
+        place = self.engine.place
+        self.state = eqx.tree_at(lambda s: (s.counts, s.done, s.stopped), state,
+                                 (place(counts), place(done), place(stopped)))
+        return done, counts
+
+    def _collect(self, mask: np.ndarray) -> None:
+        """Completions of the batch rows in `mask`, keyed by their wave row."""
+        state, tokenizer = self.state, self.engine.tokenizer
+        out, counts, stopped = _to_host(state.out), _to_host(state.counts), _to_host(state.stopped)
+        for b in np.flatnonzero(mask):
+            row = int(self.rows[b])
+            token_ids = out[b, :counts[b]].tolist()
+            text = None if tokenizer is None else tokenizer.decode(token_ids, skip_special_tokens=True)
+            if self.matchers and self.matchers[row].text_end is not None:
+                text = text[:self.matchers[row].text_end]
+            self.results[row] = Completion(global_prompt_index=int(self.indices[row]), token_ids=token_ids,
+                                           finish_reason="stop" if stopped[b] else "length", text=text)
 
 
 def _cast(model: Llama, dtype) -> Llama:
