@@ -25,7 +25,8 @@ from simpo_worker.contract.config import MeshConfig, WorkerConfig
 from simpo_worker.contract.errors import ConfigError
 from simpo_worker.model.layout import AXES
 from simpo_worker.parallel.mesh import make_mesh
-from simpo_worker.plan import hlo, memory, programs, targets  # targets sets ALLOW_MULTIPLE_LIBTPU_LOAD before libtpu loads
+from simpo_worker.plan import memory, programs, targets  # targets sets ALLOW_MULTIPLE_LIBTPU_LOAD before libtpu loads
+from simpo_worker.plan.hlo import collectives
 from simpo_worker.weights.pretrained import load_architecture
 
 REPO = Path(__file__).resolve().parents[2]
@@ -247,7 +248,7 @@ def test_over_dcn_a_multislice_train_step_sends_its_gradients_once_and_nothing_e
     over the slices of this chip's gradient shard (the within-slice reduce-scatter's output), plus the step's
     token and metric sums: no params, no activations."""
     config, arrays, hlo = two_slice_step
-    found = hlo.collectives(hlo)
+    found = collectives(hlo)
     dcn = [c for c in found if c.network == "dcn"]
     assert dcn and {c.kind for c in dcn} == {"ALL_REDUCE"}, [(c.kind, c.shape) for c in dcn]
     assert all(c.count == 1 for c in dcn), "once per step, not per layer or microbatch"
@@ -263,7 +264,7 @@ def test_over_dcn_a_multislice_train_step_sends_its_gradients_once_and_nothing_e
 def test_within_a_slice_the_fsdp_all_gathers_run_on_its_own_chips(two_slice_step):
     _, _, hlo = two_slice_step
     assert re.search(r"\bnum_partitions=4\b", hlo), "one program per slice of 4 chips"
-    ici = [c for c in hlo.collectives(hlo) if c.network == "ici"]
+    ici = [c for c in collectives(hlo) if c.network == "ici"]
     gathers = [c for c in ici if c.kind == "all-gather"]
     assert sum(c.count for c in gathers) >= 2 * 7, "each layer's params gathered (forward and backward)"
     assert all(c.replica_groups == "{{0,1,2,3}}" for c in ici), {c.replica_groups for c in ici}
@@ -276,7 +277,7 @@ def test_fsdp_across_slices_would_gather_params_over_dcn(two_slice_step):
     target = two_slices("v5p-8")
     mesh = Mesh(np.array(target.devices).reshape(1, 8, 1), AXES)
     _, _, lowered = programs.lower_train_step(config, load_architecture(config.model), mesh)
-    dcn = [c for c in hlo.collectives(lowered.compile().as_text()) if c.network == "dcn"]
+    dcn = [c for c in collectives(lowered.compile().as_text()) if c.network == "dcn"]
     assert sum(c.count for c in dcn if c.kind == "ALL_GATHER") >= 2 * 7, [(c.kind, c.count) for c in dcn]
 
 
