@@ -42,3 +42,9 @@ goldens: install-peers
 # The Hugging Face export against transformers: from_pretrained loads it, logits match ours (prints the max diff).
 check-hf-export: install-peers
 	$(PY) tests/goldens/check_hf_export.py
+
+# The import layers of pyproject.toml's [tool.importlinter]: the worker's packages by role import only downwards, the
+# operator only the worker's contract, no cycles. A broken contract names the offending import (file and line).
+.PHONY: lint-imports
+lint-imports: install
+	$(VENV)/bin/lint-imports

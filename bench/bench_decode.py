@@ -46,9 +46,9 @@ def run_engine(batch: int, prompt_tokens: int, new_tokens: int, matmul_shapes: l
     import jax
     import jax.numpy as jnp
 
-    from simpo_worker.config import InferenceConfig
-    from simpo_worker.engine import Engine
-    from simpo_worker.pretrained import load_pretrained
+    from simpo_worker.contract.config import InferenceConfig
+    from simpo_worker.infer.engine import Engine
+    from simpo_worker.weights.pretrained import load_pretrained
 
     model = load_pretrained("smollm2")
     ids = prompts(batch, prompt_tokens, model.config.vocab_size).tolist()
@@ -112,7 +112,7 @@ def run_hf(batch: int, prompt_tokens: int, new_tokens: int, matmul_shapes: list)
     if THREADS_ENV in os.environ:
         torch.set_num_threads(int(os.environ[THREADS_ENV]))
 
-    from simpo_worker.smollm2 import smollm2_gguf_path
+    from simpo_worker.weights.smollm2 import smollm2_gguf_path
 
     gguf = smollm2_gguf_path()
     model = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
@@ -191,8 +191,8 @@ def main() -> None:
     if args.child:
         return child(args)
 
-    from simpo_worker.flops import decode_step_flops
-    from simpo_worker.pretrained import load_pretrained
+    from simpo_worker.model.flops import decode_step_flops
+    from simpo_worker.weights.pretrained import load_pretrained
 
     arch = load_pretrained("smollm2").config
     print("\n".join(describe()))

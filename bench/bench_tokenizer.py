@@ -31,16 +31,25 @@ from pathlib import Path
 
 from gguf import GGUFReader
 
-from simpo_worker.make_preference_data import generate
-from simpo_worker.smollm2 import smollm2_gguf_path
-from simpo_worker.tokenizer import Tokenizer
+from simpo_worker.data.make_preference_data import generate
+from simpo_worker.data.tokenizer import Tokenizer
+from simpo_worker.weights.smollm2 import smollm2_gguf_path
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+# The old tokenizer's imports, moved since to the worker's packages by role.
+MOVED_IMPORTS = {"simpo_worker.chat_template": "simpo_worker.data.chat_template",
+                 "simpo_worker.config": "simpo_worker.contract.config",
+                 "simpo_worker.errors": "simpo_worker.contract.errors",
+                 "simpo_worker.smollm2": "simpo_worker.weights.smollm2"}
 
 
 def import_old(rev: str):
     source = subprocess.run(["git", "-C", str(REPO), "show", f"{rev}:worker/simpo_worker/tokenizer.py"],
                             check=True, capture_output=True, text=True).stdout
+    for old, new in MOVED_IMPORTS.items():
+        source = source.replace(f"from {old} import", f"from {new} import")
     path = Path(tempfile.mkdtemp(prefix="old-tokenizer-")) / "old_tokenizer.py"
     path.write_text(source, encoding="utf-8")
     spec = importlib.util.spec_from_file_location("old_tokenizer", path)

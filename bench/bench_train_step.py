@@ -41,8 +41,8 @@ BETA, GAMMA_BETA_RATIO, LR, MAX_GRAD_NORM = 2.5, 0.55, 1e-5, 1.0
 
 
 def make_inputs(workdir: Path, pairs: int, seq_len: int) -> None:
-    from simpo_worker.hf_weights import save_hf_model
-    from simpo_worker.pretrained import load_pretrained
+    from simpo_worker.weights.hf_save import save_hf_model
+    from simpo_worker.weights.pretrained import load_pretrained
 
     save_hf_model(load_pretrained("smollm2"), str(workdir / "model"))
     rng = np.random.default_rng(0)
@@ -60,10 +60,10 @@ def run_jax(workdir: Path, steps: int, warmup: int) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from simpo_worker.config import MeshConfig, OptimizerConfig, SimpoConfig
-    from simpo_worker.mesh import make_mesh, place
-    from simpo_worker.pretrained import load_pretrained
-    from simpo_worker.train_step import CompiledStep, init_state, make_optimizer
+    from simpo_worker.contract.config import MeshConfig, OptimizerConfig, SimpoConfig
+    from simpo_worker.parallel.mesh import make_mesh, place
+    from simpo_worker.weights.pretrained import load_pretrained
+    from simpo_worker.train.step import CompiledStep, init_state, make_optimizer
 
     model = load_pretrained(str(workdir / "model"))
     optimizer, schedule = make_optimizer(OptimizerConfig(learning_rate=LR, max_grad_norm=MAX_GRAD_NORM),
@@ -172,8 +172,8 @@ def main() -> None:
             line = next(l for l in done.stdout.splitlines() if l.startswith("RESULT "))
             results[impl] = json.loads(line[len("RESULT "):])
 
-    from simpo_worker.flops import train_step_flops
-    from simpo_worker.pretrained import load_pretrained
+    from simpo_worker.model.flops import train_step_flops
+    from simpo_worker.weights.pretrained import load_pretrained
 
     tokens = args.pairs * 2 * args.seq_len
     step_flops = train_step_flops(load_pretrained("smollm2").config, args.pairs, args.seq_len)

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
-from simpo_worker.config import parse_worker_config
-from simpo_worker.make_preference_data import main as make_preference_data
-from simpo_worker.preference_data import PreferenceData
-from simpo_worker.pretrained import load_pretrained
-from simpo_worker.tokenizer import load_tokenizer
-from simpo_worker.trainer import Trainer
+from simpo_worker.contract.config import parse_worker_config
+from simpo_worker.data.make_preference_data import main as make_preference_data
+from simpo_worker.data.preference_data import PreferenceData
+from simpo_worker.data.tokenizer import load_tokenizer
+from simpo_worker.train.trainer import Trainer
+from simpo_worker.weights.pretrained import load_pretrained
 
 
 def main() -> None:

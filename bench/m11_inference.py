@@ -18,11 +18,11 @@ import time
 
 from tqdm import tqdm
 
-from simpo_worker.config import InferenceConfig
-from simpo_worker.engine import Engine
-from simpo_worker.pretrained import load_pretrained
-from simpo_worker.prompts import render_prompts, synthetic_prompts
-from simpo_worker.tokenizer import load_tokenizer
+from simpo_worker.contract.config import InferenceConfig
+from simpo_worker.data.prompts import render_prompts, synthetic_prompts
+from simpo_worker.data.tokenizer import load_tokenizer
+from simpo_worker.infer.engine import Engine
+from simpo_worker.weights.pretrained import load_pretrained
 
 
 def run(model, tokenizer, prompts, args, ignore_eos: bool) -> None:

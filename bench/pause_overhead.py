@@ -49,8 +49,8 @@ def config_for(scenario: str, args: argparse.Namespace, workdir: Path) -> dict:
 
 def run_scenario(scenario: str, config_file: str) -> dict:
     """In this (fresh) process: build the run, time the part the scenario measures."""
-    from simpo_worker.config import load_worker_config
     from simpo_worker.interleave import build_run
+    from simpo_worker.main import load_worker_config
 
     config = load_worker_config(config_file)
     run = build_run(config)
@@ -78,7 +78,7 @@ def main() -> int:
         print("RESULT " + json.dumps(run_scenario(args.scenario, args.config)), flush=True)
         return 0
 
-    from simpo_worker.make_preference_data import generate, write_jsonl
+    from simpo_worker.data.make_preference_data import generate, write_jsonl
 
     with tempfile.TemporaryDirectory(prefix="pause-bench-") as tmp:
         workdir = Path(tmp)

@@ -125,10 +125,10 @@ def profile_train(pairs: int, seq_len: int, steps: int) -> None:
     import equinox as eqx
     import jax.numpy as jnp
 
-    from simpo_worker.config import MeshConfig, OptimizerConfig, SimpoConfig
-    from simpo_worker.mesh import make_mesh, place
-    from simpo_worker.pretrained import load_pretrained
-    from simpo_worker.train_step import CompiledStep, init_state, make_optimizer
+    from simpo_worker.contract.config import MeshConfig, OptimizerConfig, SimpoConfig
+    from simpo_worker.parallel.mesh import make_mesh, place
+    from simpo_worker.weights.pretrained import load_pretrained
+    from simpo_worker.train.step import CompiledStep, init_state, make_optimizer
 
     model = load_pretrained("smollm2")
     optimizer, schedule = make_optimizer(OptimizerConfig(learning_rate=1e-5, max_grad_norm=1.0), steps + 1)
@@ -154,9 +154,9 @@ def profile_train(pairs: int, seq_len: int, steps: int) -> None:
 
 
 def profile_decode(batch: int, prompt_tokens: int, new_tokens: int) -> None:
-    from simpo_worker.config import InferenceConfig
-    from simpo_worker.engine import Engine
-    from simpo_worker.pretrained import load_pretrained
+    from simpo_worker.contract.config import InferenceConfig
+    from simpo_worker.infer.engine import Engine
+    from simpo_worker.weights.pretrained import load_pretrained
 
     model = load_pretrained("smollm2")
     ids = np.random.default_rng(0).integers(17, model.config.vocab_size, (batch, prompt_tokens)).tolist()

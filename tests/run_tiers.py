@@ -1,11 +1,11 @@
 """`make test`: every phase of the test command, timed, each held to its budget.
 
 Runs with the system's python3 (standard library only: the venv does not exist yet on a fresh machine). Phases in
-order: install (the venv), the control plane's Go programs, then the test tiers, one pytest session each, stage by
-stage: a stage's tiers run at once (a tier that mostly waits on its control plane beside one that computes).
-Prints each phase's wall time against its budget, the machine's load, the slowest tests of the whole run (from each
-tier's JUnit XML) and one closing count line. Exits non-zero when a phase fails or when a phase's wall
-time passes its budget by more than `OVER_BUDGET` (CI's 90-minute limit is a hard one: a tier that creeps up is
+order: install (the venv), the control plane's Go programs, the import layers (import-linter), then the test
+tiers, one pytest session each, stage by stage: a stage's tiers run at once (a tier that mostly waits on its
+control plane beside one that computes). Prints each phase's wall time against its budget, the machine's load,
+the slowest tests of the whole run (from each tier's JUnit XML) and one closing count line. Exits non-zero when a
+phase fails, a test fails or skips, or a tier's wall time passes its budget by more than `OVER_BUDGET` (CI's 90-minute limit is a hard one: a tier that creeps up is
 named here before the whole run falls over it). Stages, tiers and budgets live in pyproject.toml,
 `[tool.simpo-interleave.ci]`.
 
@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         stages = [[name for name in stage if name in args.tier] for stage in stages]
 
     phases: list[Phase] = []
-    setup = [("install", ["make", "install"]), ("control-plane", ["make", "control-plane"])]
+    setup = [("install", ["make", "install"]), ("control-plane", ["make", "control-plane"]),
+             ("import-layers", ["make", "lint-imports"])]
     for name, command in setup:
         phase = Phase(name, None)
         phases.append(phase)

@@ -12,7 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.util import tensor_util
 from wandb.proto import wandb_internal_pb2
 
-from simpo_worker import outputs
+from simpo_worker.store import outputs
 
 
 def tensorboard_series(logdir: str) -> EventAccumulator:

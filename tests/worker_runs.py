@@ -18,15 +18,15 @@ import yaml
 from etils import epath
 
 from conftest import COMPILATION_CACHE_ENV
-from simpo_worker import outputs
-from simpo_worker.checkpoint import step_dir
-from simpo_worker.config import parse_worker_config
-from simpo_worker.hf_weights import llama_to_hf_tensors
-from simpo_worker.model import Llama
-from simpo_worker.pretrained import load_model
-from simpo_worker.tokenizer import load_tokenizer
-from simpo_worker.trainer import Trainer
-from simpo_worker.make_preference_data import generate, main as make_preference_data, write_jsonl
+from simpo_worker.contract.config import parse_worker_config
+from simpo_worker.data.make_preference_data import generate, main as make_preference_data, write_jsonl
+from simpo_worker.data.tokenizer import load_tokenizer
+from simpo_worker.model.llama import Llama
+from simpo_worker.store import outputs
+from simpo_worker.train.checkpoint import step_dir
+from simpo_worker.train.trainer import Trainer
+from simpo_worker.weights.hf_tensors import llama_to_hf_tensors
+from simpo_worker.weights.pretrained import load_model
 
 TINY_MODEL = {"vocab_size": 49152, "hidden_size": 32, "intermediate_size": 64, "num_layers": 2, "num_heads": 4,
               "num_kv_heads": 2}

@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-from simpo_worker.errors import NonRetryableError
+from simpo_worker.contract.errors import NonRetryableError
 
 COMMANDS = {
     "demo": ("simpo_interleave.demo", "run the reference workflow locally on SmolLM2 (train 2, infer, train 5)"),

@@ -18,8 +18,8 @@ from typing import Any
 import yaml
 
 from simpo_interleave.local_runner import run_job_file
-from simpo_worker import outputs, storage
-from simpo_worker.make_preference_data import generate, write_jsonl
+from simpo_worker.data.make_preference_data import generate, write_jsonl
+from simpo_worker.store import outputs, storage
 
 REFERENCE_STEPS, REFERENCE_EVAL_STEP, REFERENCE_PROMPTS, REFERENCE_MAX_NEW_TOKENS = 7, 2, 128, 2048
 

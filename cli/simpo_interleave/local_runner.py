@@ -28,8 +28,8 @@ from typing import Any, Mapping
 from simpo_interleave.host_processes import free_port, run_host_processes
 from simpo_operator import pod_env, render
 from simpo_operator.resource import Job, load_job, validate_job
-from simpo_worker import api
-from simpo_worker.errors import ConfigError
+from simpo_worker.contract import api
+from simpo_worker.contract.errors import ConfigError
 
 DEFAULT_TIMEOUT_S = 6 * 3600
 LOCALHOST = "127.0.0.1"

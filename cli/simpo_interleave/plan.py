@@ -3,8 +3,8 @@ they fit the chips' memory and how long the job would take.
 
 The job's model shapes come from model.architecture, the HF config.json or the GGUF metadata (no weights are read);
 the programs are the worker's own, compiled by XLA for the job's TPU topology (libtpu's compile-only devices: the
-`tpu` extra) or, for a CPU pool, for this machine's CPU devices standing in for its hosts (simpo_worker.aot). The
-roofline estimate uses the generation's published figures (simpo_operator.tpu) (simpo_worker.roofline).
+`tpu` extra) or, for a CPU pool, for this machine's CPU devices standing in for its hosts (simpo_worker.plan).
+The roofline estimate uses the generation's published figures (simpo_operator.tpu) (simpo_worker.plan.roofline).
 
 Exit codes: 0 every program fits; 10 one does not (stderr names the program, its need against the capacity, and
 the config knobs that would shrink it), or the job is invalid; 2 no verdict: libtpu cannot describe the slice, or
@@ -20,16 +20,18 @@ import sys
 import time
 from typing import Any, Optional
 
-import jax
+import jax  # importing JAX (the plan modules do too) starts no backend: _start_jax still configures it
 
 from simpo_operator import tpu
 from simpo_operator.resource import Job, load_job, validate_job
-from simpo_worker import aot, flops, roofline  # importing JAX starts no backend: _start_jax still configures it
-from simpo_worker.api import ExitCode
-from simpo_worker.config import DEFAULT_LOSS_CHUNK_TOKENS, WorkerConfig
-from simpo_worker.errors import ConfigError
-from simpo_worker.model import MemoryOptions
-from simpo_worker.pretrained import load_architecture
+from simpo_worker.contract.api import ExitCode
+from simpo_worker.contract.config import DEFAULT_LOSS_CHUNK_TOKENS, WorkerConfig
+from simpo_worker.contract.errors import ConfigError
+from simpo_worker.model.llama import MemoryOptions
+from simpo_worker.plan import roofline, targets
+from simpo_worker.plan.memory import CompileFailed
+from simpo_worker.plan.programs import plan_programs
+from simpo_worker.weights.pretrained import load_architecture
 
 GIB = 2**30
 # Kubernetes quantity suffixes, for a CPU pool's memory limit.
@@ -46,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     job = validate_job(load_job(args.job))
     try:
         result = plan_job(job)
-    except (aot.TopologyUnavailable, aot.CompileFailed) as error:
+    except (targets.TopologyUnavailable, CompileFailed) as error:
         print(f"simpo-interleave plan: {error}", file=sys.stderr)
         return 2
     print(json.dumps(result, indent=2) if args.json else render(result))
@@ -63,66 +65,37 @@ def plan_job(job: Job) -> dict[str, Any]:
     _start_jax(job)
     arch = load_architecture(config.model)
     if job.shape is not None:
-        target = aot.tpu_target(tpu.libtpu_topology(job.shape, job.slices),
-                                tpu.libtpu_topology(tpu.host_block(job.shape)))
+        target = targets.tpu_target(tpu.libtpu_topology(job.shape, job.slices),
+                                    tpu.libtpu_topology(tpu.host_block(job.shape)))
         chip = tpu.generation(job.shape).chip
         capacity, capacity_source = chip.compiler_hbm_bytes, "HBM XLA lets one program use per chip"
     else:
-        target, chip = aot.cpu_target(job.num_processes), None
+        target, chip = targets.cpu_target(job.num_processes), None
         capacity = memory_limit(job)
         capacity_source = ("the worker container's memory limit (spec.resources)" if capacity
                            else "none: spec.resources sets no memory, so nothing is checked")
     started = time.perf_counter()
-    plan = aot.plan_programs(config, arch, target)
+    plan = plan_programs(config, arch, target)
     compile_s = time.perf_counter() - started
 
-    programs = []
-    for program in plan.programs:
-        fits = program.refused is None and (capacity is None or program.peak_bytes <= capacity)
-        programs.append({
-            "name": program.name, "fits": fits,
-            "peak_bytes_per_chip": program.peak_bytes, "capacity_bytes_per_chip": capacity,
-            "params_bytes_per_chip": program.params_bytes, "optimizer_bytes_per_chip": program.optimizer_bytes,
-            "input_bytes_per_chip": program.input_bytes, "kv_cache_bytes_per_chip": program.kv_cache_bytes,
-            "output_bytes_per_chip": program.output_bytes, "temp_bytes_per_chip": program.temp_bytes,
-            "code_bytes_per_chip": program.code_bytes, "flops": program.flops,
-            "ici_bytes_per_chip": program.ici_bytes, "dcn_bytes_per_chip": program.dcn_bytes,
-            "xla_flops_per_chip": program.xla_flops_per_chip, "compile_seconds": round(program.compile_seconds, 1),
-            "refused": program.refused, "notes": program.notes,
-            "knobs": [] if fits else knobs(config, job, program.name, plan),
-        })
-    pauses = len(config.inference.schedule(config.trainer.num_train_steps))
+    found = plan.to_json(config, capacity, lambda program: knobs(config, job, program.name, plan))
     estimates: dict[str, Any] = {"seconds": None, "note": "no published figures for a CPU pool"}
     if chip is not None:
-        found = roofline.estimate(plan, chip.peak_bf16_flops, chip.hbm_bytes_per_s,
-                                  config.trainer.num_train_steps, pauses)
-        estimates = {**found.to_json(), "hardware": {
+        pauses = len(config.inference.schedule(config.trainer.num_train_steps))
+        estimated = roofline.estimate(plan, chip.peak_bf16_flops, chip.hbm_bytes_per_s,
+                                      config.trainer.num_train_steps, pauses)
+        estimates = {**estimated.to_json(), "hardware": {
             "generation": job.shape.generation, "peak_bf16_flops_per_chip": chip.peak_bf16_flops,
             "hbm_bytes_per_s_per_chip": chip.hbm_bytes_per_s, "hbm_bytes_per_chip": chip.hbm_bytes,
             "source": chip.source}}
-    wave = plan.wave
     return {
         "job": job.name,
-        "fits": all(p["fits"] for p in programs),
+        "fits": found["fits"],
         "target": {"platform": target.platform,
                    "type": job.shape.accelerator_type if job.shape else f"{job.num_processes} CPU host(s)",
-                   "topology": job.shape.topology if job.shape else None, "slices": job.slices,
-                   "chips": plan.chips, "hosts": plan.hosts, "chips_per_host": plan.chips_per_host,
-                   "mesh": plan.mesh_shape},
+                   "topology": job.shape.topology if job.shape else None, "slices": job.slices, **found["target"]},
         "capacity_bytes_per_chip": capacity, "capacity_source": capacity_source,
-        "model": {"source": config.model.source or "model.architecture", "params": flops.param_count(arch),
-                  "layers": arch.num_layers, "hidden_size": arch.hidden_size,
-                  "intermediate_size": arch.intermediate_size, "heads": arch.num_heads,
-                  "kv_heads": arch.num_kv_heads, "vocab_size": arch.vocab_size},
-        "train": {"recompute_flops": plan.train_recompute_flops,
-                  "pairs": config.trainer.batch_size, "microbatches": config.trainer.microbatches,
-                  "seq_len": config.data.max_seq_len, "compute_dtype": config.trainer.compute_dtype,
-                  "steps": config.trainer.num_train_steps},
-        "inference": None if wave is None else {
-            "mode": config.inference.mode, "rows": wave.slots, "prompt_length": wave.prompt_length,
-            "max_new_tokens": config.inference.max_new_tokens, "first_window": wave.windows[0][0],
-            "full_window": wave.full_window, "waves_per_pause": plan.waves_per_pause, "pauses": pauses},
-        "programs": programs,
+        **{part: found[part] for part in ("model", "train", "inference", "programs")},
         "compile_seconds": round(compile_s, 1),
         "estimates": estimates,
         "anchor": vars(roofline.LEVANTER_V5P_32),

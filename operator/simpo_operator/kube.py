@@ -12,12 +12,12 @@ from typing import Any, Optional
 
 import kubernetes
 
-from simpo_worker.api import GROUP, PLURAL, VERSION
+from simpo_worker.contract.api import GROUP, PLURAL, VERSION
 
 JOBSET_GROUP, JOBSET_VERSION = "jobset.x-k8s.io", "v1alpha2"
 JOBSET_PLURAL = "jobsets"
 MERGE_PATCH = "application/merge-patch+json"
-# Concurrent API calls: kopf's handler threads (handlers.configure) plus the JobSet events' pool, each with a
+# Concurrent API calls: kopf's handler threads (handlers.settings) plus the JobSet events' pool, each with a
 # kept-alive connection (the client's default pool keeps CPU count x 5: 10 here; a request beyond the pool's size
 # opens a connection, with its TLS handshake, and closes it after). 16 handler threads queued a burst of 100
 # creations behind each other's API calls (2.5 s for the last one): the calls wait on the API server, not the CPU.

@@ -1,7 +1,7 @@
 """The environment of one worker process: the contract between the pod (or local process) and the worker.
 
 One pure function builds it for both the JobSet pod template (indexes from the pod via the downward API) and the
-local runner (concrete indexes, coordinator on 127.0.0.1). The worker (simpo_worker.distributed) reads exactly:
+local runner (concrete indexes, coordinator on 127.0.0.1). The worker (simpo_worker.parallel.distributed) reads exactly:
 
   SIMPO_CONFIG             path of the worker config YAML (the mounted ConfigMap file in a pod)
   SIMPO_JOB_NAME           the SimpoInterleaveJob's name      } the leader patches status.progress of this resource
@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from simpo_worker import api
+from simpo_worker.contract import api
 
 JOB_INDEX_ANNOTATION = "jobset.sigs.k8s.io/job-index"
 COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"

@@ -20,10 +20,10 @@ from simpo_operator import pod_env
 from simpo_operator.resource import (APP_LABELS, JOB_LABEL, QUEUE_NAME_LABEL, RESERVATION_AFFINITY_LABEL,
                                      RESERVATION_LABEL, SPOT_LABEL, WORKLOAD_PRIORITY_LABEL, CONFIG_VOLUME, Job, load_job, validate_job)
 from simpo_operator.tpu import ACCELERATOR_LABEL, TOPOLOGY_LABEL
-from simpo_worker import api
-from simpo_worker.schema import to_data
-from simpo_worker.api import API_VERSION, KIND, NON_RETRYABLE_EXIT_CODES
-from simpo_worker.config import dump_worker_config
+from simpo_worker.contract import api
+from simpo_worker.contract.api import API_VERSION, KIND, NON_RETRYABLE_EXIT_CODES
+from simpo_worker.contract.config import dump_worker_config
+from simpo_worker.contract.schema import to_data
 
 JOBSET_API_VERSION = "jobset.x-k8s.io/v1alpha2"
 REPLICATED_JOB = "worker"

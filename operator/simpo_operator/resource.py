@@ -16,10 +16,10 @@ from typing import Any, ClassVar, Literal, Optional
 import yaml
 
 from simpo_operator import pod_env, tpu
-from simpo_worker.api import API_VERSION, KIND, Progress
-from simpo_worker.config import OUTPUT_DIR_MESSAGE, OUTPUT_DIR_PATTERN, WorkerConfig
-from simpo_worker.errors import ConfigError
-from simpo_worker.schema import Rule, from_data, setting
+from simpo_worker.contract.api import API_VERSION, KIND, Progress
+from simpo_worker.contract.config import OUTPUT_DIR_MESSAGE, OUTPUT_DIR_PATTERN, WorkerConfig
+from simpo_worker.contract.errors import ConfigError
+from simpo_worker.contract.schema import Rule, from_data, setting
 
 # Pod hostnames are `<name>-worker-<slice>-<host>` and must fit the 63-character DNS label limit.
 MAX_NAME_LENGTH = 40

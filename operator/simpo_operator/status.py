@@ -25,7 +25,7 @@ from typing import Any, Optional
 from simpo_operator.pod_env import COMPLETION_INDEX_ANNOTATION, JOB_INDEX_ANNOTATION
 from simpo_operator.render import CONTAINER
 from simpo_operator.resource import FINISHED_PHASES, PHASES, QUEUE_NAME_LABEL
-from simpo_worker.api import EXIT_CODE_MEANINGS, ExitCode
+from simpo_worker.contract.api import EXIT_CODE_MEANINGS, ExitCode
 
 INVALID_SPEC = "InvalidSpec"
 CHILD_CONFLICT = "ChildConflict"

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from simpo_worker.errors import ConfigError
+from simpo_worker.contract.errors import ConfigError
 
 CHIPS_PER_MULTIHOST_VM = 4
 # GKE's TPU node labels: a slice's pods select its node pool with both.

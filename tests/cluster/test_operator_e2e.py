@@ -20,10 +20,11 @@ import yaml
 
 from operator_process import JOBS_NAMESPACE, RELEASE_NAMESPACE, REPO
 from control_plane import wait_for
+from dotted import changed
 from simpo_interleave.local_runner import local_pods
 from simpo_operator.resource import validate_job
-from simpo_worker.api import ENV_JOB_NAME, ENV_JOB_NAMESPACE, EXIT_CODE_MEANINGS, ExitCode, Progress
-from simpo_worker.progress import KubernetesStatusReporter, reporter_from_env
+from simpo_worker.contract.api import ENV_JOB_NAME, ENV_JOB_NAMESPACE, EXIT_CODE_MEANINGS, ExitCode, Progress
+from simpo_worker.observe.progress import KubernetesStatusReporter, reporter_from_env
 
 REFERENCE_JOB = REPO / "manifests/examples/reference-m11-v5p-32.yaml"
 FAKE_WORKER = "simpo-interleave/fake-worker"
@@ -280,35 +281,37 @@ def _patch_rejected(cluster, name: str, patch: dict) -> str:
     return result.stderr
 
 
-def changed(job: dict, path: str, value) -> dict:
-    """A copy of `job` with the dotted `path` set (None removes the key)."""
-    job = copy.deepcopy(job)
-    *parents, last = path.split(".")
-    node = job
-    for key in parents:
-        node = node.setdefault(key, {})
-    if value is None:
-        node.pop(last, None)
-    else:
-        node[last] = value
-    return job
-
-
 TINY_ARCHITECTURE = {"vocab_size": 64, "hidden_size": 8, "intermediate_size": 16, "num_layers": 1, "num_heads": 2,
                      "num_kv_heads": 1}
 
 
-def test_every_cel_rule_rejects_what_it_should(cluster, operator):
-    crd = cluster.get("crd", "simpointerleavejobs.simpo.dev")
-    rule_texts = set()  # each rule's message
+def served_rules(crd: dict) -> dict[tuple[str, str], tuple[str, str]]:
+    """Every CEL rule the API server serves, by its place in the schema and its expression -> (the field path its
+    refusals name, as a regular expression, and its message)."""
+    rules = {}
 
-    def collect(schema: dict) -> None:
-        rule_texts.update(r["message"] for r in schema.get("x-kubernetes-validations", []))
-        for child in schema.get("properties", {}).values():
-            collect(child)
+    def collect(schema: dict, location: str) -> None:
+        for rule in schema.get("x-kubernetes-validations", []):
+            path = location + rule.get("fieldPath", "")
+            rules[(location, rule["rule"])] = (re.escape(path).replace(r"\[\]", r"\[\d+\]"), rule["message"])
+        for name, child in schema.get("properties", {}).items():
+            collect(child, f"{location}.{name}" if location else name)
         if "items" in schema:
-            collect(schema["items"])
-    collect(crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"])
+            collect(schema["items"], f"{location}[]")
+    collect(crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"], "")
+    return rules
+
+
+def refused_by(rules: dict[tuple[str, str], tuple[str, str]], refusal: str) -> set[tuple[str, str]]:
+    """The rules (place, expression) whose refusal the API server's answer holds: `<path>: Invalid value: "<type>":
+    <message>` (a rule on the resource itself: its message alone)."""
+    return {rule for rule, (path, message) in rules.items()
+            if message in refusal and (not path or re.search(rf"{path}: Invalid value: [^:]*: {re.escape(message)}",
+                                                             refusal))}
+
+
+def test_every_cel_rule_rejects_what_it_should(cluster, operator):
+    rules = served_rules(cluster.get("crd", "simpointerleavejobs.simpo.dev"))
 
     base = reference_job("run-1s", suspend=True)
     arch = changed(changed(base, "spec.config.model", {"architecture": TINY_ARCHITECTURE}), "spec.config.tokenizer",
@@ -320,12 +323,18 @@ def test_every_cel_rule_rejects_what_it_should(cluster, operator):
         ("`accelerator` + `topology`, not both", changed(base, "spec.tpu.accelerator", "tpu-v5p-slice")),
         ("or both `accelerator` and `topology`", changed(base, "spec.tpu", {"accelerator": "tpu-v5p-slice"})),
         ("must be >= 1 or -1", changed(base, "spec.config.trainer.mesh", {"fsdp": 0})),
+        ("must be >= 1 or -1", changed(base, "spec.config.trainer.mesh", {"data": 0})),
+        ("must be >= 1 or -1", changed(base, "spec.config.trainer.mesh", {"model": 0})),
         ("at most one axis may be -1", changed(base, "spec.config.trainer.mesh", {"fsdp": -1})),
         ("must divide batch_size", changed(base, "spec.config.trainer.microbatches", 3)),
         ("file patterns must not be empty", changed(base, "spec.config.data.train_files", [""])),
+        ("file patterns must not be empty", changed(base, "spec.config.data.eval_files", ["/eval.jsonl", ""])),
         ("must be < 0.5", changed(base, "spec.config.simpo.label_smoothing", 0.5)),
         ("steps must be positive", changed(base, "spec.config.inference.eval_at_steps", [0])),
         ("steps must be unique", changed(base, "spec.config.inference.eval_at_steps", [2, 2])),
+        ("steps must be positive", changed(base, "spec.config.trainer.profile_steps", [0])),
+        ("steps must be unique", changed(base, "spec.config.trainer.profile_steps", [2, 2])),
+        ("a step is beyond the run", changed(base, "spec.config.trainer.profile_steps", [9])),
         ("stop strings must not be empty", changed(base, "spec.config.inference.stop_tokens", ["\n", ""])),
         ("set exactly one of `prompts_file` or `synthetic_prompt_count`",
          changed(base, "spec.config.inference.prompts_file", "/p.jsonl")),
@@ -371,7 +380,7 @@ def test_every_cel_rule_rejects_what_it_should(cluster, operator):
     for fragment, manifest in on_create:
         message = _rejected(cluster, manifest)
         assert fragment in message, message
-        checked.update(text for text in rule_texts if fragment in text)
+        checked.update(refused_by(rules, message))
 
     cluster.apply(base)
     name = base["metadata"]["name"]
@@ -395,14 +404,15 @@ def test_every_cel_rule_rejects_what_it_should(cluster, operator):
         "spec.serviceAccountName is immutable": (name, {"spec": {"serviceAccountName": "someone-else"}}),
         "spec.maxRestarts is immutable": (name, {"spec": {"maxRestarts": 9}}),
         "spec.hosts is immutable": (cpu_job["metadata"]["name"], {"spec": {"hosts": 3}}),
-        "cannot be added or removed after creation": (cpu_job["metadata"]["name"],
-                                                      {"spec": {"hosts": None, "tpu": {"type": "v5p-32"}}}),
+        "spec.tpu and spec.hosts cannot be added or removed after creation": (
+            cpu_job["metadata"]["name"], {"spec": {"hosts": None, "tpu": {"type": "v5p-32"}}}),
+        "spec.queueName cannot be added or removed after creation": (queued_name, {"spec": {"queueName": None}}),
     }
     for fragment, (job_name, patch) in on_update.items():
         message = _patch_rejected(cluster, job_name, patch)
         assert fragment in message, message
-        checked.update(text for text in rule_texts if fragment in text)
-    assert checked == rule_texts, f"CEL rules without a test here: {rule_texts - checked}"
+        checked.update(refused_by(rules, message))
+    assert checked == set(rules), f"CEL rules without a refusal here: {sorted(set(rules) - checked)}"
     # What stays editable: suspend.
     cluster.kubectl("patch", "sij", name, "-n", JOBS_NAMESPACE, "--type=merge", "-p", '{"spec":{"suspend":false}}')
     for job_name in (name, cpu_job["metadata"]["name"], queued_name):
@@ -510,8 +520,8 @@ def test_worker_token_patches_progress_and_nothing_else(cluster, operator):
 
 def test_worker_reporter_patches_progress_with_its_own_token_and_is_refused_elsewhere(cluster, chart, namespace,
                                                                                      tmp_path, caplog):
-    """The worker leader's own reporter (simpo_worker.progress), set up from a pod's environment and service-account
-    files holding a token that the TokenRequest API minted for the chart's worker ServiceAccount."""
+    """The worker leader's own reporter (simpo_worker.observe.progress), set up from a pod's environment and
+    service-account files holding a token that the TokenRequest API minted for the chart's worker ServiceAccount."""
     job = reference_job("run-1s", suspend=True)
     other = copy.deepcopy(job)  # a job of another namespace, which the worker's RoleBinding does not reach
     other["metadata"]["namespace"] = namespace

@@ -31,12 +31,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from simpo_worker.config import SMOLLM2, ExportConfig, MeshConfig  # noqa: E402
-from simpo_worker.export import export_hf, tokenizer_files  # noqa: E402
-from simpo_worker.hf_weights import INDEX_FILE  # noqa: E402
-from simpo_worker.mesh import make_mesh  # noqa: E402
-from simpo_worker.pretrained import load_pretrained  # noqa: E402
-from simpo_worker.tokenizer import load_tokenizer  # noqa: E402
+from simpo_worker.contract.config import SMOLLM2, ExportConfig, MeshConfig  # noqa: E402
+from simpo_worker.data.tokenizer import load_tokenizer  # noqa: E402
+from simpo_worker.parallel.mesh import make_mesh  # noqa: E402
+from simpo_worker.weights.export import export_hf, tokenizer_files  # noqa: E402
+from simpo_worker.weights.hf_load import INDEX_FILE  # noqa: E402
+from simpo_worker.weights.pretrained import load_pretrained  # noqa: E402
 
 HERE = Path(__file__).parent
 TOLERANCE = 1e-4  # relative to the largest |logit|, as tests/worker/test_model_parity.py

@@ -14,7 +14,7 @@ import torch
 import transformers
 
 from make_model_goldens import HERE, hf_logits, pad
-from simpo_worker.smollm2 import smollm2_gguf_path
+from simpo_worker.weights.smollm2 import smollm2_gguf_path
 
 
 def make_smollm2_bf16() -> None:

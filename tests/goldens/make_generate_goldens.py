@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import transformers
 
-from simpo_worker.smollm2 import smollm2_gguf_path
+from simpo_worker.weights.smollm2 import smollm2_gguf_path
 
 HERE = Path(__file__).parent
 SEED = 20260530

@@ -34,10 +34,11 @@ import safetensors.numpy
 import torch
 import transformers
 
-from simpo_worker.config import ArchitectureConfig, RopeScaling
-from simpo_worker.hf_weights import llama_to_hf_tensors, save_hf_model
-from simpo_worker.model import init_llama
-from simpo_worker.smollm2 import smollm2_gguf_path
+from simpo_worker.contract.config import ArchitectureConfig, RopeScaling
+from simpo_worker.model.llama import init_llama
+from simpo_worker.weights.hf_save import save_hf_model
+from simpo_worker.weights.hf_tensors import llama_to_hf_tensors
+from simpo_worker.weights.smollm2 import smollm2_gguf_path
 
 HERE = Path(__file__).parent
 SEED = 20260529

@@ -30,7 +30,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalize
 from transformers import AutoTokenizer
 from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
 
-from simpo_worker.smollm2 import smollm2_gguf_path
+from simpo_worker.weights.smollm2 import smollm2_gguf_path
 
 HERE = Path(__file__).resolve().parent
 

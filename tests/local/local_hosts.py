@@ -12,7 +12,7 @@ from typing import Any
 
 from simpo_interleave.local_runner import local_pods
 from simpo_operator.resource import validate_job
-from simpo_worker import api
+from simpo_worker.contract import api
 
 # Enough of a worker config for a valid job; tests that run their own scripts only use the distributed env.
 _PLACEHOLDER_CONFIG = {

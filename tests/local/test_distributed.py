@@ -6,11 +6,11 @@ import textwrap
 
 from local_hosts import host_envs
 from simpo_interleave.host_processes import run_host_processes
-from simpo_worker.distributed import process_id_from_env
+from simpo_worker.parallel.distributed import process_id_from_env
 
 SCRIPT = textwrap.dedent("""
     import sys, time, traceback
-    from simpo_worker.distributed import initialize_from_env, barrier, exit_now, BarrierTimeout
+    from simpo_worker.parallel.distributed import BarrierTimeout, barrier, exit_now, initialize_from_env
     initialize_from_env(60)
     import jax, numpy as np
     from jax.experimental import multihost_utils

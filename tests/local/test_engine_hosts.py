@@ -14,10 +14,10 @@ import pytest
 from local_hosts import host_envs
 from model_goldens import TINY_LLAMA_DIR
 from simpo_interleave.host_processes import run_host_processes
-from simpo_worker.config import InferenceConfig
-from simpo_worker.engine import Engine
-from simpo_worker.hf_weights import load_hf_model
-from simpo_worker.tokenizer import load_tokenizer
+from simpo_worker.contract.config import InferenceConfig
+from simpo_worker.data.tokenizer import load_tokenizer
+from simpo_worker.infer.engine import Engine
+from simpo_worker.weights.hf_load import load_hf_model
 
 SAMPLED = {"temperature": 0.9, "top_k": 50, "top_p": 0.95}
 
@@ -28,15 +28,15 @@ def prompts_of(lengths: list[int], vocab: int, salt: int = 0) -> list[list[int]]
 
 HOST_SCRIPT = textwrap.dedent("""
     import json, sys
-    from simpo_worker.distributed import initialize_from_env
+    from simpo_worker.parallel.distributed import initialize_from_env
     initialize_from_env(60)
     import jax
-    from simpo_worker.config import InferenceConfig, MeshConfig
-    from simpo_worker.engine import Engine
-    from simpo_worker.hf_weights import load_hf_model
-    from simpo_worker.mesh import make_mesh, place, state_shardings
-    from simpo_worker.prompts import host_shard
-    from simpo_worker.tokenizer import load_tokenizer
+    from simpo_worker.contract.config import InferenceConfig, MeshConfig
+    from simpo_worker.infer.engine import Engine
+    from simpo_worker.weights.hf_load import load_hf_model
+    from simpo_worker.parallel.mesh import make_mesh, place, state_shardings
+    from simpo_worker.data.prompts import host_shard
+    from simpo_worker.data.tokenizer import load_tokenizer
 
     mode, out_dir, model_dir = sys.argv[1], sys.argv[2], sys.argv[3]
     settings = json.loads(sys.argv[4])

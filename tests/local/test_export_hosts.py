@@ -6,8 +6,8 @@ import json
 import pytest
 
 from local_hosts import run_workers
-from simpo_worker.hf_weights import INDEX_FILE
-from simpo_worker.pretrained import load_pretrained
+from simpo_worker.weights.hf_load import INDEX_FILE
+from simpo_worker.weights.pretrained import load_pretrained
 from worker_runs import assert_same_model, checked, live_params, tiny_config
 
 

@@ -19,9 +19,9 @@ import yaml
 from gcs_emulator import BUCKET, gcs_emulator, point_this_process_at
 from local_hosts import run_workers, start_workers
 from simpo_interleave.local_runner import run_job_file
-from simpo_worker import outputs, storage
-from simpo_worker.api import ExitCode
-from simpo_worker.make_preference_data import generate, write_jsonl
+from simpo_worker.contract.api import ExitCode
+from simpo_worker.data.make_preference_data import generate, write_jsonl
+from simpo_worker.store import outputs, storage
 from worker_runs import checked, checkpoint_arrays
 
 pytestmark = pytest.mark.multiprocess

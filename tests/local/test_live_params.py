@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from local_hosts import run_workers
-from simpo_worker import outputs, storage
-from simpo_worker.checkpoint import step_dir
-from simpo_worker.config import parse_worker_config
+from simpo_worker.contract.config import parse_worker_config
 from simpo_worker.interleave import build_run
+from simpo_worker.store import outputs, storage
+from simpo_worker.train.checkpoint import step_dir
 from worker_runs import checked, checkpoint_arrays, tiny_config, train_records
 
 pytestmark = pytest.mark.multiprocess

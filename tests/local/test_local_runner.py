@@ -12,9 +12,9 @@ from local_hosts import cpu_job
 from simpo_interleave.local_runner import LOCALHOST, local_pods, local_resource
 from simpo_operator import pod_env, render
 from simpo_operator.resource import validate_job
-from simpo_worker import api
-from simpo_worker.distributed import process_id_from_env
-from simpo_worker.errors import ConfigError
+from simpo_worker.contract import api
+from simpo_worker.contract.errors import ConfigError
+from simpo_worker.parallel.distributed import process_id_from_env
 
 
 def multislice_job() -> dict:

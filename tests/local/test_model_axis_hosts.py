@@ -15,9 +15,9 @@ import pytest
 from local_hosts import host_envs, run_workers
 from model_goldens import TINY_LLAMA_DIR
 from simpo_interleave.host_processes import run_host_processes
-from simpo_worker.config import InferenceConfig
-from simpo_worker.engine import Engine
-from simpo_worker.hf_weights import load_hf_model
+from simpo_worker.contract.config import InferenceConfig
+from simpo_worker.infer.engine import Engine
+from simpo_worker.weights.hf_load import load_hf_model
 from worker_runs import assert_steps_match_straight_run, checked, tiny_config
 
 MESH = {"data": 1, "fsdp": 2, "model": 2}
@@ -25,14 +25,14 @@ SAMPLED = {"temperature": 0.9, "top_k": 50, "top_p": 0.95}
 
 HOST_SCRIPT = textwrap.dedent("""
     import json, sys
-    from simpo_worker.distributed import initialize_from_env
+    from simpo_worker.parallel.distributed import initialize_from_env
     initialize_from_env(60)
     import jax
-    from simpo_worker.config import InferenceConfig, MeshConfig
-    from simpo_worker.engine import Engine
-    from simpo_worker.mesh import make_mesh
-    from simpo_worker.pretrained import load_pretrained
-    from simpo_worker.prompts import host_shard
+    from simpo_worker.contract.config import InferenceConfig, MeshConfig
+    from simpo_worker.infer.engine import Engine
+    from simpo_worker.parallel.mesh import make_mesh
+    from simpo_worker.weights.pretrained import load_pretrained
+    from simpo_worker.data.prompts import host_shard
 
     out_dir, model_dir, mesh, settings, prompts = sys.argv[1], sys.argv[2], *map(json.loads, sys.argv[3:])
     mesh = make_mesh(MeshConfig(**mesh))

@@ -20,12 +20,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from simpo_operator import tpu
 from simpo_operator.resource import validate_job
-from simpo_worker import aot  # sets ALLOW_MULTIPLE_LIBTPU_LOAD before libtpu loads in this process
-from simpo_worker.api import ExitCode
-from simpo_worker.config import MeshConfig, WorkerConfig
-from simpo_worker.errors import ConfigError
-from simpo_worker.mesh import AXES, make_mesh
-from simpo_worker.pretrained import load_architecture
+from simpo_worker.contract.api import ExitCode
+from simpo_worker.contract.config import MeshConfig, WorkerConfig
+from simpo_worker.contract.errors import ConfigError
+from simpo_worker.model.layout import AXES
+from simpo_worker.parallel.mesh import make_mesh
+from simpo_worker.plan import memory, programs, targets  # targets sets ALLOW_MULTIPLE_LIBTPU_LOAD before libtpu loads
+from simpo_worker.plan.hlo import collectives
+from simpo_worker.weights.pretrained import load_architecture
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE_8B = REPO / "manifests" / "examples" / "llama3-8b-m11-v5p-32.yaml"
@@ -174,7 +176,7 @@ def test_a_job_that_fits_prints_the_table_and_exits_0(tmp_path):
 @pytest.mark.parametrize("shape", tpu.SHAPES, ids=lambda s: s.accelerator_type)
 def test_every_slice_in_the_table_is_a_topology_libtpu_describes(shape):
     slices = 2 if shape.chips <= 256 else 1  # multislice too, where the device count stays small
-    target = aot.tpu_target(tpu.libtpu_topology(shape, slices), tpu.libtpu_topology(tpu.host_block(shape)))
+    target = targets.tpu_target(tpu.libtpu_topology(shape, slices), tpu.libtpu_topology(tpu.host_block(shape)))
     assert len(target.devices) == shape.chips * slices
     assert target.process_count == shape.hosts * slices
     assert len(target.host_devices) == shape.chips_per_host
@@ -185,7 +187,7 @@ def test_every_slice_in_the_table_is_a_topology_libtpu_describes(shape):
 @pytest.mark.parametrize("accelerator", ["v5p-32", "v6e-16", "v5litepod-16"])
 def test_one_hosts_chips_compile_a_collective_as_the_engine_does(accelerator):
     shape = tpu.shape_for_type(accelerator)
-    target = aot.tpu_target(tpu.libtpu_topology(shape), tpu.libtpu_topology(tpu.host_block(shape)))
+    target = targets.tpu_target(tpu.libtpu_topology(shape), tpu.libtpu_topology(tpu.host_block(shape)))
     mesh = Mesh(np.array(target.host_devices), ("data",))
     # The decode loop's condition: every row done? An all-reduce over the host's chips.
     all_done = jax.jit(lambda done: jnp.all(done), in_shardings=NamedSharding(mesh, P("data")))
@@ -195,21 +197,21 @@ def test_one_hosts_chips_compile_a_collective_as_the_engine_does(accelerator):
 @pytest.mark.parametrize("generation", tpu.GENERATIONS, ids=lambda g: g.name)
 def test_the_compiler_hbm_in_the_table_is_what_libtpu_allows(generation):
     shape = next(s for s in tpu.SHAPES if s.generation == generation.name and s.hosts == 1)
-    target = aot.tpu_target(tpu.libtpu_topology(shape))
+    target = targets.tpu_target(tpu.libtpu_topology(shape))
     one_chip = NamedSharding(Mesh(np.array(target.devices[:1]), ("x",)), P())
     # A program needing 1 TiB on one chip: XLA refuses it and says what the chip has.
     too_big = jax.jit(lambda x: jnp.concatenate([x, x + 1]), in_shardings=one_chip, out_shardings=one_chip)
     with pytest.raises(Exception) as refused:
         too_big.lower(jax.ShapeDtypeStruct((2**37,), jnp.float32)).compile()
-    need, available = aot.out_of_memory_need(str(refused.value))
+    need, available = memory.out_of_memory_need(str(refused.value))
     assert need > available
     assert available == pytest.approx(generation.chip.compiler_hbm_bytes, rel=0.001)
 
 
 # ---- multislice: slices on `data` over DCN, fsdp and model inside a slice over ICI ----------------------------
 
-def two_slices(accelerator: str) -> aot.Target:
-    return aot.tpu_target(tpu.libtpu_topology(tpu.shape_for_type(accelerator), slices=2))
+def two_slices(accelerator: str) -> targets.Target:
+    return targets.tpu_target(tpu.libtpu_topology(tpu.shape_for_type(accelerator), slices=2))
 
 
 def test_a_multislice_mesh_splits_data_over_the_slices_and_refuses_fsdp_or_model_across_them():
@@ -230,14 +232,14 @@ def test_a_multislice_mesh_splits_data_over_the_slices_and_refuses_fsdp_or_model
 
 
 @pytest.fixture(scope="module")
-def two_slice_step() -> tuple[WorkerConfig, aot.Target, Any]:
+def two_slice_step() -> tuple[WorkerConfig, targets.Target, Any]:
     """The tiny model's train step for 2 x v5p-8 (data 2 over the slices x fsdp 4 within each)."""
     job = tiny_job(tpu={"type": "v5p-8", "slices": 2})
     job["spec"]["config"]["trainer"]["mesh"] = {"data": 2, "fsdp": -1}
     config = validate_job(job).spec.config
     target = two_slices("v5p-8")
     mesh = make_mesh(config.trainer.mesh, list(target.devices), target.slices)
-    _, arrays, lowered = aot.lower_train_step(config, load_architecture(config.model), mesh)
+    _, arrays, lowered = programs.lower_train_step(config, load_architecture(config.model), mesh)
     return config, arrays, lowered.compile().as_text()
 
 
@@ -246,12 +248,12 @@ def test_over_dcn_a_multislice_train_step_sends_its_gradients_once_and_nothing_e
     over the slices of this chip's gradient shard (the within-slice reduce-scatter's output), plus the step's
     token and metric sums: no params, no activations."""
     config, arrays, hlo = two_slice_step
-    found = aot.collectives(hlo)
+    found = collectives(hlo)
     dcn = [c for c in found if c.network == "dcn"]
     assert dcn and {c.kind for c in dcn} == {"ALL_REDUCE"}, [(c.kind, c.shape) for c in dcn]
     assert all(c.count == 1 for c in dcn), "once per step, not per layer or microbatch"
     compute_bytes = jnp.dtype(config.trainer.compute_dtype).itemsize
-    gradient_bytes = aot.per_chip_bytes(arrays.model) // 4 * compute_bytes  # float32 param shards, 1 per chip
+    gradient_bytes = memory.per_chip_bytes(arrays.model) // 4 * compute_bytes  # float32 param shards, 1 per chip
     compute_dtype = {"bfloat16": "bf16", "float32": "f32"}[config.trainer.compute_dtype]
     sent = sum(c.bytes for c in dcn if c.dtype == compute_dtype)
     # At least the chip's gradient shard; above it only the (8, 128) tiles the transfers are padded to.
@@ -262,7 +264,7 @@ def test_over_dcn_a_multislice_train_step_sends_its_gradients_once_and_nothing_e
 def test_within_a_slice_the_fsdp_all_gathers_run_on_its_own_chips(two_slice_step):
     _, _, hlo = two_slice_step
     assert re.search(r"\bnum_partitions=4\b", hlo), "one program per slice of 4 chips"
-    ici = [c for c in aot.collectives(hlo) if c.network == "ici"]
+    ici = [c for c in collectives(hlo) if c.network == "ici"]
     gathers = [c for c in ici if c.kind == "all-gather"]
     assert sum(c.count for c in gathers) >= 2 * 7, "each layer's params gathered (forward and backward)"
     assert all(c.replica_groups == "{{0,1,2,3}}" for c in ici), {c.replica_groups for c in ici}
@@ -274,8 +276,8 @@ def test_fsdp_across_slices_would_gather_params_over_dcn(two_slice_step):
     config, _, _ = two_slice_step
     target = two_slices("v5p-8")
     mesh = Mesh(np.array(target.devices).reshape(1, 8, 1), AXES)
-    _, _, lowered = aot.lower_train_step(config, load_architecture(config.model), mesh)
-    dcn = [c for c in aot.collectives(lowered.compile().as_text()) if c.network == "dcn"]
+    _, _, lowered = programs.lower_train_step(config, load_architecture(config.model), mesh)
+    dcn = [c for c in collectives(lowered.compile().as_text()) if c.network == "dcn"]
     assert sum(c.count for c in dcn if c.kind == "ALL_GATHER") >= 2 * 7, [(c.kind, c.count) for c in dcn]
 
 

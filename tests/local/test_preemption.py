@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 from local_hosts import run_workers, start_workers
-from simpo_worker import outputs, storage
-from simpo_worker.api import ExitCode
-from simpo_worker.checkpoint import complete_steps
+from simpo_worker.contract.api import ExitCode
+from simpo_worker.store import outputs, storage
+from simpo_worker.train.checkpoint import complete_steps
 from worker_runs import (checked, checkpoint_arrays, run_worker, tiny_config, train_records, worker_command,
                          worker_env)
 

@@ -23,8 +23,10 @@ import pytest
 
 from local_hosts import host_envs
 from simpo_interleave.host_processes import run_host_processes
-from simpo_worker.config import ArchitectureConfig
-from simpo_worker.hf_weights import CONFIG_FILE, WEIGHTS_FILE, config_to_hf, hf_tensor_shapes
+from simpo_worker.contract.config import ArchitectureConfig
+from simpo_worker.weights.hf_config import config_to_hf
+from simpo_worker.weights.hf_load import CONFIG_FILE, WEIGHTS_FILE
+from simpo_worker.weights.hf_tensors import hf_tensor_shapes
 from worker_runs import preference_files
 
 # 49152 tokens (the smollm2 tokenizer the trainer's data uses), d 1024, 14 layers of 16 heads / 8 KV heads, MLP 4096.
@@ -62,15 +64,15 @@ def write_checkpoint(directory, config: ArchitectureConfig, seed: int = 0) -> in
 
 HOST_SCRIPT = textwrap.dedent("""
     import json, resource, sys
-    from simpo_worker.distributed import initialize_from_env
+    from simpo_worker.parallel.distributed import initialize_from_env
     initialize_from_env(120)
     import jax
     import numpy as np
-    from simpo_worker.config import parse_worker_config
-    from simpo_worker.mesh import make_mesh
-    from simpo_worker.pretrained import load_model
-    from simpo_worker.tokenizer import load_tokenizer
-    from simpo_worker.trainer import Trainer
+    from simpo_worker.contract.config import parse_worker_config
+    from simpo_worker.parallel.mesh import make_mesh
+    from simpo_worker.weights.pretrained import load_model
+    from simpo_worker.data.tokenizer import load_tokenizer
+    from simpo_worker.train.trainer import Trainer
 
     def status(key):
         for line in open("/proc/self/status"):
@@ -91,8 +93,8 @@ HOST_SCRIPT = textwrap.dedent("""
     loaded = {"peak": status("VmHWM"), "held": held(model)}
     trainer = Trainer(config, model, tokenizer, mesh)
     del model
-    jax.block_until_ready(trainer._arrays)
-    state = {"peak": status("VmHWM"), "held": held(trainer._arrays)}
+    jax.block_until_ready(trainer.state)
+    state = {"peak": status("VmHWM"), "held": held(trainer.state)}
     with open(f"{out}/host_{jax.process_index()}.json", "w") as f:
         json.dump({"baseline": baseline, "loaded": loaded, "state": state,
                    "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}, f)

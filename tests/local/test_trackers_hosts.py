@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 
 from local_hosts import run_workers
-from simpo_worker.trackers import SAMPLE_COLUMNS
-from simpo_worker.trackers.wandb_run import run_identity
+from simpo_worker.observe.trackers import SAMPLE_COLUMNS
+from simpo_worker.observe.trackers.wandb_run import run_identity
 from tracker_files import shard_rows, tensorboard_series, text_tables, wandb_history
 from worker_runs import eval_config
 

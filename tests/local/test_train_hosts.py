@@ -4,11 +4,11 @@ like one process, and evaluate the held-out pairs like one process."""
 import pytest
 
 from local_hosts import run_workers
-from simpo_worker.config import parse_worker_config
-from simpo_worker.preference_data import PreferenceData
-from simpo_worker.pretrained import load_model
-from simpo_worker.tokenizer import load_tokenizer
-from simpo_worker.trainer import Trainer
+from simpo_worker.contract.config import parse_worker_config
+from simpo_worker.data.preference_data import PreferenceData
+from simpo_worker.data.tokenizer import load_tokenizer
+from simpo_worker.train.trainer import Trainer
+from simpo_worker.weights.pretrained import load_model
 from worker_runs import assert_steps_match_straight_run, checked, eval_config, held_out_file, records, tiny_config
 
 

@@ -10,7 +10,7 @@ from typing import Any, Callable
 import kubernetes
 
 from simpo_operator import kube
-from simpo_worker.api import GROUP, PLURAL, VERSION
+from simpo_worker.contract.api import GROUP, PLURAL, VERSION
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "manifests" / "examples"

@@ -5,7 +5,7 @@ import copy
 import pytest
 import yaml
 
-from operator_testkit import EXAMPLES, make_job
+from operator_testkit import EXAMPLES, REPO, make_job
 from simpo_operator import crd
 from simpo_operator.resource import PHASES
 
@@ -14,7 +14,7 @@ def schema():
     return crd.build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
 
 
-@pytest.mark.parametrize("path", crd.CRD_FILES, ids=lambda p: str(p.relative_to(crd.REPO_ROOT)))
+@pytest.mark.parametrize("path", crd.crd_files(REPO), ids=lambda p: str(p.relative_to(REPO)))
 def test_committed_crd_is_current(path):
     assert path.read_text() == crd.crd_yaml(), f"{path} is stale: run `simpo-interleave crd --write`"
 
@@ -135,10 +135,10 @@ def test_crd_command_prints_the_yaml(capsys):
 
 
 def test_status_progress_is_the_contracts_progress_type():
-    """The CRD's status.progress is generated from the one Progress type the worker sends (simpo_worker.api): a
+    """The CRD's status.progress is generated from the one Progress type the worker sends (simpo_worker.contract.api): a
     field the schema lacked would be pruned by the apiserver without an error."""
-    from simpo_worker import api
-    from simpo_worker.schema import openapi_schema
+    from simpo_worker.contract import api
+    from simpo_worker.contract.schema import openapi_schema
 
     assert crd.status_schema()["properties"]["progress"] == openapi_schema(api.Progress, ("status", "progress"))
     assert crd.status_schema()["properties"]["progress"]["properties"]["stage"]["enum"] == [

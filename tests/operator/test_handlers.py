@@ -18,10 +18,12 @@ from kopf.testing import KopfRunner
 
 from operator_testkit import make_job, wait_for
 from simpo_operator import render
-from simpo_operator.handlers import ObservedGenerationDiffBase, _InFlight, _refusal
+from simpo_operator.handlers.creation_burst import CreationBurst
+from simpo_operator.handlers.diff_base import ObservedGenerationDiffBase
+from simpo_operator.handlers.reconcile import refusal
 from simpo_operator.resource import PHASES, validate_job
-from simpo_worker.api import EXIT_CODE_MEANINGS, ExitCode, Progress
-from simpo_worker.progress import KubernetesStatusReporter
+from simpo_worker.contract.api import EXIT_CODE_MEANINGS, ExitCode, Progress
+from simpo_worker.observe.progress import KubernetesStatusReporter
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -110,7 +112,7 @@ def test_the_diff_base_is_the_observed_generation():
 
 
 def test_held_back_writes_wait_for_a_quiet_moment_after_the_last_creation():
-    creations = _InFlight()
+    creations = CreationBurst()
     with creations:
         pass
     start = time.monotonic()
@@ -126,13 +128,13 @@ def test_a_refused_child_fails_the_job_with_the_api_servers_words_and_anything_e
     refused = kubernetes.client.ApiException(status=422, reason="Unprocessable Entity")
     refused.body = json.dumps(
         {"message": 'ConfigMap "a-config" is invalid: []: Too long: must have at most 1048576 bytes'})
-    phase = _refusal(refused, "ConfigMap", "ConfigMapRefused")
+    phase = refusal(refused, "ConfigMap", "ConfigMapRefused")
     assert (phase.phase, phase.reason) == ("Failed", "ConfigMapRefused")
     assert phase.message == ('the API server refused the ConfigMap: ConfigMap "a-config" is invalid: []: Too long: '
                              'must have at most 1048576 bytes')
     unavailable = kubernetes.client.ApiException(status=503, reason="Service Unavailable")
     with pytest.raises(kubernetes.client.ApiException) as raised:
-        _refusal(unavailable, "ConfigMap", "ConfigMapRefused")
+        refusal(unavailable, "ConfigMap", "ConfigMapRefused")
     assert raised.value is unavailable
 
 

@@ -4,7 +4,7 @@ import pytest
 
 from operator_testkit import make_job
 from simpo_operator.resource import load_job, validate_job
-from simpo_worker.errors import ConfigError
+from simpo_worker.contract.errors import ConfigError
 
 
 def tpu_job(**tpu_spec):

@@ -3,7 +3,7 @@
 import pytest
 
 from simpo_operator import pod_env
-from simpo_worker import api
+from simpo_worker.contract import api
 
 
 def names(env):

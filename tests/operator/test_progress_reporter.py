@@ -1,4 +1,4 @@
-"""The worker leader's progress reporter (simpo_worker.progress) against an API server: best effort, so a report
+"""The worker leader's progress reporter (simpo_worker.observe.progress) against an API server: best effort, so a report
 that fails is logged with the reason, never raised (training goes on) and never dropped without a word.
 (tests/cluster runs it with a real service-account token against a real kube-apiserver.)"""
 
@@ -7,16 +7,16 @@ from __future__ import annotations
 import logging
 
 from simpo_interleave.host_processes import free_port
-from simpo_worker import api
-from simpo_worker.api import Progress
-from simpo_worker.progress import KubernetesStatusReporter, LogReporter, reporter_from_env
+from simpo_worker.contract import api
+from simpo_worker.contract.api import Progress
+from simpo_worker.observe.progress import KubernetesStatusReporter, LogReporter, reporter_from_env
 
 PROGRESS = Progress(stage="train", step=3, totalSteps=7)
 
 
 def warnings(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records
-            if r.name == "simpo_worker.progress" and r.levelno == logging.WARNING]
+            if r.name == "simpo_worker.observe.progress" and r.levelno == logging.WARNING]
 
 
 def test_a_refused_report_is_logged_with_the_api_servers_reason(kube_client, caplog):

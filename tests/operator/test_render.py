@@ -9,8 +9,8 @@ import yaml
 from operator_testkit import REFERENCE_JOB, make_job
 from simpo_operator import render, tpu
 from simpo_operator.resource import load_job, validate_job
-from simpo_worker.config import parse_worker_config
-from simpo_worker.api import NON_RETRYABLE_EXIT_CODES
+from simpo_worker.contract.api import NON_RETRYABLE_EXIT_CODES
+from simpo_worker.contract.config import parse_worker_config
 
 GOLDENS = Path(__file__).parent / "golden"
 

@@ -3,7 +3,7 @@
 import pytest
 
 from simpo_operator import status as state
-from simpo_worker.api import EXIT_CODE_MEANINGS, ExitCode
+from simpo_worker.contract.api import EXIT_CODE_MEANINGS, ExitCode
 
 
 def jobset(replicas=1, ready=0, restarts=0, suspend=False, conditions=()):

@@ -5,7 +5,7 @@ import math
 import pytest
 
 from simpo_operator import tpu
-from simpo_worker.errors import ConfigError
+from simpo_worker.contract.errors import ConfigError
 
 # Independent facts from the GKE TPU docs: (accelerator type, topology, hosts, chips per host, machine type).
 KNOWN = [

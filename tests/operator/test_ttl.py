@@ -2,7 +2,7 @@
 
 from datetime import datetime, timezone
 
-from simpo_operator.handlers import expiry_delay
+from simpo_operator.handlers.expiry import expiry_delay
 
 NOW = datetime(2030, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from gcs_emulator import BUCKET, fault_proxy, gcs_emulator, point_this_process_at
-from simpo_worker import outputs
-from simpo_worker.checkpoint import complete_steps
+from simpo_worker.store import outputs
+from simpo_worker.train.checkpoint import complete_steps
 from worker_runs import (checked, checkpoint_arrays, preference_files, run_worker, straight_run, tiny_config,
                          train_records)
 

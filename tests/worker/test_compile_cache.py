@@ -8,7 +8,7 @@ from __future__ import annotations
 import fsspec
 
 from gcs_emulator import BUCKET, gcs_emulator, point_this_process_at
-from simpo_worker import storage
+from simpo_worker.store import storage
 from worker_runs import checked, records, run_worker, tiny_config
 
 TRAIN_STEP, PREFILL, DECODE = "jit(train_step)", "jit(prefill)", "jit(decode_chunk)"

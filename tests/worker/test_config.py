@@ -6,8 +6,9 @@ import sys
 import pytest
 import yaml
 
-from simpo_worker.config import ConfigError, dump_worker_config, load_worker_config, parse_worker_config
-from simpo_worker.schema import replace
+from simpo_worker.contract.config import ConfigError, dump_worker_config, parse_worker_config
+from simpo_worker.contract.schema import replace
+from simpo_worker.main import load_worker_config
 
 
 def base() -> dict:
@@ -133,5 +134,5 @@ def test_nested_replace():
 
 
 def test_config_module_imports_without_jax():
-    code = "import sys, simpo_worker.config; assert 'jax' not in sys.modules, 'config imported jax'"
+    code = "import sys, simpo_worker.contract.config; assert 'jax' not in sys.modules, 'config imported jax'"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 
 from model_goldens import GOLDENS, TINY_LLAMA_DIR
-from simpo_worker.config import InferenceConfig
-from simpo_worker.engine import Completion, Engine
-from simpo_worker.errors import DataError
-from simpo_worker.hf_weights import load_hf_model
-from simpo_worker.pretrained import load_pretrained
+from simpo_worker.contract.config import InferenceConfig
+from simpo_worker.contract.errors import DataError
+from simpo_worker.infer.engine import Completion, Engine
+from simpo_worker.weights.hf_load import load_hf_model
+from simpo_worker.weights.pretrained import load_pretrained
 
 # A divergence from HF is accepted only where HF's top two logits are this close (a float tie).
 TIE_MARGIN = 1e-4
@@ -216,10 +216,10 @@ def test_top_k_one_is_greedy(tiny):
 
 MODEL_AXIS_SCRIPT = """
 import json, sys
-from simpo_worker.config import InferenceConfig, MeshConfig
-from simpo_worker.engine import Engine
-from simpo_worker.mesh import make_mesh
-from simpo_worker.pretrained import load_pretrained
+from simpo_worker.contract.config import InferenceConfig, MeshConfig
+from simpo_worker.infer.engine import Engine
+from simpo_worker.parallel.mesh import make_mesh
+from simpo_worker.weights.pretrained import load_pretrained
 
 source, mesh, cases = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
 mesh = make_mesh(MeshConfig(**mesh))

@@ -11,12 +11,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from simpo_worker.config import parse_worker_config
-from simpo_worker import outputs
-from simpo_worker.preference_data import PreferenceData
-from simpo_worker.pretrained import load_model
-from simpo_worker.tokenizer import load_tokenizer
-from simpo_worker.trainer import Trainer
+from simpo_worker.contract.config import parse_worker_config
+from simpo_worker.data.preference_data import PreferenceData
+from simpo_worker.data.tokenizer import load_tokenizer
+from simpo_worker.store import outputs
+from simpo_worker.train.trainer import Trainer
+from simpo_worker.weights.pretrained import load_model
 from test_simpo_loss import numpy_simpo
 from worker_runs import (checked, checkpoint_arrays, eval_config, eval_run, held_out_file, preference_files,
                          records, run_worker, tiny_config, train_records)

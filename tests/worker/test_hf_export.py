@@ -13,14 +13,16 @@ import jax
 import numpy as np
 import pytest
 
-from simpo_worker import export
-from simpo_worker.config import ArchitectureConfig, ExportConfig, RopeScaling, parse_worker_config
-from simpo_worker.errors import ConfigError
-from simpo_worker.export import export_hf, tokenizer_files
-from simpo_worker.hf_weights import CONFIG_FILE, INDEX_FILE, WEIGHTS_FILE, hf_tensor_shapes, save_hf_model
-from simpo_worker.model import init_llama
-from simpo_worker.pretrained import load_pretrained
-from simpo_worker.tokenizer import load_tokenizer
+from simpo_worker.contract.config import ArchitectureConfig, ExportConfig, RopeScaling, parse_worker_config
+from simpo_worker.contract.errors import ConfigError
+from simpo_worker.data.tokenizer import load_tokenizer
+from simpo_worker.model.llama import init_llama
+from simpo_worker.weights import export
+from simpo_worker.weights.export import export_hf, tokenizer_files
+from simpo_worker.weights.hf_load import CONFIG_FILE, INDEX_FILE, WEIGHTS_FILE
+from simpo_worker.weights.hf_save import save_hf_model
+from simpo_worker.weights.hf_tensors import hf_tensor_shapes
+from simpo_worker.weights.pretrained import load_pretrained
 from ultrafeedback import ultrafeedback_row, write_parquet
 from worker_runs import assert_same_model, checked, live_params, run_worker, tiny_config
 

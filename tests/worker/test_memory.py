@@ -9,20 +9,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from simpo_worker import engine as engine_module
-from simpo_worker.attention import blockwise_attention
-from simpo_worker.config import (ArchitectureConfig, InferenceConfig, MeshConfig, OptimizerConfig, SimpoConfig,
-                                 parse_worker_config)
-from simpo_worker.decode import decode_weights
-from simpo_worker.engine import Engine
-from simpo_worker.errors import ConfigError
-from simpo_worker.mesh import make_mesh, place
-from simpo_worker.model import PLAIN, MemoryOptions, grouped_query_attention, init_llama
-from simpo_worker.simpo_loss import batch_loss
-from simpo_worker.train_step import CompiledStep, init_state, make_optimizer
-from simpo_worker.pretrained import load_model
-from simpo_worker.tokenizer import load_tokenizer
-from simpo_worker.trainer import Trainer
+from simpo_worker.contract.config import (ArchitectureConfig, InferenceConfig, MeshConfig, OptimizerConfig,
+                                          SimpoConfig, parse_worker_config)
+from simpo_worker.contract.errors import ConfigError
+from simpo_worker.data.tokenizer import load_tokenizer
+from simpo_worker.infer import engine as engine_module
+from simpo_worker.infer.decode import decode_weights
+from simpo_worker.infer.engine import Engine
+from simpo_worker.model.attention import blockwise_attention
+from simpo_worker.model.llama import PLAIN, MemoryOptions, grouped_query_attention, init_llama
+from simpo_worker.parallel.mesh import make_mesh, place
+from simpo_worker.train.loss import batch_loss
+from simpo_worker.train.step import CompiledStep, init_state, make_optimizer
+from simpo_worker.train.trainer import Trainer
+from simpo_worker.weights.pretrained import load_model
 from worker_runs import checkpoint_arrays, checked, run_worker, tiny_config, train_records
 
 RTOL = 1e-5
@@ -230,13 +230,13 @@ def test_inference_replica_is_gathered_in_the_compute_dtype(monkeypatch):
     float32 model's cast."""
     model = init_llama(TINY, jax.random.key(0))
     copied = []
-    local_replica = engine_module._local_replica
+    local_replica = engine_module.local_replica
 
     def recording(model, sharding):
         copied.extend(leaf.dtype for leaf in jax.tree.leaves(model))
         return local_replica(model, sharding)
 
-    monkeypatch.setattr(engine_module, "_local_replica", recording)
+    monkeypatch.setattr(engine_module, "local_replica", recording)
     engine = Engine(TINY, InferenceConfig(max_new_tokens=4, ignore_eos=True), eos_token_ids=[],
                     compute_dtype=jnp.bfloat16)
     weights = engine.placed_weights(model)
@@ -254,7 +254,7 @@ EVERY_OPTION = {"trainer.remat": "full", "trainer.attention": "blockwise", "trai
 def test_trainer_builds_its_step_with_the_configured_options(tmp_path):
     config = parse_worker_config(tiny_config(tmp_path, **EVERY_OPTION))
     trainer = Trainer(config, load_model(config.model), load_tokenizer("smollm2"))
-    assert trainer._step_fn.memory == MemoryOptions("full", 16, 16)
+    assert trainer.memory == MemoryOptions("full", 16, 16)
 
 
 def test_resume_with_every_option_is_bit_identical(tmp_path):

@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 
 from model_goldens import TINY_LLAMA_DIR, load_model_golden
-from simpo_worker.hf_weights import llama_to_hf_tensors, load_hf_model
-from simpo_worker.pretrained import load_pretrained
+from simpo_worker.weights.hf_load import load_hf_model
+from simpo_worker.weights.hf_tensors import llama_to_hf_tensors
+from simpo_worker.weights.pretrained import load_pretrained
 
 # Max abs logit difference allowed, relative to the largest |logit| of the reference (f32 on both sides).
 RELATIVE_TOLERANCE = 1e-4

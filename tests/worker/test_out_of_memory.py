@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from simpo_worker.api import EXIT_CODE_MEANINGS, NON_RETRYABLE_EXIT_CODES, ExitCode
-from simpo_worker.errors import is_out_of_memory
+from simpo_worker.contract.api import EXIT_CODE_MEANINGS, NON_RETRYABLE_EXIT_CODES, ExitCode
+from simpo_worker.contract.errors import is_out_of_memory
 from worker_runs import run_worker, tiny_config
 
 REPO = Path(__file__).resolve().parents[2]

@@ -5,9 +5,9 @@ import os
 
 import pytest
 
-from simpo_worker import outputs, storage
-from simpo_worker.errors import DataError, OutputError
-from simpo_worker.metrics import MetricsWriter
+from simpo_worker.contract.errors import DataError, OutputError
+from simpo_worker.observe.metrics import MetricsWriter
+from simpo_worker.store import outputs, storage
 
 
 def row(step, host, hosts, index, tokens=3, reason="stop"):

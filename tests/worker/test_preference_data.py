@@ -14,12 +14,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from gcs_emulator import BUCKET, gcs_emulator, point_this_process_at
-from simpo_worker import records, storage
-from simpo_worker.config import DataConfig
-from simpo_worker.errors import DataError
-from simpo_worker.make_preference_data import generate, main as make_data
-from simpo_worker.preference_data import PreferenceData, read_pairs
-from simpo_worker.tokenizer import load_tokenizer
+from simpo_worker.contract.config import DataConfig
+from simpo_worker.contract.errors import DataError
+from simpo_worker.data import records
+from simpo_worker.data.make_preference_data import generate, main as make_data
+from simpo_worker.data.preference_data import PreferenceData, read_pairs
+from simpo_worker.data.tokenizer import load_tokenizer
+from simpo_worker.store import storage
 from ultrafeedback import ultrafeedback_row, write_parquet
 from worker_runs import checked, preference_files, run_worker, straight_run, tiny_config, train_records
 

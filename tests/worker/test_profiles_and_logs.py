@@ -10,10 +10,10 @@ import os
 import pytest
 from jax.profiler import ProfileData
 
-from simpo_worker import api
-from simpo_worker.config import parse_worker_config
-from simpo_worker.errors import ConfigError
-from simpo_worker.profiling import PROFILES, profile_dir
+from simpo_worker.contract import api
+from simpo_worker.contract.config import parse_worker_config
+from simpo_worker.contract.errors import ConfigError
+from simpo_worker.observe.profiling import PROFILES, profile_dir
 from worker_runs import checked, run_worker, tiny_config
 
 

@@ -14,10 +14,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from gcs_emulator import BUCKET, gcs_emulator, point_this_process_at
-from simpo_worker.config import InferenceConfig
-from simpo_worker.errors import DataError
-from simpo_worker.prompts import host_shard, load_prompts, read_prompt_file, render_prompts, synthetic_prompts
-from simpo_worker.tokenizer import load_tokenizer
+from simpo_worker.contract.config import InferenceConfig
+from simpo_worker.contract.errors import DataError
+from simpo_worker.data.prompts import host_shard, load_prompts, read_prompt_file, render_prompts, synthetic_prompts
+from simpo_worker.data.tokenizer import load_tokenizer
 from ultrafeedback import ultrafeedback_row, write_parquet
 
 ROWS = [

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from simpo_worker.sampling import SamplingParams, filter_logits, next_tokens, prompt_keys, token_keys
+from simpo_worker.infer.sampling import SamplingParams, filter_logits, next_tokens, prompt_keys, token_keys
 
 
 def numpy_filter(logits: np.ndarray, temperature: float, top_k: int, top_p: float) -> np.ndarray:

@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from simpo_worker.config import ArchitectureConfig, SimpoConfig
-from simpo_worker.model import init_llama
-from simpo_worker.simpo_loss import batch_loss as eager_batch_loss, simpo_loss
+from simpo_worker.contract.config import ArchitectureConfig, SimpoConfig
+from simpo_worker.model.llama import init_llama
+from simpo_worker.train.loss import batch_loss as eager_batch_loss, simpo_loss
 
 batch_loss = eqx.filter_jit(eager_batch_loss)
 

@@ -10,12 +10,12 @@ import pytest
 import tokenizers
 
 from model_goldens import GOLDENS
-from simpo_worker.config import ConfigError, InferenceConfig, parse_worker_config
-from simpo_worker.engine import Engine
-from simpo_worker.pretrained import load_pretrained
-from simpo_worker.prompts import render_prompts
-from simpo_worker.stop_strings import StopStringMatcher
-from simpo_worker.tokenizer import load_tokenizer
+from simpo_worker.contract.config import ConfigError, InferenceConfig, parse_worker_config
+from simpo_worker.data.prompts import render_prompts
+from simpo_worker.data.tokenizer import load_tokenizer
+from simpo_worker.infer.engine import Engine
+from simpo_worker.infer.stop_strings import StopStringMatcher
+from simpo_worker.weights.pretrained import load_pretrained
 
 PEER = GOLDENS / "tokenizer_smollm2_hf" / "tokenizer.json"
 CHATS = [

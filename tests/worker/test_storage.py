@@ -12,10 +12,10 @@ import fsspec
 import pytest
 
 from gcs_emulator import BUCKET, fault_proxy, gcs_emulator, point_this_process_at
-from simpo_worker import outputs, storage
-from simpo_worker.api import ExitCode
-from simpo_worker.errors import NonRetryableError, OutputError
-from simpo_worker.metrics import MetricsWriter
+from simpo_worker.contract.api import ExitCode
+from simpo_worker.contract.errors import NonRetryableError, OutputError
+from simpo_worker.observe.metrics import MetricsWriter
+from simpo_worker.store import outputs, storage
 
 UPLOAD = f"/upload/storage/v1/b/{BUCKET}/o"
 
@@ -36,7 +36,7 @@ def test_an_outage_longer_than_gcsfs_retries_is_retried_not_fatal(gcs, caplog):
     write, so the write succeeds instead of ending the job (before: ProxyError, an OSError, became exit 13)."""
     url = f"gs://{BUCKET}/run/inference/step_000002/manifest.json"
     gcs.fail("POST", UPLOAD, [503, 429, 500, 504, 503, 502])
-    with caplog.at_level(logging.WARNING, logger="simpo_worker.storage"):
+    with caplog.at_level(logging.WARNING, logger="simpo_worker.store.storage"):
         storage.write_atomic(url, '{"ok": true}')
     assert storage.read_text(url) == '{"ok": true}'
     uploads = gcs.requests("POST", UPLOAD)

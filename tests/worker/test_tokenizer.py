@@ -15,10 +15,10 @@ import tokenizers
 from gguf import GGUFReader, GGUFWriter
 from gguf.vocab import bytes_to_unicode
 
-from simpo_worker.chat_template import ChatTemplate
-from simpo_worker.errors import DataError, ModelError
-from simpo_worker.smollm2 import smollm2_gguf_path
-from simpo_worker.tokenizer import StreamDecoder, Tokenizer, load_tokenizer
+from simpo_worker.contract.errors import DataError, ModelError
+from simpo_worker.data.chat_template import ChatTemplate
+from simpo_worker.data.tokenizer import StreamDecoder, Tokenizer, load_tokenizer
+from simpo_worker.weights.smollm2 import smollm2_gguf_path
 
 BYTE_TO_CHAR = [bytes_to_unicode()[byte] for byte in range(256)]  # GPT-2's printable spelling of each byte
 

@@ -16,13 +16,12 @@ from pathlib import Path
 import fsspec
 import pytest
 from gcs_emulator import BUCKET, gcs_emulator, point_this_process_at
-from simpo_worker import outputs
-from simpo_worker.config import TrainerConfig, parse_worker_config
-from simpo_worker.errors import ConfigError
-from simpo_worker.schema import openapi_schema
-from simpo_worker.trackers import SAMPLE_COLUMNS, open_trackers
-from simpo_worker.trackers.tensorboard_events import TensorBoardTracker
-from simpo_worker.trackers.wandb_run import run_identity
+from simpo_worker.contract.config import TrainerConfig, parse_worker_config
+from simpo_worker.contract.errors import ConfigError
+from simpo_worker.contract.schema import openapi_schema
+from simpo_worker.observe.trackers import SAMPLE_COLUMNS, open_trackers
+from simpo_worker.observe.trackers.tensorboard_events import TensorBoardTracker
+from simpo_worker.observe.trackers.wandb_run import run_identity
 from tracker_files import (scalar_steps, shard_rows, tensorboard_series, text_tables, wandb_history,
                            wandb_records)
 from worker_runs import checked, eval_config, records, run_worker, tiny_config
@@ -185,7 +184,7 @@ def test_trackers_config(tmp_path):
 
 def test_tracker_libraries_are_imported_only_when_configured():
     """The worker's start without trackers pays for neither library (wandb alone takes about a second)."""
-    code = ("import sys, simpo_worker.main, simpo_worker.trackers; "
+    code = ("import sys, simpo_worker.main, simpo_worker.observe.trackers; "
             "print(sorted(m for m in ('wandb', 'tensorboard') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert result.stdout.strip() == "[]"

@@ -10,14 +10,16 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from simpo_worker.config import ArchitectureConfig, MeshConfig, OptimizerConfig, SimpoConfig, parse_worker_config
-from simpo_worker.errors import ConfigError
-from simpo_worker.mesh import make_mesh, param_spec, place
-from simpo_worker.model import init_llama
-from simpo_worker.pretrained import load_model
-from simpo_worker.tokenizer import load_tokenizer
-from simpo_worker.train_step import CompiledStep, init_state, make_optimizer
-from simpo_worker.trainer import Trainer
+from simpo_worker.contract.config import (ArchitectureConfig, MeshConfig, OptimizerConfig, SimpoConfig,
+                                          parse_worker_config)
+from simpo_worker.contract.errors import ConfigError
+from simpo_worker.data.tokenizer import load_tokenizer
+from simpo_worker.model.layout import param_spec
+from simpo_worker.model.llama import init_llama
+from simpo_worker.parallel.mesh import make_mesh, place
+from simpo_worker.train.step import CompiledStep, init_state, make_optimizer
+from simpo_worker.train.trainer import Trainer
+from simpo_worker.weights.pretrained import load_model
 from worker_runs import (checked, checkpoint_arrays, checkpoint_specs, run_worker, straight_run, tiny_config,
                          train_records)
 

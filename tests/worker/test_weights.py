@@ -18,13 +18,14 @@ from gguf import GGMLQuantizationType, GGUFWriter
 from gguf.quants import quant_shape_to_byte_shape
 
 from model_goldens import TINY_LLAMA_DIR
-from simpo_worker.config import ArchitectureConfig, ModelConfig, RopeScaling
-from simpo_worker.errors import ModelError
-from simpo_worker.gguf_weights import gguf_tensor_names, load_gguf_model
-from simpo_worker.hf_weights import (CONFIG_FILE, INDEX_FILE, WEIGHTS_FILE, llama_to_hf_tensors,
-                                        load_hf_model, save_hf_model)
-from simpo_worker.model import Llama, init_llama
-from simpo_worker.pretrained import load_model, load_pretrained
+from simpo_worker.contract.config import ArchitectureConfig, ModelConfig, RopeScaling
+from simpo_worker.contract.errors import ModelError
+from simpo_worker.model.llama import Llama, init_llama
+from simpo_worker.weights.gguf_reader import gguf_tensor_names, load_gguf_model
+from simpo_worker.weights.hf_load import CONFIG_FILE, INDEX_FILE, WEIGHTS_FILE, load_hf_model
+from simpo_worker.weights.hf_save import save_hf_model
+from simpo_worker.weights.hf_tensors import llama_to_hf_tensors
+from simpo_worker.weights.pretrained import load_model, load_pretrained
 
 TINY = ArchitectureConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
                           num_kv_heads=2, head_dim=12, rope_theta=5000.0, rms_norm_eps=1e-5,
@@ -317,11 +318,12 @@ def test_gguf_shape_mismatch_with_metadata(tmp_path):
 SHARDED_LOAD_SCRIPT = """
 import json, sys
 import jax, numpy as np
-from simpo_worker.config import ArchitectureConfig, MeshConfig, ModelConfig
-from simpo_worker.hf_weights import load_hf_model
-from simpo_worker.mesh import make_mesh, param_spec
-from simpo_worker.model import init_llama
-from simpo_worker.pretrained import load_model, load_pretrained
+from simpo_worker.contract.config import ArchitectureConfig, MeshConfig, ModelConfig
+from simpo_worker.model.layout import param_spec
+from simpo_worker.model.llama import init_llama
+from simpo_worker.parallel.mesh import make_mesh
+from simpo_worker.weights.hf_load import load_hf_model
+from simpo_worker.weights.pretrained import load_model, load_pretrained
 
 mesh = make_mesh(MeshConfig(data=1, fsdp=2, model=2))
 arch = json.loads(sys.argv[2])

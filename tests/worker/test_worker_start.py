@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from model_goldens import TINY_LLAMA_DIR
-from simpo_worker import api, outputs
-from simpo_worker.api import ExitCode
+from simpo_worker.contract import api
+from simpo_worker.contract.api import ExitCode
+from simpo_worker.store import outputs
 from worker_runs import run_worker, tiny_config
 
 

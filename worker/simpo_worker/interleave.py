@@ -28,25 +28,26 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from simpo_worker import logs, outputs, storage
-from simpo_worker.api import Progress
-from simpo_worker.compile_cache import CompileLog
-from simpo_worker.config import InferenceConfig, WorkerConfig
-from simpo_worker.distributed import barrier, is_leader, num_slices
-from simpo_worker.engine import Completion, Engine
-from simpo_worker.errors import ConfigError
-from simpo_worker.export import export_dir, export_hf, tokenizer_files
-from simpo_worker.mesh import make_mesh
+from simpo_worker.contract.api import Progress
+from simpo_worker.contract.config import InferenceConfig, WorkerConfig
+from simpo_worker.contract.errors import ConfigError
+from simpo_worker.data.preference_data import PreferenceData
+from simpo_worker.data.prompts import PromptSet, host_shard, load_prompts
+from simpo_worker.data.tokenizer import load_tokenizer
+from simpo_worker.infer.engine import Completion, Engine
+from simpo_worker.observe import logs
+from simpo_worker.observe.profiling import Profiler
+from simpo_worker.observe.progress import ProgressReporter, reporter_from_env
+from simpo_worker.observe.trackers import SAMPLES_PER_HOST, Trackers, open_trackers
+from simpo_worker.parallel.compile_cache import CompileLog
+from simpo_worker.parallel.distributed import barrier, is_leader, num_slices
+from simpo_worker.parallel.mesh import make_mesh
 from simpo_worker.preemption import Preempted, TerminationNotice
-from simpo_worker.pretrained import load_model
-from simpo_worker.profiling import Profiler
-from simpo_worker.progress import ProgressReporter, reporter_from_env
-from simpo_worker.preference_data import PreferenceData
-from simpo_worker.prompts import PromptSet, host_shard, load_prompts
-from simpo_worker.tokenizer import load_tokenizer
-from simpo_worker.train_step import COMPUTE_DTYPES
-from simpo_worker.trackers import SAMPLES_PER_HOST, Trackers, open_trackers
-from simpo_worker.trainer import Trainer
+from simpo_worker.store import outputs, storage
+from simpo_worker.train.step import COMPUTE_DTYPES
+from simpo_worker.train.trainer import Trainer
+from simpo_worker.weights.export import export_dir, export_hf, tokenizer_files
+from simpo_worker.weights.pretrained import load_model
 
 log = logging.getLogger(__name__)
 

@@ -12,14 +12,16 @@ import argparse
 import logging
 import os
 
+import fsspec
 import jax
 
-from simpo_worker import compile_cache, logs
-from simpo_worker.api import ENV_CONFIG, ExitCode
-from simpo_worker.config import load_worker_config
-from simpo_worker.distributed import exit_now, initialize_from_env
-from simpo_worker.errors import ConfigError, NonRetryableError, is_out_of_memory
+from simpo_worker.contract.api import ENV_CONFIG, ExitCode
+from simpo_worker.contract.config import WorkerConfig, parse_worker_config_yaml
+from simpo_worker.contract.errors import ConfigError, NonRetryableError, is_out_of_memory
 from simpo_worker.interleave import build_run
+from simpo_worker.observe import logs
+from simpo_worker.parallel import compile_cache
+from simpo_worker.parallel.distributed import exit_now, initialize_from_env
 from simpo_worker.preemption import Preempted, TerminationNotice, disable_jax_preemption_service
 
 log = logging.getLogger(__name__)
@@ -30,6 +32,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stop-at-step", type=int, default=None,
                         help="checkpoint and exit once this step is reached (a preemption drill; the next start "
                              "resumes)")
+
+
+def load_worker_config(file: str) -> WorkerConfig:
+    """Read a YAML worker config from a local path or fsspec URL."""
+    if "://" in file:
+        with fsspec.open(file, "r") as handle:
+            return parse_worker_config_yaml(handle.read(), file)
+    try:
+        with open(file, encoding="utf-8") as handle:
+            text = handle.read()
+    except OSError as error:
+        raise ConfigError(f"{file}: cannot read config: {error}") from error
+    return parse_worker_config_yaml(text, file)
 
 
 def run(args: argparse.Namespace) -> int:
