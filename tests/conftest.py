@@ -8,7 +8,7 @@ The same SmolLM2 and tiny-model programs (train step, eval step, prefill, decode
 pytest's own processes (xdist workers too) and in the single-process workers they start. JAX keys each entry by
 the program's HLO, the jax/XLA versions, flags, compile options and device topology, so a hit is the program that
 would have been compiled. `tests/run_tiers.py` gives every tier the same directory; a bare `pytest` makes one.
-Multi-process CPU runs do not use it: the worker turns the cache off there (see simpo_worker.compile_cache).
+Multi-process CPU runs do not use it: the worker turns the cache off there (see simpo_worker.parallel.compile_cache).
 """
 
 import os
@@ -17,9 +17,10 @@ import tempfile
 
 import jax
 
+from session_cache import COMPILATION_CACHE_ENV
+
 os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
 
-COMPILATION_CACHE_ENV = "SIMPO_TEST_COMPILATION_CACHE"
 # Set by tests/run_tiers.py for all its tiers, or made here by the session's first process (xdist workers inherit it).
 _MADE_HERE = COMPILATION_CACHE_ENV not in os.environ
 if _MADE_HERE:

@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
 
     reports = Path(tempfile.mkdtemp(prefix="simpo-tiers-"))
     # One persistent compilation cache for every process of the run: pytest's and its xdist workers' own
-    # programs and every single-process worker it starts (tests/conftest.py).
+    # programs and every single-process worker it starts (tests/conftest.py, tests/session_cache.py).
     env = {**os.environ, "SIMPO_TEST_COMPILATION_CACHE": str(reports / "jax-compilation-cache")}
     junits = []
     for stage in filter(None, stages):

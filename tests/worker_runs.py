@@ -17,7 +17,7 @@ import pytest
 import yaml
 from etils import epath
 
-from conftest import COMPILATION_CACHE_ENV
+from session_cache import COMPILATION_CACHE_ENV
 from simpo_worker.contract.config import parse_worker_config
 from simpo_worker.data.make_preference_data import generate, main as make_preference_data, write_jsonl
 from simpo_worker.data.tokenizer import load_tokenizer
