@@ -303,11 +303,12 @@ def served_rules(crd: dict) -> dict[tuple[str, str], tuple[str, str]]:
 
 
 def refused_by(rules: dict[tuple[str, str], tuple[str, str]], refusal: str) -> set[tuple[str, str]]:
-    """The rules (place, expression) whose refusal the API server's answer holds: `<path>: Invalid value: "<type>":
-    <message>` (a rule on the resource itself: its message alone)."""
+    """The rules (place, expression) whose refusal the API server's answer holds: `<path>: Invalid value:
+    <message>` as kube-apiserver 1.36 writes it for an object or a list, `<path>: Invalid value: <value>:
+    <message>` for a scalar (a rule on the resource itself: its message alone)."""
     return {rule for rule, (path, message) in rules.items()
-            if message in refusal and (not path or re.search(rf"{path}: Invalid value: [^:]*: {re.escape(message)}",
-                                                             refusal))}
+            if message in refusal and (not path or re.search(
+                rf"{path}: Invalid value: (?:.*?: )?{re.escape(message)}", refusal))}
 
 
 def test_every_cel_rule_rejects_what_it_should(cluster, operator):
