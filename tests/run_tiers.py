@@ -5,9 +5,9 @@ order: install (the venv), the control plane's Go programs, the import layers (i
 tiers, one pytest session each, stage by stage: a stage's tiers run at once (a tier that mostly waits on its
 control plane beside one that computes). Prints each phase's wall time against its budget, the machine's load,
 the slowest tests of the whole run (from each tier's JUnit XML) and one closing count line. Exits non-zero when a
-phase fails, a test fails or skips, or a tier's wall time passes its budget by more than `OVER_BUDGET` (CI's 90-minute limit is a hard one: a tier that creeps up is
-named here before the whole run falls over it). Stages, tiers and budgets live in pyproject.toml,
-`[tool.simpo-interleave.ci]`.
+phase fails, a test fails or skips, or a tier's wall time passes its budget by more than `OVER_BUDGET` (CI's
+90-minute limit is a hard one: a tier that creeps up is named here before the whole run falls over it). Stages,
+tiers and budgets live in pyproject.toml, `[tool.simpo-interleave.ci]`.
 
     python3 tests/run_tiers.py [--tier NAME ...] [pytest args...]
 """
@@ -25,6 +25,8 @@ import tomllib
 import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from session_cache import COMPILATION_CACHE_ENV  # beside this file: tests/ is on sys.path when run as a script
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = REPO / ".venv" / "bin" / "python"
@@ -121,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     reports = Path(tempfile.mkdtemp(prefix="simpo-tiers-"))
     # One persistent compilation cache for every process of the run: pytest's and its xdist workers' own
     # programs and every single-process worker it starts (tests/conftest.py, tests/session_cache.py).
-    env = {**os.environ, "SIMPO_TEST_COMPILATION_CACHE": str(reports / "jax-compilation-cache")}
+    env = {**os.environ, COMPILATION_CACHE_ENV: str(reports / "jax-compilation-cache")}
     junits = []
     for stage in filter(None, stages):
         runs = []
@@ -137,8 +139,8 @@ def main(argv: list[str] | None = None) -> int:
                                  f"--junitxml={junit}", "-o", "junit_duration_report=total", *tier["paths"],
                                  *pytest_args], reports / f"{name}.log"))
         run_stage(runs, env)
-    if os.path.isdir(env["SIMPO_TEST_COMPILATION_CACHE"]):
-        shutil.rmtree(env["SIMPO_TEST_COMPILATION_CACHE"])
+    if os.path.isdir(env[COMPILATION_CACHE_ENV]):
+        shutil.rmtree(env[COMPILATION_CACHE_ENV])
     cases: list[tuple[float, str, str]] = []
     for phase, junit in junits:
         if not junit.exists():
@@ -167,8 +169,9 @@ def report(phases: list[Phase], cases: list[tuple[float, str, str]], failure: st
                             f"{phase.budget_s:.0f} s (pyproject.toml [tool.simpo-interleave.ci])")
         elif phase.code not in (0, None):
             problems.append(f"{phase.name} failed (exit {phase.code})")
-        budget = ("-", "-") if phase.budget_s is None else (f"{phase.budget_s:.0f}", f"{OVER_BUDGET * phase.budget_s:.0f}")
-        print(f"{phase.name:20s} {phase.seconds:8.0f} {budget[0]:>9s} {budget[1]:>8s}  "
+        budget, limit = (("-", "-") if phase.budget_s is None
+                         else (f"{phase.budget_s:.0f}", f"{OVER_BUDGET * phase.budget_s:.0f}"))
+        print(f"{phase.name:20s} {phase.seconds:8.0f} {budget:>9s} {limit:>8s}  "
               f"{result}{'  (' + counts + ')' if counts else ''}")
     print(f"{'total':20s} {sum(p.seconds for p in phases):8.0f}")
     passed = sum(1 for _, outcome, _ in cases if outcome == "passed")
